@@ -1,0 +1,122 @@
+"""freeze/unfreeze in a plain PyTorch loop; the trap is real; core/ never imports Lightning."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_freeze.core import FrozenBatchNorm, diff_fingerprints, fingerprint, freeze, unfreeze
+from lightning_freeze.core.freeze import likely_cause
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5), nn.Flatten())
+    return nn.ModuleDict({"backbone": backbone, "head": nn.Sequential(nn.Linear(8 * 4 * 4, 2))})
+
+
+def _plain_loop(model: nn.Module, steps: int = 5) -> None:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    for _ in range(steps):
+        model.train()  # what every plain loop does at the top of each epoch
+        x = torch.randn(16, 3, 6, 6)
+        y = torch.randint(0, 2, (16,))
+        loss = F.cross_entropy(model["head"](model["backbone"](x)), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_control_requires_grad_false_lets_running_stats_move() -> None:
+    model = _model()
+    model["backbone"].requires_grad_(False)  # the usual "freeze"
+    before = fingerprint(model["backbone"])
+    _plain_loop(model)
+    changed = diff_fingerprints(before, fingerprint(model["backbone"])).changed
+    assert changed == ["1.running_mean", "1.running_var", "1.num_batches_tracked"]
+
+
+@pytest.mark.parametrize("norm", ["eval", "frozen"])
+def test_freeze_keeps_backbone_bitwise_in_a_plain_loop(norm: str) -> None:
+    model = _model()
+    head_before = fingerprint(model["head"])
+    frozen = freeze(model, "backbone", norm=norm)
+    reference = frozen.fingerprint(model)
+    assert len(reference) == 7  # conv weight/bias + 5 BatchNorm tensors
+    _plain_loop(model)
+    assert (
+        diff_fingerprints(reference, frozen.fingerprint(model)).summary()
+        == "checked 7 frozen tensors: 0 changed"
+    )
+    assert diff_fingerprints(head_before, fingerprint(model["head"])).changed == ["0.weight", "0.bias"]
+    if norm == "frozen":
+        assert isinstance(model["backbone"][1], FrozenBatchNorm)
+
+
+def test_dropout_in_frozen_modules_is_eval_by_default_and_optional() -> None:
+    model = _model()
+    freeze(model, "backbone")
+    model.train()
+    x = torch.randn(4, 3, 6, 6)
+    assert torch.equal(model["backbone"](x), model["backbone"](x))  # deterministic: dropout pinned
+    other = _model()
+    freeze(other, "backbone", dropout="train")
+    other.train()
+    assert not torch.equal(other["backbone"](x), other["backbone"](x))
+
+
+def test_norm_train_is_an_explicit_opt_in_and_its_stats_are_not_verified() -> None:
+    model = _model()
+    frozen = freeze(model, "backbone", norm="train")
+    assert frozen.tensor_keys == [
+        "backbone.0.weight",
+        "backbone.0.bias",
+        "backbone.1.weight",
+        "backbone.1.bias",
+    ]
+    _plain_loop(model)
+    assert not diff_fingerprints(frozen.fingerprint(model), frozen.fingerprint(model))
+
+
+def test_unfreeze_returns_params_for_the_optimizer() -> None:
+    model = _model()
+    freeze(model, "backbone", norm="frozen")
+    params = unfreeze(model, "backbone")
+    assert len(params) == 4 and all(p.requires_grad for p in params)
+    assert type(model["backbone"][1]) is nn.BatchNorm2d
+    model.train()
+    model["backbone"](torch.randn(4, 3, 6, 6))
+    assert int(model["backbone"][1].num_batches_tracked) == 1
+
+
+def test_invalid_choices_name_the_value_and_the_choices() -> None:
+    with pytest.raises(
+        ValueError, match=r"Invalid norm='freeze'; valid choices: 'eval', 'frozen', 'train'\."
+    ):
+        freeze(_model(), "backbone", norm="freeze")
+    with pytest.raises(ValueError, match=r"Invalid dropout='off'; valid choices: 'eval', 'train'\."):
+        freeze(_model(), "backbone", dropout="off")
+
+
+def test_likely_cause_names_norm_buffers() -> None:
+    model = _model()
+    freeze(model, "backbone")
+    assert "norm layer (BatchNorm2d) that ran in train mode" in likely_cause(model, "backbone.1.running_var")
+    assert "outside FreezeBackbone" in likely_cause(model, "backbone.0.weight")
+    weight = model["backbone"][0].weight
+    assert "the optimizer held" in likely_cause(model, "backbone.0.weight", optimizer_params=[weight])
+    weight.requires_grad_(True)
+    assert "requires_grad was re-enabled" in likely_cause(model, "backbone.0.weight")
+
+
+def test_core_does_not_import_lightning() -> None:
+    code = (
+        "import sys, lightning_freeze.core\n"
+        "assert not [m for m in sys.modules if m == 'lightning' or m.startswith('lightning.')]"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
