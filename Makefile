@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint format install install-dev clean bench gpu-check
+.PHONY: run test lint format install install-dev clean bench gpu-check notebook-plots
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 run: $(VENV)/.installed
-	$(BIN)/python examples/freeze_backbone_quickstart.py
+	$(BIN)/python scripts/main_job.py
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
@@ -39,6 +39,10 @@ format: $(VENV)/.installed-dev
 
 gpu-check: $(VENV)/.installed-dev
 	bash scripts/gpu_check.sh
+
+# runs notebooks/*.ipynb (outputs not stored) and rewrites their figures docs/*.png for the README
+notebook-plots: $(VENV)/.installed-dev
+	$(BIN)/python scripts/make_notebook_plots.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache outputs multirun lightning_logs

@@ -15,12 +15,25 @@ __version__ = "0.1.0.dev0"
 
 _LAZY = {
     "FreezeBackbone": "lightning_freeze.callbacks.freeze_backbone",
+    "FrozenSafeEMA": "lightning_freeze.callbacks.frozen_safe_ema",
+    "load_ema_weights": "lightning_freeze.callbacks.frozen_safe_ema",
+    "MultiBranchModule": "lightning_freeze.module",
 }
 
-__all__ = ["FreezeBackbone", "FrozenStateError", "__version__"]  # keep in sync with _LAZY
+# keep in sync with _LAZY
+__all__ = [
+    "FreezeBackbone",
+    "FrozenSafeEMA",
+    "FrozenStateError",
+    "MultiBranchModule",
+    "__version__",
+    "load_ema_weights",
+]
 
 if TYPE_CHECKING:
     from lightning_freeze.callbacks.freeze_backbone import FreezeBackbone
+    from lightning_freeze.callbacks.frozen_safe_ema import FrozenSafeEMA, load_ema_weights
+    from lightning_freeze.module import MultiBranchModule
 
 
 def __getattr__(name: str) -> Any:

@@ -242,7 +242,9 @@ def test_bad_input_errors_name_the_value_and_the_choices(tmp_path) -> None:
 def test_unfreeze_schedule_is_refused_under_ddp_with_what_to_do_instead(tmp_path) -> None:
     t = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, default_root_dir=tmp_path)
     callback = FreezeBackbone(unfreeze_at_epoch=2)
-    with pytest.raises(ValueError, match=r"cannot unfreeze under DDPStrategy: DDP registers only the parameters"):
+    with pytest.raises(
+        ValueError, match=r"cannot unfreeze under DDPStrategy: DDP registers only the parameters"
+    ):
         callback.setup(t, TinyNet(), "fit")
 
 

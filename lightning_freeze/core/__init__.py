@@ -1,5 +1,6 @@
 """Pure PyTorch building blocks (no Lightning import): usable from a plain training loop."""
 
+from lightning_freeze.core.ema import TrainableEMA, effective_decay, trainable_tensors
 from lightning_freeze.core.errors import FrozenStateError, ModuleSelectionError
 from lightning_freeze.core.fingerprint import (
     FingerprintDiff,
@@ -29,9 +30,11 @@ __all__ = [
     "FrozenStateError",
     "ModuleSelectionError",
     "TensorFingerprint",
+    "TrainableEMA",
     "convert_from_frozen_norm",
     "convert_to_frozen_norm",
     "diff_fingerprints",
+    "effective_decay",
     "find_running_stat_norms",
     "fingerprint",
     "freeze",
@@ -40,6 +43,7 @@ __all__ = [
     "pin_eval",
     "resolve_modules",
     "tensor_fingerprint",
+    "trainable_tensors",
     "unfreeze",
     "unpin_eval",
 ]

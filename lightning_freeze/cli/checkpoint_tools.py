@@ -1,0 +1,223 @@
+"""``lightning-freeze diff`` and ``lightning-freeze merge``: prove a stage left tensors untouched, and
+combine branches trained in parallel on one frozen backbone into one checkpoint.
+
+Pure PyTorch (no Lightning import), so the tools start fast and work on any ``torch.save`` file::
+
+    lightning-freeze diff stage1.ckpt stage2.ckpt --only backbone   # exit 0: backbone bitwise equal
+    lightning-freeze merge all.ckpt stage2_b.ckpt stage2_c.ckpt      # one checkpoint, branches a, b, c
+
+Exit status: ``diff`` 0 when nothing (under ``--only``) differs, 1 when something does; ``merge`` 0
+when written. Both exit 2 on bad input (missing, unreadable, corrupt or truncated file, not a
+checkpoint; for ``merge`` also different backbones or colliding branch names) with a one-line
+error on stderr and nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from lightning_freeze.core.checkpoint import (
+    CheckpointError,
+    MergeError,
+    StateDictDiff,
+    TensorDiff,
+    checkpoint_state_dict,
+    diff_state_dicts,
+    ema_state_dict,
+    load_checkpoint,
+    merge_checkpoints,
+    save_checkpoint_atomic,
+)
+
+__all__ = ["main"]
+
+PROG = "lightning-freeze"
+EXIT_SAME, EXIT_DIFFERENT, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class _UsageError(Exception):
+    """Bad input found after argument parsing: reported in one line, exit 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Checkpoint tools for staged, frozen-backbone training.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{diff,merge}", required=True)
+
+    diff = sub.add_parser(
+        "diff",
+        help="list the tensors that differ between two checkpoints",
+        description=(
+            "Compare two checkpoints tensor by tensor, bitwise. Exit 0 when no tensor (under --only) "
+            "differs, 1 when some do, 2 on bad input."
+        ),
+    )
+    diff.add_argument("a", metavar="A", help="first checkpoint (.ckpt or state_dict file)")
+    diff.add_argument("b", metavar="B", help="second checkpoint")
+    diff.add_argument(
+        "--only",
+        metavar="PATTERN",
+        action="append",
+        help=(
+            "compare only these state_dict keys: an fnmatch pattern ('branches.*.weight') or a module "
+            "prefix ('backbone'); repeatable"
+        ),
+    )
+    diff.add_argument("--ema", action="store_true", help=_EMA_HELP)
+    diff.add_argument("--unsafe-load", action="store_true", help=_UNSAFE_HELP)
+
+    merge = sub.add_parser(
+        "merge",
+        help="merge branch checkpoints trained on one frozen backbone",
+        description=(
+            "Write one multi-branch checkpoint from checkpoints whose branches were trained on the same "
+            "frozen backbone. Refuses (exit 2, OUT not written) when the backbones are not bitwise "
+            "identical or a branch name collides. OUT is written atomically."
+        ),
+    )
+    merge.add_argument("out", metavar="OUT", help="checkpoint to write")
+    merge.add_argument("inputs", metavar="IN", nargs="+", help="input checkpoints (at least two)")
+    merge.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    merge.add_argument("--ema", action="store_true", help=_EMA_HELP)
+    merge.add_argument("--unsafe-load", action="store_true", help=_UNSAFE_HELP)
+    return parser
+
+
+_EMA_HELP = (
+    "use the weights averaged by FrozenSafeEMA (stored in each checkpoint's callback state) where it "
+    "shadowed them, the raw weights elsewhere"
+)
+_UNSAFE_HELP = (
+    "load with torch.load(weights_only=False), which runs code pickled in the file: only for "
+    "checkpoints you trust"
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lightning-freeze`` console script.
+
+    Args:
+        argv: arguments without the program name (default: ``sys.argv[1:]``).
+
+    Returns:
+        the exit status (0, 1 or 2, see the module docstring).
+    """
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "diff":
+            return _diff(args.a, args.b, args.only, args.ema, args.unsafe_load)
+        return _merge(args.out, args.inputs, args.force, args.ema, args.unsafe_load)
+    except (CheckpointError, MergeError, _UsageError, ValueError) as err:
+        print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+# ------------------------------------------------------------------------------------------------
+# diff
+# ------------------------------------------------------------------------------------------------
+def _diff(path_a: str, path_b: str, only: list[str] | None, ema: bool, unsafe_load: bool) -> int:
+    read = ema_state_dict if ema else checkpoint_state_dict
+    state_a = read(load_checkpoint(path_a, unsafe_load=unsafe_load), repr(path_a))
+    state_b = read(load_checkpoint(path_b, unsafe_load=unsafe_load), repr(path_b))
+    result = diff_state_dicts(state_a, state_b, only)
+    print(f"A: {path_a}\nB: {path_b}")
+    if result:
+        print(_table(result.differences))
+    print(_summary(result, only))
+    return EXIT_DIFFERENT if result else EXIT_SAME
+
+
+_HEADER = ("key", "status", "shape", "dtype", "differing", "max_abs_diff", "max_ulps")
+
+
+def _row(diff: TensorDiff) -> tuple[str, ...]:
+    status = {
+        "only_a": "only in A",
+        "only_b": "only in B",
+        "dtype": "dtype changed",
+        "shape": "shape changed",
+    }
+    shape = _pair(diff.shape_a, diff.shape_b)
+    dtype = _pair(diff.dtype_a, diff.dtype_b)
+    total = math.prod(diff.shape_a) if diff.shape_a is not None else None
+    differing = f"{diff.elements}/{total}" if diff.elements is not None else "-"
+    max_abs = "-" if diff.max_abs is None else f"{diff.max_abs:.3g}"
+    ulps = "-" if diff.max_ulps is None else str(diff.max_ulps)
+    return (diff.key, status.get(diff.status, diff.status), shape, dtype, differing, max_abs, ulps)
+
+
+def _pair(a: object, b: object) -> str:
+    def text(value: object) -> str:
+        if value is None:
+            return "-"
+        return str(value)
+
+    if a is None or b is None or a == b:
+        return text(a if a is not None else b)
+    return f"{text(a)} -> {text(b)}"
+
+
+def _table(differences: list[TensorDiff]) -> str:
+    rows = [_HEADER, *(_row(d) for d in differences)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(_HEADER))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def _summary(result: StateDictDiff, only: list[str] | None) -> str:
+    scope = f" under {', '.join(repr(p) for p in only)}" if only else ""
+    if not result:
+        return f"no differences: all {result.compared} tensors{scope} are bitwise identical"
+    counts: dict[str, int] = {}
+    for d in result.differences:
+        counts[d.status] = counts.get(d.status, 0) + 1
+    names = {"changed": "changed", "dtype": "dtype changed", "shape": "shape changed"}
+    names.update({"only_a": "only in A", "only_b": "only in B"})
+    detail = ", ".join(f"{n} {names[s]}" for s, n in counts.items())
+    return (
+        f"{len(result.differences)} of {result.compared} tensors{scope} differ ({detail}); "
+        f"{result.identical} bitwise identical"
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# merge
+# ------------------------------------------------------------------------------------------------
+def _merge(out: str, inputs: list[str], force: bool, ema: bool, unsafe_load: bool) -> int:
+    if len(inputs) < 2:
+        raise _UsageError(
+            f"merge needs at least two input checkpoints after OUT, got {len(inputs)}: {inputs}"
+        )
+    target = Path(out)
+    for path in inputs:
+        if target.exists() and Path(path).exists() and os.path.samefile(target, path):
+            raise _UsageError(f"OUT {out!r} is also an input; write the merged checkpoint to a new file")
+    if target.is_dir():
+        raise _UsageError(f"OUT {out!r} is a directory; give a file name")
+    if target.exists() and not force:
+        raise _UsageError(f"OUT {out!r} exists; pass --force to overwrite it")
+    if not target.parent.is_dir():
+        raise _UsageError(f"OUT {out!r}: directory {str(target.parent)!r} does not exist")
+    checkpoints = [load_checkpoint(path, unsafe_load=unsafe_load) for path in inputs]
+    result = merge_checkpoints(checkpoints, names=[repr(p) for p in inputs], ema=ema)
+    try:
+        save_checkpoint_atomic(result.checkpoint, target)
+    except OSError as err:
+        raise _UsageError(f"cannot write {out!r}: {err.strerror or err}") from None
+    branches = ", ".join(f"{name} (from {inputs[i]})" for name, i in result.branches.items())
+    print(
+        f"merged {len(result.branches)} branch(es) on one shared backbone ({len(result.shared_keys)} shared "
+        f"tensors, bitwise identical in all {len(inputs)} inputs): {branches}\nwrote {out}"
+    )
+    return EXIT_SAME
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

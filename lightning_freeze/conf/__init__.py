@@ -1,0 +1,1 @@
+"""Hydra configs of the training app (a package, so that Hydra finds them inside a wheel)."""

@@ -1,0 +1,554 @@
+"""TrainableEMA: an exponential moving average of the *trainable* tensors of a model only.
+
+Pure PyTorch (no Lightning import): usable from a plain training loop; the Lightning callback
+:class:`~lightning_freeze.FrozenSafeEMA` is a thin adapter over it.
+
+Three traps of the usual weight EMA, and what this one does instead:
+
+* ``decay * e + (1 - decay) * m`` is not exact when ``e == m``: both products are rounded, so a
+  weight that does not change drifts by a few ulps per update. :func:`torch.lerp` computes
+  ``e + w * (m - e)`` and is exact when ``e == m`` (``m - e`` is exactly 0), so the shadow of a
+  weight that stops moving stays bitwise equal to it.
+* Peers deep-copy the whole model and average weights that cannot change. Here only parameters
+  with ``requires_grad=True`` (and, optionally, the buffers of the modules that own them) are
+  shadowed; frozen tensors are never read, copied or written.
+* A high decay from the first step hides a freshly initialised branch behind its initial weights
+  for thousands of steps. The effective decay warms up from 0 (see :func:`effective_decay`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from numbers import Real
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_freeze.core.freeze import check_choice
+
+__all__ = ["BUFFER_MODES", "WARMUP_POWER", "TrainableEMA", "effective_decay", "trainable_tensors"]
+
+BUFFER_MODES: tuple[str, ...] = ("copy", "average", "ignore")
+WARMUP_POWER = 0.75
+_STATE_FORMAT = 1
+
+
+def effective_decay(decay: float, updates: int, warmup: bool = True) -> float:
+    r"""The decay applied at an update of a tensor that has already received ``updates`` updates.
+
+    With warm-up (the ``EMAWarmup`` schedule, as in timm's ``ModelEmaV3`` with ``gamma=1``,
+    ``power=3/4``)::
+
+        d(t) = min(decay, 1 - (1 + t) ** -0.75)          t = updates already applied
+
+    so ``d(0) = 0`` (the first update copies the weights), ``d(1) = 0.41``, ``d(10) = 0.834``,
+    ``d(100) = 0.969``, ``d(1000) = 0.9944``, and ``d`` reaches 0.999 after about 10,000 updates
+    and 0.9999 after about 215,000. A fresh branch's EMA follows it within ~10 updates.
+    Without warm-up ``d(0) = 0`` too (the first update copies, like ``AveragedModel`` and timm),
+    then ``d(t) = decay``.
+
+    Args:
+        decay: the target decay, in (0, 1).
+        updates: number of updates the tensor already received (``t`` above), >= 0.
+        warmup: apply the warm-up schedule.
+
+    Returns:
+        the decay ``d``; the update is ``shadow = lerp(shadow, weight, 1 - d)``.
+    """
+    if updates <= 0:
+        return 0.0
+    if not warmup:
+        return decay
+    return min(decay, 1.0 - (1.0 + updates) ** -WARMUP_POWER)
+
+
+def trainable_tensors(model: nn.Module, buffers: str = "copy") -> dict[str, tuple[Tensor, bool]]:
+    """The tensors a :class:`TrainableEMA` shadows, keyed as in ``model.state_dict()``.
+
+    * every parameter with ``requires_grad=True``;
+    * unless ``buffers="ignore"``: every persistent buffer of a *trainable module*, i.e. a module
+      that owns (directly, not through a child) at least one parameter with ``requires_grad=True``.
+      The buffers of a module with no trainable parameter of its own (a BatchNorm inside a frozen
+      backbone, a ``BatchNorm(affine=False)``) are left alone.
+
+    Only the ``requires_grad`` flags are read: the frozen tensors' values are never touched.
+    A tensor shared under several names appears once, under its first name.
+
+    Returns:
+        ``{key: (tensor, is_parameter)}`` in module registration order (the same on every rank).
+    """
+    out: dict[str, tuple[Tensor, bool]] = {}
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        owns_trainable = False
+        for name, param in module._parameters.items():
+            if param is None or not param.requires_grad:
+                continue
+            owns_trainable = True
+            if id(param) not in seen:
+                seen.add(id(param))
+                out[prefix + name] = (param, True)
+        if owns_trainable and buffers != "ignore":
+            for name, buf in module._buffers.items():
+                if buf is None or name in module._non_persistent_buffers_set or id(buf) in seen:
+                    continue
+                seen.add(id(buf))
+                out[prefix + name] = (buf, False)
+    return out
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return model.module
+    return model
+
+
+def _shadow_dtype(tensor: Tensor, lerp: bool) -> torch.dtype:
+    # the averaged shadow is at least fp32 (bf16/fp16 weights lose the average otherwise)
+    return torch.promote_types(tensor.dtype, torch.float32) if lerp else tensor.dtype
+
+
+def _foreach_lerp_(shadows: list[Tensor], sources: list[Tensor], weight: float) -> None:
+    if hasattr(torch, "_foreach_lerp_"):
+        try:
+            torch._foreach_lerp_(shadows, sources, weight)
+            return
+        except NotImplementedError:  # a backend without the fused kernel
+            pass
+    for shadow, source in zip(shadows, sources, strict=True):
+        shadow.lerp_(source, weight)
+
+
+def _foreach_copy_(targets: list[Tensor], sources: list[Tensor]) -> None:
+    if hasattr(torch, "_foreach_copy_"):
+        try:
+            torch._foreach_copy_(targets, sources)
+            return
+        except NotImplementedError:
+            pass
+    for target, source in zip(targets, sources, strict=True):
+        target.copy_(source)
+
+
+@dataclass
+class _Entry:
+    tensor: Tensor  # the live parameter or buffer of the model
+    shadow: Tensor
+    lerp: bool  # averaged (True) or copied (False)
+    joined_at: int  # value of num_updates when the tensor joined the shadow
+
+
+@dataclass
+class _Group:
+    lerp: bool
+    joined_at: int
+    device: torch.device
+    source_dtype: torch.dtype
+    shadows: list[Tensor]
+    sources: list[Tensor]
+
+
+class TrainableEMA:
+    r"""Exponential moving average of the trainable tensors of a model, exact for tensors that do not move.
+
+    Only parameters with ``requires_grad=True`` are shadowed (plus, with ``buffers="copy"`` or
+    ``"average"``, the buffers of the modules that own them, see :func:`trainable_tensors`);
+    frozen tensors are never read, copied or written. The shadow is fp32 (or wider) even for
+    fp16/bf16 parameters, lives on each parameter's device, and is updated with
+    ``torch._foreach_lerp_`` grouped by device and dtype (plain ``lerp_`` loop as fallback).
+    ``lerp`` is exact when shadow and weight are equal, so a tensor that stops changing keeps a
+    bitwise-equal shadow, unlike ``decay * e + (1 - decay) * m``.
+
+    Parameter references are resolved once (at construction and at :meth:`sync`), not per update.
+    When the trainable set changes (unfreezing, switching a branch), call :meth:`sync`: new
+    trainables join from their current value (and warm up from 0 on their own), newly frozen ones
+    leave the shadow.
+
+    Args:
+        model: the model (a ``DistributedDataParallel``/``DataParallel`` wrapper is unwrapped).
+            Move it to its device before creating the EMA (a later move is followed, at a cost).
+        decay: target decay, strictly between 0 and 1. Default ``0.999``.
+        warmup: ramp the effective decay up from 0 (see :func:`effective_decay`). Default ``True``.
+        buffers: what to do with the buffers of trainable modules (e.g. the running statistics of
+            a BatchNorm in a trainable head): ``"copy"`` (default) keeps a copy taken at each update,
+            ``"average"`` averages floating-point buffers like the weights (integer buffers such as
+            ``num_batches_tracked`` are copied), ``"ignore"`` leaves them out (the raw buffers are
+            used with the EMA weights). Buffers of frozen modules are never read or written.
+
+    Raises:
+        ValueError: ``decay`` not in (0, 1), unknown ``buffers``, or no parameter requires grad.
+
+    Example::
+
+        ema = TrainableEMA(model, decay=0.999)
+        for x, y in loader:
+            loss_fn(model(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            ema.update(model)
+        with ema.swapped_into(model):  # EMA weights inside, raw weights restored bitwise after
+            evaluate(model)
+        torch.save(ema.state_dict(), "ema.pt")
+    """
+
+    def __init__(
+        self, model: nn.Module, decay: float = 0.999, warmup: bool = True, buffers: str = "copy"
+    ) -> None:
+        self.decay = check_decay(decay)
+        self.warmup = bool(warmup)
+        self.buffers = check_choice("buffers", buffers, BUFFER_MODES)
+        self.num_updates = 0
+        self.last_decay: float | None = None
+        self._model = _unwrap(model)
+        self._entries: dict[str, _Entry] = {}
+        self._groups: list[_Group] = []
+        self._swapped: dict[str, tuple[Tensor, Tensor]] | None = None  # key -> (live tensor, raw value)
+        self.sync(self._model)
+
+    # ------------------------------------------------------------------------------------------
+    # construction / trainable set
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_state_dict(cls, model: nn.Module, state: Mapping[str, Any], **overrides: Any) -> TrainableEMA:
+        """An EMA bound to ``model`` with the shadow and counters of ``state`` (see :meth:`state_dict`).
+
+        Unlike ``TrainableEMA(model).load_state_dict(state)`` it never builds a shadow from the
+        current weights first. ``decay``/``warmup``/``buffers`` come from ``state`` unless given in
+        ``overrides``.
+        """
+        _check_state(state)
+        config = {k: state[k] for k in ("decay", "warmup", "buffers")}
+        unknown = set(overrides) - set(config)
+        if unknown:
+            raise TypeError(f"Unexpected argument(s) {sorted(unknown)}; valid: {sorted(config)}.")
+        config.update(overrides)
+        ema = cls.__new__(cls)
+        ema.decay = check_decay(config["decay"])
+        ema.warmup = bool(config["warmup"])
+        ema.buffers = check_choice("buffers", config["buffers"], BUFFER_MODES)
+        ema.num_updates = 0
+        ema.last_decay = None
+        ema._model = _unwrap(model)
+        ema._entries = {}
+        ema._groups = []
+        ema._swapped = None
+        ema.load_state_dict(state)
+        return ema
+
+    def sync(self, model: nn.Module | None = None) -> tuple[list[str], list[str]]:
+        """Re-resolve the trainable set of ``model`` (default: the bound model).
+
+        Tensors that became trainable join the shadow from their current value (their warm-up
+        starts at 0); tensors that are no longer trainable leave it. Cheap when nothing changed.
+        Passing another model object binds the EMA to it (shadows are matched by key).
+
+        Returns:
+            ``(added keys, removed keys)``.
+
+        Raises:
+            ValueError: the model has no parameter with ``requires_grad=True``.
+        """
+        self._require_not_swapped("sync")
+        if model is not None:
+            self._model = _unwrap(model)
+        current = trainable_tensors(self._model, self.buffers)
+        if not any(is_param for _, is_param in current.values()):
+            total = sum(1 for _ in self._model.parameters())
+            raise ValueError(
+                f"Nothing to average: {type(self._model).__name__} has 0 trainable of {total} parameters "
+                "(requires_grad=True on none). TrainableEMA shadows trainable parameters only; valid: a "
+                "model with at least one parameter that requires grad."
+            )
+        removed = [key for key in self._entries if key not in current]
+        for key in removed:
+            del self._entries[key]
+        added = []
+        with torch.no_grad(), torch.inference_mode(False):
+            for key, (tensor, is_param) in current.items():
+                entry = self._entries.get(key)
+                lerp = is_param or (self.buffers == "average" and tensor.is_floating_point())
+                if entry is not None and entry.shadow.shape == tensor.shape and entry.lerp == lerp:
+                    entry.tensor = tensor  # the same tensor, or its replacement under the same name
+                    continue
+                shadow = torch.empty_like(tensor, dtype=_shadow_dtype(tensor, lerp))
+                shadow.copy_(tensor.detach())
+                self._entries[key] = _Entry(tensor, shadow, lerp, self.num_updates)
+                added.append(key)
+        # keep registration order (identical on every rank, stable groups)
+        self._entries = {key: self._entries[key] for key in current}
+        self._regroup()
+        return added, removed
+
+    def _regroup(self) -> None:
+        groups: dict[tuple[Any, ...], _Group] = {}
+        for entry in self._entries.values():
+            if entry.shadow.device != entry.tensor.device:  # the model moved since
+                entry.shadow = entry.shadow.to(entry.tensor.device)
+            gkey = (
+                entry.lerp,
+                entry.joined_at if entry.lerp else -1,
+                entry.tensor.device,
+                entry.shadow.dtype,
+                entry.tensor.dtype,
+            )
+            group = groups.get(gkey)
+            if group is None:
+                group = groups[gkey] = _Group(
+                    entry.lerp, entry.joined_at, entry.tensor.device, entry.tensor.dtype, [], []
+                )
+            group.shadows.append(entry.shadow)
+            group.sources.append(entry.tensor)
+        self._groups = list(groups.values())
+
+    # ------------------------------------------------------------------------------------------
+    # the update
+    # ------------------------------------------------------------------------------------------
+    def decay_at(self, updates: int) -> float:
+        """:func:`effective_decay` with this EMA's ``decay`` and ``warmup``."""
+        return effective_decay(self.decay, updates, self.warmup)
+
+    def update(self, model: nn.Module | None = None) -> float:
+        """One averaging step: ``shadow = lerp(shadow, weight, 1 - d)`` for every shadowed tensor.
+
+        ``d`` is :meth:`decay_at` of the number of updates the tensor already received.
+
+        Args:
+            model: the model the EMA was built on (default). Another model object is bound first
+                (see :meth:`sync`).
+
+        Returns:
+            the effective decay applied to the longest-shadowed tensors (also :attr:`last_decay`).
+        """
+        self._require_not_swapped("update")
+        if model is not None and _unwrap(model) is not self._model:
+            self.sync(model)
+        groups = self._groups
+        for group in groups:  # one attribute check per group: follows a model moved to another device
+            if group.sources[0].device != group.device or group.sources[0].dtype != group.source_dtype:
+                self._regroup()
+                groups = self._groups
+                break
+        oldest = min((g.joined_at for g in groups if g.lerp), default=self.num_updates)
+        with torch.no_grad():
+            for group in groups:
+                if not group.lerp:
+                    _foreach_copy_(group.shadows, group.sources)
+                    continue
+                weight = 1.0 - self.decay_at(self.num_updates - group.joined_at)
+                sources = group.sources
+                if group.source_dtype != group.shadows[0].dtype:  # fp16/bf16 weights, fp32 shadow
+                    sources = [s.to(group.shadows[0].dtype) for s in sources]
+                # lerp, not decay*e + (1-decay)*m: exact when e == m, so still weights never drift
+                _foreach_lerp_(group.shadows, sources, weight)
+        self.last_decay = self.decay_at(self.num_updates - oldest)
+        self.num_updates += 1
+        return self.last_decay
+
+    # ------------------------------------------------------------------------------------------
+    # using the averaged weights
+    # ------------------------------------------------------------------------------------------
+    @property
+    def shadow(self) -> dict[str, Tensor]:
+        """The shadow tensors (fp32 or wider for averaged tensors), keyed as in ``model.state_dict()``."""
+        return {key: entry.shadow for key, entry in self._entries.items()}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the shadow."""
+        return sum(entry.shadow.numel() * entry.shadow.element_size() for entry in self._entries.values())
+
+    @property
+    def swapped(self) -> bool:
+        """Whether the EMA weights are currently swapped into the model."""
+        return self._swapped is not None
+
+    def _pairs(self, model: nn.Module | None) -> list[tuple[str, Tensor, Tensor]]:
+        # the shadowed tensors that are trainable in `model` now: a tensor frozen since the last
+        # sync is never written
+        current = trainable_tensors(_unwrap(model) if model is not None else self._model, self.buffers)
+        return [
+            (key, current[key][0], entry.shadow)
+            for key, entry in self._entries.items()
+            if key in current and current[key][0].shape == entry.shadow.shape
+        ]
+
+    def swap_in(self, model: nn.Module | None = None) -> dict[str, Tensor]:
+        """Copy the EMA weights into the model, keeping the raw values aside; undo with :meth:`restore`.
+
+        Only tensors that are shadowed *and* trainable now are written. Prefer :meth:`swapped_into`.
+
+        Returns:
+            the raw values put aside, keyed as in ``model.state_dict()``.
+        """
+        self._require_not_swapped("swap_in")
+        pairs = self._pairs(model)
+        with torch.no_grad():
+            raw = {key: tensor.detach().clone() for key, tensor, _ in pairs}
+            _foreach_copy_([t for _, t, _ in pairs], [s for _, _, s in pairs])
+        self._swapped = {key: (tensor, raw[key]) for key, tensor, _ in pairs}
+        return raw
+
+    def raw_values(self, model: nn.Module | None = None) -> dict[str, Tensor]:
+        """While swapped: the raw values put aside, under every ``model.state_dict()`` key that names them.
+
+        Lets a checkpoint written while the EMA weights are swapped in hold the raw weights.
+        Empty when not swapped.
+        """
+        if self._swapped is None:
+            return {}
+        model = _unwrap(model) if model is not None else self._model
+        by_id = {id(tensor): raw for tensor, raw in self._swapped.values()}
+        return {
+            key: by_id[id(value)]
+            for key, value in model.state_dict(keep_vars=True).items()
+            if id(value) in by_id
+        }
+
+    def restore(self) -> None:
+        """Put the raw values back after :meth:`swap_in` (bitwise); no-op when not swapped."""
+        if self._swapped is None:
+            return
+        swapped, self._swapped = self._swapped, None
+        with torch.no_grad():
+            _foreach_copy_([t for t, _ in swapped.values()], [raw for _, raw in swapped.values()])
+
+    @contextlib.contextmanager
+    def swapped_into(self, model: nn.Module | None = None) -> Iterator[TrainableEMA]:
+        """Context manager: the EMA weights are in ``model`` inside, the raw ones restored bitwise after.
+
+        Only trainable tensors are swapped; frozen tensors are not touched. The raw values are
+        restored even when the block raises.
+
+        Example::
+
+            with ema.swapped_into(model):
+                val_loss = evaluate(model)
+        """
+        self.swap_in(model)
+        try:
+            yield self
+        finally:
+            self.restore()
+
+    def copy_to(self, model: nn.Module | None = None) -> list[str]:
+        """Write the EMA weights into ``model`` for good (cast to each tensor's dtype).
+
+        Returns:
+            the keys written (the shadowed tensors that are trainable in ``model``).
+        """
+        self._require_not_swapped("copy_to")
+        pairs = self._pairs(model)
+        with torch.no_grad():
+            _foreach_copy_([t for _, t, _ in pairs], [s for _, _, s in pairs])
+        return [key for key, _, _ in pairs]
+
+    def ema_state_dict(self, model: nn.Module | None = None) -> dict[str, Tensor]:
+        """The full ``model.state_dict()`` with every shadowed tensor replaced by its EMA.
+
+        Averaged tensors are new tensors cast to the model's dtype; the others (frozen ones) are
+        the model's own (detached) tensors, not copies. ``model.load_state_dict(...)`` accepts it.
+        """
+        model = _unwrap(model) if model is not None else self._model
+        by_id = {id(entry.tensor): entry.shadow for entry in self._entries.values()}
+        out: dict[str, Tensor] = {}
+        for key, value in model.state_dict(keep_vars=True).items():
+            shadow = by_id.get(id(value))
+            if shadow is not None:
+                out[key] = shadow.detach().to(dtype=value.dtype, copy=True)
+            else:
+                out[key] = value.detach() if isinstance(value, Tensor) else value
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    # checkpointing
+    # ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Shadow and counters (no frozen tensor), for ``torch.save`` or a Lightning checkpoint.
+
+        The shadow tensors are returned by reference (like ``nn.Module.state_dict``).
+        """
+        return {
+            "format": _STATE_FORMAT,
+            "decay": self.decay,
+            "warmup": self.warmup,
+            "buffers": self.buffers,
+            "num_updates": self.num_updates,
+            "shadow": {key: entry.shadow for key, entry in self._entries.items()},
+            "joined_at": {key: entry.joined_at for key, entry in self._entries.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore shadow and counters saved by :meth:`state_dict` (exactly, bitwise).
+
+        The shadow afterwards holds exactly the keys of ``state`` (call :meth:`sync` to follow a
+        trainable set that changed since). ``decay``/``warmup``/``buffers`` stay as configured.
+
+        Raises:
+            KeyError: a key of the saved shadow does not exist in the model.
+            ValueError: a saved shadow has another shape than the model's tensor, or ``state``
+                is not a TrainableEMA state.
+        """
+        self._require_not_swapped("load_state_dict")
+        _check_state(state)
+        live = dict(self._model.named_parameters())
+        live.update(self._model.named_buffers())
+        entries: dict[str, _Entry] = {}
+        with torch.no_grad(), torch.inference_mode(False):
+            for key, saved in state["shadow"].items():
+                tensor = live.get(key)
+                if tensor is None:
+                    raise KeyError(
+                        f"EMA state has a shadow for {key!r}, which {type(self._model).__name__} does not "
+                        f"have; valid keys: the model's parameters and buffers, e.g. {list(live)[:5]}."
+                    )
+                if tuple(saved.shape) != tuple(tensor.shape):
+                    raise ValueError(
+                        f"EMA state shadow {key!r} has shape {tuple(saved.shape)}, the model's tensor "
+                        f"{tuple(tensor.shape)}."
+                    )
+                lerp = isinstance(tensor, nn.Parameter) or (
+                    self.buffers == "average" and tensor.is_floating_point()
+                )
+                shadow = torch.empty_like(tensor, dtype=_shadow_dtype(tensor, lerp))
+                shadow.copy_(saved)
+                entries[key] = _Entry(tensor, shadow, lerp, int(state["joined_at"].get(key, 0)))
+        self._entries = entries
+        self.num_updates = int(state["num_updates"])
+        self._regroup()
+
+    def __repr__(self) -> str:
+        numel = sum(entry.shadow.numel() for entry in self._entries.values())
+        return (
+            f"{type(self).__name__}(decay={self.decay}, warmup={self.warmup}, buffers={self.buffers!r}, "
+            f"tensors={len(self._entries)}, numel={numel}, num_updates={self.num_updates})"
+        )
+
+    def _require_not_swapped(self, what: str) -> None:
+        if self._swapped is not None:
+            raise RuntimeError(
+                f"TrainableEMA.{what}() while the EMA weights are swapped into the model; call it after "
+                "restore() / outside `with ema.swapped_into(model)`."
+            )
+
+
+def check_decay(decay: object) -> float:
+    """Return ``decay`` as a float if it is a number strictly between 0 and 1, else raise ``ValueError``."""
+    if isinstance(decay, bool) or not isinstance(decay, Real) or not (0.0 < float(decay) < 1.0):
+        raise ValueError(
+            f"Invalid decay={decay!r}; valid choices: a number strictly between 0 and 1 (e.g. 0.999, 0.9999)."
+        )
+    return float(decay)
+
+
+def _check_state(state: Mapping[str, Any]) -> None:
+    required = ("shadow", "joined_at", "num_updates", "decay", "warmup", "buffers")
+    missing = [k for k in required if k not in state] if isinstance(state, Mapping) else list(required)
+    if missing:
+        raise ValueError(
+            f"Not a TrainableEMA state (missing {missing}); valid: the dict returned by "
+            "TrainableEMA.state_dict()."
+        )

@@ -1,0 +1,141 @@
+"""``ImageFolder`` data module: train a branch on your own images (``root/<class>/<image>``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import transforms
+from torchvision.datasets import ImageFolder
+from typing_extensions import override
+
+__all__ = ["ImageFolderDataModule"]
+
+
+class ImageFolderDataModule(L.LightningDataModule):
+    """Images in class folders, as :class:`torchvision.datasets.ImageFolder` reads them.
+
+    Two layouts are accepted:
+
+    * ``root/<class>/<image>``: split into train/val/test by a fixed permutation;
+    * ``root/train/<class>/<image>`` and ``root/val/<class>/<image>`` (and optionally
+      ``root/test/...``): used as they are.
+
+    Images are resized to ``image_size`` (shorter side), centre-cropped to a square and scaled to
+    ``[0, 1]``; ``channels=1`` converts them to grey.
+
+    Args:
+        root: the folder. A missing folder, or one without class folders, raises
+            ``FileNotFoundError`` naming it.
+        batch_size: samples per batch. Default 32.
+        image_size: side in pixels after resizing. Default 64.
+        channels: 3 (default) or 1.
+        val_fraction: fraction held out for validation (first layout only). Default 0.2.
+        test_fraction: fraction held out for testing (first layout only). Default 0.0.
+        num_workers: ``DataLoader`` workers. Default 0.
+        split_seed: seed of the split permutation. Default 0.
+
+    Attributes:
+        num_classes: number of class folders (known from construction on).
+        classes: the class folder names, in label order.
+
+    Example::
+
+        dm = ImageFolderDataModule("~/data/flowers", image_size=96)
+        print(dm.classes)  # ['daisy', 'rose', ...]
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        batch_size: int = 32,
+        image_size: int = 64,
+        channels: int = 3,
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.0,
+        num_workers: int = 0,
+        split_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise FileNotFoundError(
+                f"data.root={str(root)!r} is not a folder: expected root/<class>/<image> "
+                "(or root/train/<class>/<image> and root/val/<class>/<image>)"
+            )
+        if channels not in (1, 3):
+            raise ValueError(f"Invalid channels={channels!r}; valid choices: 1, 3.")
+        if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+            raise ValueError(
+                f"Invalid val_fraction={val_fraction!r}, test_fraction={test_fraction!r}; valid choices: "
+                "fractions >= 0 whose sum is < 1."
+            )
+        self.split_layout = (self.root / "train").is_dir() and (self.root / "val").is_dir()
+        class_root = self.root / "train" if self.split_layout else self.root
+        self.classes = sorted(
+            p.name for p in class_root.iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
+        if not self.classes:
+            raise FileNotFoundError(
+                f"data.root={str(root)!r} has no class folders: expected root/<class>/<image> "
+                "(or root/train/<class>/<image> and root/val/<class>/<image>)"
+            )
+        self.num_classes = len(self.classes)
+        self.batch_size = batch_size
+        self.image_size = image_size
+        self.channels = channels
+        self.val_fraction = float(val_fraction)
+        self.test_fraction = float(test_fraction)
+        self.num_workers = num_workers
+        self.split_seed = split_seed
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def _transform(self) -> transforms.Compose:
+        steps: list = [transforms.Resize(self.image_size), transforms.CenterCrop(self.image_size)]
+        if self.channels == 1:
+            steps.append(transforms.Grayscale(1))
+        steps.append(transforms.ToTensor())
+        return transforms.Compose(steps)
+
+    @override
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        transform = self._transform()
+        if self.split_layout:
+            self.train_set = ImageFolder(str(self.root / "train"), transform=transform)
+            self.val_set = ImageFolder(str(self.root / "val"), transform=transform)
+            test_dir = self.root / "test"
+            self.test_set = (
+                ImageFolder(str(test_dir), transform=transform) if test_dir.is_dir() else self.val_set
+            )
+            return
+        full = ImageFolder(str(self.root), transform=transform)
+        order = torch.randperm(len(full), generator=torch.Generator().manual_seed(self.split_seed)).tolist()
+        n_val = round(len(order) * self.val_fraction)
+        n_test = round(len(order) * self.test_fraction)
+        n_train = len(order) - n_val - n_test
+        self.train_set = Subset(full, order[:n_train])
+        self.val_set = Subset(full, order[n_train : n_train + n_val])
+        self.test_set = Subset(full, order[n_train + n_val :]) if n_test else self.val_set
+
+    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("ImageFolderDataModule.setup() has not run yet.")
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    @override
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    @override
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)

@@ -1,0 +1,633 @@
+"""MultiBranchModule: one shared backbone, several branches, trained in stages without losing any."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import nn
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
+
+from lightning_freeze.core.checkpoint import (
+    BRANCH_PREFIX,
+    CheckpointMismatchError,
+    branch_names_in,
+    checkpoint_state_dict,
+    ema_state_dict,
+    load_checkpoint,
+)
+from lightning_freeze.core.freeze import check_choice
+
+__all__ = ["CheckpointMismatchError", "MultiBranchModule", "UnknownBranchError"]
+
+_CHECKPOINT_KEY = "multi_branch"
+# attributes of nn.ModuleDict: a branch with one of these names could not be stored in it
+_RESERVED_NAMES = frozenset(dir(nn.ModuleDict))
+_MAX_KEYS_SHOWN = 8
+
+
+class UnknownBranchError(KeyError):
+    """A branch name that is not one of the module's branches. ``str(err)`` is the full message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+Spec = Any  # an object, or a Hydra config (a mapping with "_target_") that builds it
+
+
+class MultiBranchModule(pl.LightningModule):
+    r"""A shared backbone with several branches (heads), trained one branch at a time, in stages.
+
+    Stage 1 trains ``backbone`` + branch ``a``. Stage 2 builds a module with branches ``a`` and
+    ``b``, :meth:`init_from_checkpoint` loads everything stage 1 trained (``b`` stays fresh), and
+    :class:`~lightning_freeze.FreezeBackbone` freezes the backbone and every inactive branch, so
+    training ``b`` leaves ``a``'s predictions bitwise unchanged. Branches trained in parallel
+    from one stage-1 checkpoint are combined with ``lightning-freeze merge`` and served together
+    with :meth:`forward_all` (one backbone pass, every branch).
+
+    Only the active branch runs in ``training_step``: with the backbone and the other branches
+    frozen, DDP needs no ``find_unused_parameters``. Batches are ``(x, y)`` for the active branch.
+    Validation and test use the active branch too; given a dict of dataloaders keyed by branch
+    name (``trainer.validate(model, {"a": loader_a, "b": loader_b})``), each loader is evaluated
+    with its branch.
+
+    Every constructor argument that builds an object (``backbone``, each branch, losses, metrics,
+    ``optimizer``, ``scheduler``) may be the object itself or a Hydra config for it (a mapping with
+    ``_target_``; ``optimizer``/``scheduler`` configs are instantiated as partials). Configs are
+    stored in :attr:`hparams` as plain containers, so ``MultiBranchModule.load_from_checkpoint(path)``
+    rebuilds the whole module from the checkpoint alone. With Hydra, instantiate the module node
+    with ``_recursive_: false`` so that it receives the configs. Objects are not stored (Lightning
+    saves module weights in the ``state_dict`` anyway): pass them again to ``load_from_checkpoint``.
+
+    Args:
+        backbone: ``nn.Module`` (or its config) computing the features every branch takes.
+        branches: ``{name: nn.Module or config}``; any module that takes the backbone's output.
+            Names are ``state_dict`` prefixes (``branches.<name>.``) and log prefixes: non-empty,
+            without ``.`` or ``/``.
+        active_branch: the branch trained, validated and predicted by default; default: the first.
+        losses: ``{branch: callable(output, target) -> loss}``; default ``F.cross_entropy``.
+        metrics: ``{branch: Metric, MetricCollection, {name: Metric} or None}``; default
+            ``{"acc": MulticlassAccuracy(num_classes, average="micro")}``, logged as
+            ``<branch>/val_acc`` and ``<branch>/test_acc``. ``None`` for a branch: no metric.
+            A bare ``Metric`` is logged under its class name (torchmetrics' convention).
+        optimizer: ``callable(params) -> Optimizer`` (e.g. a Hydra ``_partial_: true`` node);
+            default ``AdamW(lr=1e-3)``. It receives only parameters with ``requires_grad=True``.
+        scheduler: optional ``callable(optimizer) -> LRScheduler`` or a Lightning scheduler dict
+            (``{"scheduler": ..., "interval": "step"}``). ``ReduceLROnPlateau`` monitors
+            ``<active branch>/val_loss`` unless told otherwise.
+        num_classes: class count for the default accuracy, one ``int`` for every branch or
+            ``{branch: int}``; default: ``out_features`` of the branch's last ``nn.Linear``.
+        predict_all: ``predict_step`` returns ``{branch: output}`` for every branch instead of the
+            active branch's output.
+
+    Raises:
+        UnknownBranchError: ``active_branch`` or a key of ``losses``/``metrics``/``num_classes`` is
+            not a branch (the message lists the branches).
+        ValueError: an invalid branch name, no branches, or a class count that cannot be inferred.
+
+    Example::
+
+        import lightning as L
+        from torch import nn
+        from lightning_freeze import FreezeBackbone, MultiBranchModule
+
+        backbone = nn.Sequential(nn.Linear(16, 32), nn.ReLU())
+        # stage 1: backbone + branch "a"
+        stage1 = MultiBranchModule(backbone, {"a": nn.Linear(32, 3)})
+        trainer = L.Trainer(max_epochs=5)
+        trainer.fit(stage1, loader_a)
+        trainer.save_checkpoint("stage1.ckpt")
+        # stage 2: add branch "b"; the backbone and "a" stay bitwise frozen
+        stage2 = MultiBranchModule(
+            nn.Sequential(nn.Linear(16, 32), nn.ReLU()),
+            {"a": nn.Linear(32, 3), "b": nn.Linear(32, 5)},
+            active_branch="b",
+        )
+        assert stage2.init_from_checkpoint("stage1.ckpt") == ["b"]
+        L.Trainer(max_epochs=5, callbacks=[FreezeBackbone()]).fit(stage2, loader_b)
+        outputs = stage2.forward_all(x)  # {"a": ..., "b": ...}, backbone computed once
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module | Mapping[str, Any] | None = None,
+        branches: Mapping[str, nn.Module | Mapping[str, Any]] | None = None,
+        active_branch: str | None = None,
+        losses: Mapping[str, Callable[..., torch.Tensor] | Mapping[str, Any]] | None = None,
+        metrics: Mapping[str, Metric | MetricCollection | Mapping[str, Any] | None] | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | Mapping[str, Any] | None = None,
+        scheduler: Callable[..., Any] | Mapping[str, Any] | None = None,
+        num_classes: int | Mapping[str, int] | None = None,
+        predict_all: bool = False,
+    ) -> None:
+        super().__init__()
+        if backbone is None or branches is None:
+            missing = [n for n, v in (("backbone", backbone), ("branches", branches)) if v is None]
+            raise TypeError(
+                f"MultiBranchModule needs {' and '.join(missing)}. When loading a checkpoint of a module "
+                "built from nn.Module objects (not from Hydra configs), pass them again: "
+                "MultiBranchModule.load_from_checkpoint(path, backbone=..., branches={...})."
+            )
+        if not isinstance(branches, Mapping) or not branches:
+            raise ValueError(
+                f"Invalid branches={branches!r}; valid choices: a non-empty mapping "
+                "{name: nn.Module or config}."
+            )
+        for name in branches:
+            _check_branch_name(name)
+
+        self.backbone = _build_module("backbone", backbone)
+        self.branches = nn.ModuleDict(
+            {name: _build_module(f"branches[{name!r}]", spec) for name, spec in branches.items()}
+        )
+        names = list(self.branches)
+        self._active_branch = (
+            names[0] if active_branch is None else self._check_branch(active_branch, "active_branch")
+        )
+
+        self._check_keys("losses", losses)
+        self._check_keys("metrics", metrics)
+        if isinstance(num_classes, Mapping):
+            self._check_keys("num_classes", num_classes)
+        self._losses: dict[str, Callable[..., torch.Tensor]] = {
+            name: _instantiate(spec) if _is_config(spec) else spec for name, spec in (losses or {}).items()
+        }
+        for name, fn in self._losses.items():
+            if not callable(fn):
+                raise TypeError(f"losses[{name!r}] must be callable(output, target) -> loss, got {fn!r}.")
+
+        collections = {
+            name: self._metric_collection(name, (metrics or {}).get(name, "default"), num_classes)
+            for name in names
+        }
+        # separate state for validation and test; keys "<branch>/val_<metric>", "<branch>/test_<metric>"
+        self.val_metrics = nn.ModuleDict(
+            {n: c.clone(prefix=f"{n}/val_") for n, c in collections.items() if c is not None}
+        )
+        self.test_metrics = nn.ModuleDict(
+            {n: c.clone(prefix=f"{n}/test_") for n, c in collections.items() if c is not None}
+        )
+
+        self._optimizer_factory = (
+            _instantiate(optimizer, _partial_=True) if _is_config(optimizer) else optimizer
+        )
+        self._scheduler_factory = (
+            _instantiate(scheduler, _partial_=True) if _is_config(scheduler) else scheduler
+        )
+        for arg, factory in (("optimizer", self._optimizer_factory), ("scheduler", self._scheduler_factory)):
+            if factory is not None and not callable(factory):
+                raise TypeError(
+                    f"{arg} must be a callable (e.g. functools.partial or a Hydra _partial_ node), "
+                    f"got {factory!r}."
+                )
+        self.predict_all = bool(predict_all)
+
+        self.save_hyperparameters(
+            _hparams(
+                backbone=backbone,
+                branches=branches,
+                active_branch=self._active_branch,
+                losses=losses,
+                metrics=metrics,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                num_classes=num_classes,
+                predict_all=self.predict_all,
+            )
+        )
+
+    # --------------------------------------------------------------------------------------------
+    # branches
+    # --------------------------------------------------------------------------------------------
+    @property
+    def branch_names(self) -> list[str]:
+        """Names of all branches, in order."""
+        return list(self.branches)
+
+    @property
+    def active_branch(self) -> str:
+        """The branch that ``training_step``, ``validation_step`` and ``forward`` use by default."""
+        return self._active_branch
+
+    @active_branch.setter
+    def active_branch(self, name: str) -> None:
+        self.switch_branch(name)
+
+    def switch_branch(self, name: str) -> None:
+        """Make ``name`` the active branch (between fits; not while ``Trainer.fit`` runs).
+
+        Raises:
+            UnknownBranchError: ``name`` is not a branch (the message lists the branches).
+            RuntimeError: called while fitting (the frozen set and the optimizer were built for the
+                current branch).
+        """
+        name = self._check_branch(name, "branch")
+        trainer = self._trainer
+        if (
+            name != self._active_branch
+            and trainer is not None
+            and trainer.state.fn == TrainerFn.FITTING
+            and trainer.state.status == TrainerStatus.RUNNING
+        ):
+            raise RuntimeError(
+                f"Cannot switch from branch {self._active_branch!r} to {name!r} while Trainer.fit runs: "
+                "the optimizer and the frozen modules were set up for the active branch. Switch before fit."
+            )
+        self._active_branch = name
+        self.hparams["active_branch"] = name
+
+    def _check_branch(self, name: Any, what: str = "branch") -> str:
+        if not isinstance(name, str) or name not in self.branches:
+            raise UnknownBranchError(
+                f"Unknown {what} {name!r}; valid choices: {', '.join(repr(n) for n in self.branches)}."
+            )
+        return name
+
+    def _check_keys(self, arg: str, mapping: Mapping[str, Any] | None) -> None:
+        if mapping is None:
+            return
+        if not isinstance(mapping, Mapping):
+            raise TypeError(f"{arg} must be a mapping {{branch name: ...}}, got {type(mapping).__name__}.")
+        unknown = [k for k in mapping if k not in self.branches]
+        if unknown:
+            raise UnknownBranchError(
+                f"{arg} names unknown branch(es) {', '.join(repr(k) for k in unknown)}; valid choices: "
+                f"{', '.join(repr(n) for n in self.branches)}."
+            )
+
+    def _metric_collection(
+        self, name: str, spec: Any, num_classes: int | Mapping[str, int] | None
+    ) -> MetricCollection | None:
+        if spec is None:
+            return None
+        if _is_config(spec):
+            spec = _instantiate(spec)
+        if isinstance(spec, MetricCollection):
+            return spec
+        if isinstance(spec, Metric):
+            return MetricCollection([spec])
+        if isinstance(spec, Mapping) and spec and all(isinstance(m, Metric) for m in spec.values()):
+            return MetricCollection(dict(spec))
+        if isinstance(spec, Mapping) and not spec:
+            return None
+        if spec != "default":
+            raise TypeError(
+                f"metrics[{name!r}] must be a torchmetrics Metric, MetricCollection, {{name: Metric}}, "
+                f"a config for one, or None; got {spec!r}."
+            )
+        count = num_classes.get(name) if isinstance(num_classes, Mapping) else num_classes
+        if count is None:
+            count = _infer_num_classes(self.branches[name])
+        if count is None or count < 2:
+            found = "no nn.Linear" if count is None else f"a last nn.Linear with out_features={count}"
+            raise ValueError(
+                f"Cannot infer the class count of branch {name!r} for its default accuracy metric: it has "
+                f"{found}. Pass num_classes={{{name!r}: N}} (N >= 2), metrics={{{name!r}: ...}}, or "
+                f"metrics={{{name!r}: None}} for no metric."
+            )
+        return MetricCollection({"acc": MulticlassAccuracy(num_classes=count, average="micro")})
+
+    # --------------------------------------------------------------------------------------------
+    # forward
+    # --------------------------------------------------------------------------------------------
+    @override
+    def forward(self, x: Any, branch: str | None = None) -> Any:
+        """Output of ``branch`` (default: the active branch) for input ``x``."""
+        name = self._active_branch if branch is None else self._check_branch(branch)
+        return self.branches[name](self.backbone(x))
+
+    def forward_all(self, x: Any, branches: Sequence[str] | None = None) -> dict[str, Any]:
+        """Outputs of every branch (or of ``branches``), computing the backbone once.
+
+        Returns:
+            ``{branch name: output}`` in branch order.
+        """
+        names = self.branch_names if branches is None else [self._check_branch(b) for b in branches]
+        features = self.backbone(x)
+        return {name: self.branches[name](features) for name in names}
+
+    # --------------------------------------------------------------------------------------------
+    # steps
+    # --------------------------------------------------------------------------------------------
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = _unpack(batch)
+        name = self._active_branch
+        # only the active branch runs: frozen inactive branches get no gradient, so DDP needs no
+        # find_unused_parameters
+        loss = self._loss(name, self(x), y)
+        self.log(f"{name}/train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=_size(x))
+        return loss
+
+    @override
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        return self._evaluate(batch, dataloader_idx, "val", self.val_metrics)
+
+    @override
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        return self._evaluate(batch, dataloader_idx, "test", self.test_metrics)
+
+    @override
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self.forward_all(x) if self.predict_all else self(x)
+
+    def _evaluate(self, batch: Any, dataloader_idx: int, stage: str, metrics: nn.ModuleDict) -> torch.Tensor:
+        name, keyed = self._branch_for_dataloader(stage, dataloader_idx)
+        x, y = _unpack(batch)
+        output = self(x, branch=name)
+        loss = self._loss(name, output, y)
+        self.log(
+            f"{name}/{stage}_loss",
+            loss,
+            on_epoch=True,
+            prog_bar=True,
+            sync_dist=True,
+            batch_size=_size(x),
+            add_dataloader_idx=not keyed,
+        )
+        if name in metrics:
+            collection = metrics[name]
+            collection.update(output, y)
+            self.log_dict(collection, on_epoch=True, prog_bar=True, add_dataloader_idx=not keyed)
+        return loss
+
+    def _branch_for_dataloader(self, stage: str, dataloader_idx: int) -> tuple[str, bool]:
+        """``(branch, keyed)``: the branch a dataloader feeds, and whether loaders are keyed by branch."""
+        trainer = self._trainer
+        if trainer is None:
+            return self._active_branch, False
+        loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
+        if not isinstance(loaders, Mapping):
+            return self._active_branch, False
+        unknown = [k for k in loaders if k not in self.branches]
+        if unknown:
+            raise UnknownBranchError(
+                f"{stage} dataloaders given as a dict are matched to branches by key; unknown key(s) "
+                f"{', '.join(repr(k) for k in unknown)}; valid choices: "
+                f"{', '.join(repr(n) for n in self.branches)}."
+            )
+        return list(loaders)[dataloader_idx], True
+
+    def _loss(self, name: str, output: Any, target: Any) -> torch.Tensor:
+        fn = self._losses.get(name, F.cross_entropy)
+        if isinstance(fn, nn.Module):
+            fn.to(self.device)  # kept out of state_dict (not a submodule); moved lazily
+        return fn(output, target)
+
+    # --------------------------------------------------------------------------------------------
+    # optimizers
+    # --------------------------------------------------------------------------------------------
+    @override
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(
+                f"Nothing to optimize: every parameter of {type(self).__name__} has requires_grad=False "
+                f"(active branch {self._active_branch!r}). Is the active branch frozen?"
+            )
+        factory = self._optimizer_factory
+        optimizer = factory(params) if factory is not None else torch.optim.AdamW(params, lr=1e-3)
+        if self._scheduler_factory is None:
+            return optimizer
+        scheduler = self._scheduler_factory(optimizer)
+        config = dict(scheduler) if isinstance(scheduler, Mapping) else {"scheduler": scheduler}
+        if isinstance(config.get("scheduler"), torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config.setdefault("monitor", f"{self._active_branch}/val_loss")
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    @override
+    def setup(self, stage: str) -> None:
+        if stage != "fit":
+            return
+        trainable = [
+            name
+            for name in self.branch_names
+            if name != self._active_branch and any(p.requires_grad for p in self.branches[name].parameters())
+        ]
+        if trainable:
+            rank_zero_warn(
+                f"MultiBranchModule: inactive branch(es) {', '.join(repr(n) for n in trainable)} have "
+                f"trainable parameters while {self._active_branch!r} trains. Only the active branch runs in "
+                "training_step, so they get no gradient, and DDP fails on them unless "
+                "find_unused_parameters=True. Add FreezeBackbone() (it freezes the backbone and the inactive "
+                "branches) or freeze them yourself."
+            )
+
+    # --------------------------------------------------------------------------------------------
+    # checkpoints
+    # --------------------------------------------------------------------------------------------
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[_CHECKPOINT_KEY] = {
+            "active_branch": self._active_branch,
+            "branch_names": self.branch_names,
+        }
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = (checkpoint.get(_CHECKPOINT_KEY) or {}).get("active_branch")
+        if saved is None or saved == self._active_branch or saved not in self.branches:
+            return
+        trainer = self._trainer
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            raise ValueError(
+                f"This checkpoint was saved while training branch {saved!r}, but the module is set to "
+                f"train {self._active_branch!r}. To resume, build the module with active_branch={saved!r}; "
+                "to start a new stage from this checkpoint, call model.init_from_checkpoint(path) instead "
+                "of passing ckpt_path to Trainer.fit."
+            )
+        self._active_branch = saved
+        self.hparams["active_branch"] = saved
+
+    def init_from_checkpoint(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        weights: str = "raw",
+        ema_state_key: str | None = None,
+        unsafe_load: bool = False,
+    ) -> list[str]:
+        """Start a new stage from an earlier stage's checkpoint, losing nothing.
+
+        Every tensor present in both the checkpoint and this module is loaded exactly (bitwise).
+        Branches absent from the checkpoint stay freshly initialised. Anything else that does not
+        fit is an error: a tensor of this module missing from the checkpoint (outside the new
+        branches), a tensor of the checkpoint this module has no place for (a branch you did not
+        include would be silently lost), or a shape/dtype mismatch.
+
+        Args:
+            path: a Lightning checkpoint (or ``lightning-freeze merge`` output) or a ``state_dict`` file.
+            weights: ``"raw"`` (default): the checkpoint's ``state_dict``; ``"ema"``: the weights
+                averaged by :class:`~lightning_freeze.FrozenSafeEMA` where it shadowed them (what its
+                validation reported), the raw value elsewhere.
+            ema_state_key: with ``weights="ema"``, which ``FrozenSafeEMA`` state when there are several.
+            unsafe_load: load with ``torch.load(weights_only=False)``; only for files you trust.
+
+        Returns:
+            the names of the branches that stay fresh (not in the checkpoint), in branch order.
+
+        Raises:
+            CheckpointMismatchError: keys that do not fit, named (first few of each kind).
+            lightning_freeze.core.checkpoint.CheckpointError: the file cannot be read as a checkpoint.
+        """
+        check_choice("weights", weights, ("raw", "ema"))
+        label = os.fspath(path)
+        checkpoint = load_checkpoint(path, unsafe_load=unsafe_load)
+        if weights == "ema":
+            state = ema_state_dict(checkpoint, repr(label), state_key=ema_state_key)
+        else:
+            state = checkpoint_state_dict(checkpoint, repr(label))
+        own = self.state_dict()
+        in_checkpoint = branch_names_in(state)
+        fresh = [n for n in self.branch_names if n not in in_checkpoint]
+        lost = [n for n in in_checkpoint if n not in self.branches]
+        fresh_prefixes = tuple(f"{BRANCH_PREFIX}{n}." for n in fresh)
+        lost_prefixes = tuple(f"{BRANCH_PREFIX}{n}." for n in lost)
+
+        problems = []
+        if lost:
+            problems.append(
+                f"the checkpoint has branch(es) {', '.join(repr(n) for n in lost)} that this module lacks "
+                f"(its branches: {', '.join(repr(n) for n in self.branches)}); add them to `branches` so "
+                "their trained weights are kept"
+            )
+        missing = [k for k in own if k not in state and not k.startswith(fresh_prefixes)]
+        if missing:
+            problems.append(f"missing from the checkpoint: {_show(missing)}")
+        unexpected = [k for k in state if k not in own and not k.startswith(lost_prefixes)]
+        if unexpected:
+            problems.append(f"not in this module: {_show(unexpected)}")
+        mismatched = [
+            f"{k} (checkpoint {_describe(state[k])}, module {_describe(v)})"
+            for k, v in own.items()
+            if k in state
+            and isinstance(v, torch.Tensor)
+            and isinstance(state[k], torch.Tensor)
+            and (state[k].shape != v.shape or state[k].dtype != v.dtype)
+        ]
+        if mismatched:
+            problems.append(f"shape/dtype differs: {_show(mismatched)}")
+        if problems:
+            raise CheckpointMismatchError(
+                f"Cannot initialise {type(self).__name__} from {label!r}: " + "; ".join(problems) + "."
+            )
+
+        result = self.load_state_dict({k: state[k] for k in own if k in state}, strict=False)
+        # a custom _load_from_state_dict could disagree with state_dict(): check what it did
+        left = [k for k in result.missing_keys if not k.startswith(fresh_prefixes)]
+        left += list(result.unexpected_keys)
+        if left:
+            raise CheckpointMismatchError(
+                f"Cannot initialise from {label!r}: load_state_dict left {_show(left)}."
+            )
+        loaded = sum(not k.startswith(fresh_prefixes) for k in own)
+        rank_zero_info(
+            f"MultiBranchModule: loaded {loaded} tensors from {label!r}"
+            + (f"; fresh branch(es): {', '.join(fresh)}" if fresh else "")
+        )
+        return fresh
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+def _check_branch_name(name: Any) -> None:
+    if not isinstance(name, str) or not name or "." in name or "/" in name or name in _RESERVED_NAMES:
+        reason = "it is an nn.ModuleDict attribute" if name in _RESERVED_NAMES else "bad characters"
+        raise ValueError(
+            f"Invalid branch name {name!r} ({reason}); valid choices: a non-empty string without '.' or '/' "
+            "that is not an nn.ModuleDict attribute, e.g. 'a' or 'cls_head'."
+        )
+
+
+def _is_config(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and "_target_" in obj
+
+
+def _instantiate(config: Mapping[str, Any], **kwargs: Any) -> Any:
+    from hydra.utils import instantiate  # imported on first use: Hydra is only needed for configs
+
+    return instantiate(config, **kwargs)
+
+
+def _build_module(what: str, spec: Any) -> nn.Module:
+    obj = _instantiate(spec) if _is_config(spec) else spec
+    if not isinstance(obj, nn.Module):
+        raise TypeError(
+            f"{what} must be an nn.Module or a Hydra config (with _target_) for one, got {obj!r}."
+        )
+    return obj
+
+
+def _plain(value: Any) -> Any:
+    """A config as plain dicts/lists (safe for ``torch.load(weights_only=True)``)."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return copy.deepcopy(value)
+
+
+def _hparams(**args: Any) -> dict[str, Any]:
+    """The constructor arguments that can rebuild the module: configs and plain values, not objects."""
+    out: dict[str, Any] = {"active_branch": args["active_branch"], "predict_all": args["predict_all"]}
+    for key in ("backbone", "optimizer", "scheduler"):
+        if _is_config(args[key]):
+            out[key] = _plain(args[key])
+    for key in ("branches", "losses"):
+        value = args[key]
+        if isinstance(value, Mapping) and all(_is_config(v) for v in value.values()):
+            out[key] = _plain(value)
+    metrics = args["metrics"]
+    if isinstance(metrics, Mapping) and all(v is None or _is_config(v) for v in metrics.values()):
+        out["metrics"] = _plain(metrics)
+    num_classes = args["num_classes"]
+    if num_classes is not None:
+        out["num_classes"] = _plain(num_classes)
+    return out
+
+
+def _infer_num_classes(branch: nn.Module) -> int | None:
+    linears = [m for m in branch.modules() if isinstance(m, nn.Linear)]
+    return int(linears[-1].out_features) if linears else None
+
+
+def _unpack(batch: Any) -> tuple[Any, Any]:
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise ValueError(
+        f"MultiBranchModule expects batches (x, y) for the active branch, got a {type(batch).__name__}"
+        + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+        + "; override training_step/validation_step for other batch layouts."
+    )
+
+
+def _size(x: Any) -> int | None:
+    return int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() else None
+
+
+def _describe(tensor: torch.Tensor) -> str:
+    return f"{tuple(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}"
+
+
+def _show(items: Sequence[str]) -> str:
+    shown = ", ".join(items[:_MAX_KEYS_SHOWN])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > _MAX_KEYS_SHOWN else "")

@@ -1,0 +1,54 @@
+"""2-process CPU DDP fit with FreezeBackbone + FrozenSafeEMA (run by tests/test_ema_ddp.py).
+
+Usage: python ema_ddp.py OUT_DIR
+Writes OUT_DIR/start.pt (rank 0, before fit) and OUT_DIR/rank{R}.pt (each rank, after fit).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _freeze_utils import TinyNet, loaders
+
+from lightning_freeze import FreezeBackbone, FrozenSafeEMA
+
+
+def main(out: Path) -> None:
+    torch.set_num_threads(1)
+    L.seed_everything(0, verbose=False)
+    model = TinyNet()
+    ema = FrozenSafeEMA(decay=0.9)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=2,
+        callbacks=[ema, FreezeBackbone("backbone")],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out,
+    )
+    if trainer.global_rank == 0:
+        torch.save(model.state_dict(), out / "start.pt")
+    train, val = loaders()
+    trainer.fit(model, train, val)
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "shadow": {k: v.clone() for k, v in ema.ema.shadow.items()},
+            "num_updates": ema.num_updates,
+            "world_size": trainer.world_size,
+        },
+        out / f"rank{trainer.global_rank}.pt",
+    )
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

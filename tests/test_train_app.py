@@ -1,0 +1,241 @@
+"""The training app from the command line: stages, multirun, DDP, the wheel, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import lightning_freeze
+
+REPO = Path(lightning_freeze.__file__).resolve().parent.parent
+FAST = ["quiet=true", "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2"]
+
+
+def _env(pythonpath: str | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=pythonpath if pythonpath is not None else str(REPO))
+    env.pop("HYDRA_FULL_ERROR", None)
+    return env
+
+
+def _app(args: list[str], cwd: Path, *, command: list[str] | None = None, env=None, timeout: float = 300):
+    command = command or [sys.executable, "-m", "lightning_freeze.train"]
+    return subprocess.run(
+        [*command, *args],
+        cwd=cwd,
+        env=env or _env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, (
+        f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
+    return result
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Stage 1 then stage 2 through the CLI (2 epochs each)."""
+    root = tmp_path_factory.mktemp("stages")
+    args = ["quiet=true", "trainer.max_epochs=2"]
+    _ok(_app(["experiment=stage1", f"hydra.run.dir={root / 's1'}", *args], root))
+    s1 = root / "s1" / "checkpoints" / "last.ckpt"
+    result = _ok(_app(["experiment=stage2", f"init_from={s1}", f"hydra.run.dir={root / 's2'}", *args], root))
+    (root / "s2_stdout.txt").write_text(result.stdout)
+    return {"root": root, "s1": s1, "s2": root / "s2" / "checkpoints" / "last.ckpt"}
+
+
+def test_stage2_freezes_backbone_and_earlier_branch_and_summarises(stages: dict[str, Path]) -> None:
+    out = (stages["root"] / "s2_stdout.txt").read_text()
+    s1, s2 = _state(stages["s1"]), _state(stages["s2"])
+    frozen = [k for k in s1 if k.startswith(("backbone.", "branches.digit."))]
+    assert frozen and all(torch.equal(s1[k], s2[k]) for k in frozen)
+    assert any(k.startswith("branches.parity.") for k in s2)
+    summary = json.loads((stages["root"] / "s2" / "summary.json").read_text())
+    n_frozen = len(frozen)
+    assert summary["frozen_check"] == f"checked {n_frozen} frozen tensors: 0 changed"
+    assert f"frozen tensors: checked {n_frozen} frozen tensors: 0 changed" in out
+    assert f"checkpoint: {stages['s2']}" in out
+    # the frozen branch scores exactly what it scored after stage 1, on the same data
+    stage1 = json.loads((stages["root"] / "s1" / "summary.json").read_text())
+    rows = {row["name"]: row for row in summary["branches"]}
+    assert rows["digit"]["status"] == "frozen" and rows["parity"]["status"] == "trained"
+    assert rows["digit"]["val_acc"] == stage1["branches"][0]["val_acc"]
+    assert out.count("summary (trained branch: parity)") == 1
+
+
+def test_multirun_trains_two_branches_in_parallel_and_they_merge(stages: dict[str, Path]) -> None:
+    from lightning_freeze.cli.checkpoint_tools import main as checkpoint_tool
+
+    root = stages["root"]
+    sweep = root / "sweep"
+    args = ["-m", "launcher=joblib", "experiment=stage3", f"init_from={stages['s2']}", "branch=mod3,high"]
+    result = _ok(_app([*args, f"hydra.sweep.dir={sweep}", *FAST], root))
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0_mod3", "1_high"]
+    assert result.stdout.count("frozen tensors: checked 22 frozen tensors: 0 changed") == 2
+    merged = root / "merged.ckpt"
+    inputs = [str(sweep / job / "checkpoints" / "last.ckpt") for job in ("0_mod3", "1_high")]
+    assert checkpoint_tool(["merge", str(merged), *inputs]) == 0
+    from lightning_freeze.train import load_model
+
+    model = load_model(merged)
+    assert model.branch_names == ["digit", "parity", "mod3", "high"]
+    s1 = _state(stages["s1"])
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in s1.items())
+
+
+@pytest.mark.distributed
+def test_ddp_cpu_from_the_command_line(stages: dict[str, Path], tmp_path: Path) -> None:
+    run_dir = tmp_path / "outputs" / "ddp"
+    args = [
+        "experiment=stage2",
+        f"init_from={stages['s1']}",
+        "trainer=ddp_cpu",
+        f"hydra.run.dir={run_dir}",
+        *FAST,
+    ]
+    result = _ok(_app(args, tmp_path, timeout=400))
+    # one summary (rank 0), one output directory shared by both processes
+    assert result.stdout.count("summary (trained branch: parity)") == 1
+    assert "checked 20 frozen tensors: 0 changed" in result.stdout
+    assert [p.name for p in (tmp_path / "outputs").iterdir()] == ["ddp"]
+    assert {"train.log", "train_ddp_process_1.log", "summary.json", ".hydra"} <= {
+        p.name for p in run_dir.iterdir()
+    }
+    s1, s2 = _state(stages["s1"]), _state(run_dir / "checkpoints" / "last.ckpt")
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+def test_local_multirun_refuses_subprocess_ddp(stages: dict[str, Path], tmp_path: Path) -> None:
+    args = ["-m", "experiment=stage2", f"init_from={stages['s1']}", "trainer=ddp_cpu", "branch=mod3,high"]
+    result = _app([*args, f"hydra.sweep.dir={tmp_path / 'sweep'}", *FAST], tmp_path)
+    assert result.returncode != 0
+    assert "cannot run inside a local multirun (-m)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_wheel_ships_conf_and_the_app_runs_from_it(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    shutil.copytree(
+        REPO / "lightning_freeze", source / "lightning_freeze", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    wheels = tmp_path / "wheels"
+    pip = [sys.executable, "-m", "pip"]
+    _ok(
+        subprocess.run(
+            [*pip, "wheel", str(source), "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=300,
+        )
+    )
+    (wheel,) = wheels.glob("lightning_freeze-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    conf = {n.removeprefix("lightning_freeze/conf/") for n in names if n.startswith("lightning_freeze/conf/")}
+    expected = {p.relative_to(REPO / "conf").as_posix() for p in (REPO / "conf").rglob("*.yaml")}
+    assert expected and expected <= conf
+    assert "lightning_freeze/data/digits.csv.gz" in names
+    target = tmp_path / "site"
+    _ok(
+        subprocess.run(
+            [*pip, "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=300,
+        )
+    )
+
+    # a user's own config directory next to the packaged one
+    user_conf = tmp_path / "myconf" / "branch"
+    user_conf.mkdir(parents=True)
+    (user_conf / "seven.yaml").write_text(
+        "name: seven\ntask: digit\nnum_classes: 10\nhead:\n"
+        "  _target_: lightning_freeze.models.mlp_head\n  num_classes: 10\n  hidden: 16\n"
+    )
+    work = tmp_path / "work"
+    work.mkdir()
+    env = _env(pythonpath=str(target))
+    script = [str(target / "bin" / "lightning-freeze-train")]
+    where = _ok(
+        _app(
+            ["--info", "searchpath", "--config-dir", str(tmp_path / "myconf")], work, command=script, env=env
+        )
+    )
+    assert "pkg://lightning_freeze.conf" in where.stdout and str(tmp_path / "myconf") in where.stdout
+    args = [
+        "--config-dir",
+        str(tmp_path / "myconf"),
+        "branch=seven",
+        "trainer.fast_dev_run=true",
+        "quiet=true",
+    ]
+    result = _ok(_app([*args, "hydra.run.dir=run"], work, command=script, env=env))
+    assert "summary (trained branch: seven)" in result.stdout
+    assert json.loads((work / "run" / "summary.json").read_text())["trained_branch"] == "seven"
+    imported = _ok(
+        subprocess.run(
+            [sys.executable, "-c", "import lightning_freeze.train as t; print(t.__file__)"],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    )
+    assert imported.stdout.strip().startswith(str(target))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["foo=1"], "Could not override 'foo'."),
+        (["model=nope"], "Could not find 'model/nope'"),
+        (
+            ["experiment=stage2"],
+            "Error: Missing mandatory value: init_from (stage=2 starts from the checkpoint",
+        ),
+        (["experiment=stage2", "init_from=missing.ckpt"], "Error: init_from='missing.ckpt': no such file"),
+        (
+            ["experiment=stage2", "init_from={s2}", "branch=digit"],
+            "Error: branch.name='digit' collides with a branch of init_from=",
+        ),
+        (
+            ["data=image_folder", "branch=folder", "data.root=no/such/folder"],
+            "Error: data (lightning_freeze.data.ImageFolderDataModule): "
+            "data.root='no/such/folder' is not a folder",
+        ),
+    ],
+)
+def test_bad_input_is_one_clear_line(
+    args: list[str], message: str, stages: dict[str, Path], tmp_path: Path
+) -> None:
+    args = [a.format(s2=stages["s2"]) for a in args]
+    result = _app([*args, "quiet=true", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    if message.startswith("Error: "):  # the app's own errors: exactly one line
+        assert [line for line in result.stderr.splitlines() if line.strip()] == [result.stderr.strip()]
+    if "collides" in message:
+        assert "(its branches: digit, parity)" in result.stderr
