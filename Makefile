@@ -37,6 +37,12 @@ format: $(VENV)/.installed-dev
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# side-by-side benchmarks (run by hand; results go into the README), peers from the [bench] extra
+bench: $(VENV)/.installed-dev
+	$(BIN)/python -m pip install -e ".[dev,bench]"
+	$(BIN)/python benchmarks/bench_freeze.py
+	$(BIN)/python benchmarks/bench_ema.py
+
 gpu-check: $(VENV)/.installed-dev
 	bash scripts/gpu_check.sh
 

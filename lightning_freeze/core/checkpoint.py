@@ -188,12 +188,27 @@ def ema_state_dict(
             f"{source}: its FrozenSafeEMA state holds no averaged weights (saved before fit?)"
         )
     out = dict(state)
+    averaged_by_view: dict[tuple[Any, ...], torch.Tensor] = {}
     for key, value in ema["shadow"].items():
         raw = out.get(key)
         if not isinstance(raw, torch.Tensor) or raw.shape != value.shape:
             raise CheckpointError(f"{source}: EMA tensor {key!r} does not fit its state_dict")
-        out[key] = value.to(raw.dtype)
+        out[key] = averaged_by_view[_view_id(raw)] = value.to(raw.dtype)
+    # a tied weight appears under several keys (views of one storage) but is shadowed under one only
+    for key, raw in state.items():
+        if isinstance(raw, torch.Tensor) and _view_id(raw) in averaged_by_view:
+            out[key] = averaged_by_view[_view_id(raw)]
     return out
+
+
+def _view_id(tensor: torch.Tensor) -> tuple[Any, ...]:
+    return (
+        tensor.device,
+        tensor.untyped_storage().data_ptr(),
+        tensor.storage_offset(),
+        tuple(tensor.shape),
+        tuple(tensor.stride()),
+    )
 
 
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
