@@ -17,11 +17,12 @@ import gzip
 from collections.abc import Callable
 from importlib import resources
 
-import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 from typing_extensions import override
+
+from lightning_freeze.data.splits import SplitDataModule, split_sizes
 
 __all__ = ["DIGIT_TASKS", "HALVES", "DigitsDataModule", "load_digits"]
 
@@ -62,7 +63,7 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...] | list[str]
     return value
 
 
-class DigitsDataModule(L.LightningDataModule):
+class DigitsDataModule(SplitDataModule):
     """The bundled handwritten digits, one half of them, labelled for one task.
 
     Args:
@@ -120,9 +121,6 @@ class DigitsDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.split_seed = split_seed
         self.num_classes = DIGIT_TASKS[task][0]
-        self.train_set: TensorDataset | None = None
-        self.val_set: TensorDataset | None = None
-        self.test_set: TensorDataset | None = None
 
     def half_indices(self) -> torch.Tensor:
         """Indices (into :func:`load_digits`) of this module's half, in split order."""
@@ -144,26 +142,7 @@ class DigitsDataModule(L.LightningDataModule):
         if self.channels == 3:
             x = x.expand(-1, 3, -1, -1).contiguous()
         y = DIGIT_TASKS[self.task][1](digits[index]).long()
-        n_val = round(len(index) * self.val_fraction)
-        n_test = round(len(index) * self.test_fraction)
-        n_train = len(index) - n_val - n_test
+        n_train, n_val, _ = split_sizes(len(index), self.val_fraction, self.test_fraction)
         self.train_set = TensorDataset(x[:n_train], y[:n_train])
         self.val_set = TensorDataset(x[n_train : n_train + n_val], y[n_train : n_train + n_val])
         self.test_set = TensorDataset(x[n_train + n_val :], y[n_train + n_val :])
-
-    def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("DigitsDataModule.setup() has not run yet.")
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
-
-    @override
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    @override
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    @override
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Subset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from typing_extensions import override
 
+from lightning_freeze.data.splits import SplitDataModule, split_sizes
+
 __all__ = ["ImageFolderDataModule"]
 
 
-class ImageFolderDataModule(L.LightningDataModule):
+class ImageFolderDataModule(SplitDataModule):
     """Images in class folders, as :class:`torchvision.datasets.ImageFolder` reads them.
 
     Two layouts are accepted:
@@ -90,9 +91,6 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.test_fraction = float(test_fraction)
         self.num_workers = num_workers
         self.split_seed = split_seed
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
-        self.test_set: Dataset | None = None
 
     def _transform(self) -> transforms.Compose:
         steps: list = [transforms.Resize(self.image_size), transforms.CenterCrop(self.image_size)]
@@ -116,26 +114,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             return
         full = ImageFolder(str(self.root), transform=transform)
         order = torch.randperm(len(full), generator=torch.Generator().manual_seed(self.split_seed)).tolist()
-        n_val = round(len(order) * self.val_fraction)
-        n_test = round(len(order) * self.test_fraction)
-        n_train = len(order) - n_val - n_test
+        n_train, n_val, n_test = split_sizes(len(order), self.val_fraction, self.test_fraction)
         self.train_set = Subset(full, order[:n_train])
         self.val_set = Subset(full, order[n_train : n_train + n_val])
         self.test_set = Subset(full, order[n_train + n_val :]) if n_test else self.val_set
-
-    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("ImageFolderDataModule.setup() has not run yet.")
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
-
-    @override
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    @override
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    @override
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
