@@ -101,25 +101,19 @@ class DigitsDataModule(SplitDataModule):
         num_workers: int = 0,
         split_seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            batch_size=batch_size,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            num_workers=num_workers,
+            split_seed=split_seed,
+        )
         self.task = _check_choice("task", task, list(DIGIT_TASKS))
         self.half = _check_choice("half", half, HALVES)
         if channels not in (1, 3):
             raise ValueError(f"Invalid channels={channels!r}; valid choices: 1, 3.")
-        if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-            raise ValueError(
-                f"Invalid val_fraction={val_fraction!r}, test_fraction={test_fraction!r}; valid choices: "
-                "fractions >= 0 whose sum is < 1."
-            )
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"Invalid batch_size={batch_size!r}; valid choices: an integer >= 1.")
-        self.batch_size = batch_size
-        self.val_fraction = float(val_fraction)
-        self.test_fraction = float(test_fraction)
         self.channels = channels
         self.image_size = int(image_size)
-        self.num_workers = num_workers
-        self.split_seed = split_seed
         self.num_classes = DIGIT_TASKS[task][0]
 
     def half_indices(self) -> torch.Tensor:

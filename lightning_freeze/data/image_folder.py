@@ -59,7 +59,13 @@ class ImageFolderDataModule(SplitDataModule):
         num_workers: int = 0,
         split_seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            batch_size=batch_size,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            num_workers=num_workers,
+            split_seed=split_seed,
+        )
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise FileNotFoundError(
@@ -68,11 +74,6 @@ class ImageFolderDataModule(SplitDataModule):
             )
         if channels not in (1, 3):
             raise ValueError(f"Invalid channels={channels!r}; valid choices: 1, 3.")
-        if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-            raise ValueError(
-                f"Invalid val_fraction={val_fraction!r}, test_fraction={test_fraction!r}; valid choices: "
-                "fractions >= 0 whose sum is < 1."
-            )
         self.split_layout = (self.root / "train").is_dir() and (self.root / "val").is_dir()
         class_root = self.root / "train" if self.split_layout else self.root
         self.classes = sorted(
@@ -84,13 +85,8 @@ class ImageFolderDataModule(SplitDataModule):
                 "(or root/train/<class>/<image> and root/val/<class>/<image>)"
             )
         self.num_classes = len(self.classes)
-        self.batch_size = batch_size
         self.image_size = image_size
         self.channels = channels
-        self.val_fraction = float(val_fraction)
-        self.test_fraction = float(test_fraction)
-        self.num_workers = num_workers
-        self.split_seed = split_seed
 
     def _transform(self) -> transforms.Compose:
         steps: list = [transforms.Resize(self.image_size), transforms.CenterCrop(self.image_size)]

@@ -19,14 +19,26 @@ def split_sizes(n: int, val_fraction: float, test_fraction: float) -> tuple[int,
 class SplitDataModule(L.LightningDataModule):
     """A data module whose ``setup`` fills ``train_set``/``val_set``/``test_set``.
 
-    Subclasses set ``batch_size`` and ``num_workers`` and implement ``setup``.
+    Validates and stores the split and loader settings shared by the bundled data modules;
+    subclasses implement ``setup``.
     """
 
-    batch_size: int
-    num_workers: int
-
-    def __init__(self) -> None:
+    def __init__(
+        self, *, batch_size: int, val_fraction: float, test_fraction: float, num_workers: int, split_seed: int
+    ) -> None:
         super().__init__()
+        if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+            raise ValueError(
+                f"Invalid val_fraction={val_fraction!r}, test_fraction={test_fraction!r}; valid choices: "
+                "fractions >= 0 whose sum is < 1."
+            )
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"Invalid batch_size={batch_size!r}; valid choices: an integer >= 1.")
+        self.batch_size = batch_size
+        self.val_fraction = float(val_fraction)
+        self.test_fraction = float(test_fraction)
+        self.num_workers = num_workers
+        self.split_seed = split_seed
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
