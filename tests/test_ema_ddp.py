@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _ddp import run_ddp_script
 
 SCRIPT = Path(__file__).parent / "scripts" / "ema_ddp.py"
 
 
 @pytest.mark.distributed
 def test_ddp_ranks_keep_identical_shadows_and_frozen_tensors(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = run_ddp_script(SCRIPT, tmp_path, out=tmp_path)
     start = torch.load(tmp_path / "start.pt", weights_only=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     trainable = {k for k in start if k.startswith("head.") and "running" not in k and "num_batches" not in k}
     for result in ranks:
         assert (

@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _ddp import run_ddp_script
 
 SCRIPT = Path(__file__).parent / "scripts" / "freeze_ddp.py"
 
 
 @pytest.mark.distributed
 def test_ddp_frozen_tensors_identical_on_both_ranks_and_to_the_start(tmp_path) -> None:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = run_ddp_script(SCRIPT, tmp_path, out=tmp_path)
     start = torch.load(tmp_path / "start.pt", weights_only=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     for result in ranks:
         assert result["find_unused_parameters"] is False
         assert result["summary"] == "checked 14 frozen tensors: 0 changed"

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _ddp import run_ddp_script
 from _multibranch_utils import run_stage1
 
 from lightning_freeze.cli.checkpoint_tools import main as cli
@@ -21,17 +19,8 @@ def test_ddp_stage2_trains_the_new_branch_and_leaves_the_rest_bitwise_identical(
     stage1 = run_stage1(tmp_path)
     out = tmp_path / "ddp"
     out.mkdir()
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(stage1), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = run_ddp_script(SCRIPT, stage1, out, out=out)
     reference = torch.load(stage1, weights_only=True)["state_dict"]
-    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     for result in ranks:
         assert result["fresh"] == ["b"]
         assert result["find_unused_parameters"] is False
