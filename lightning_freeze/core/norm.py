@@ -20,6 +20,7 @@ Layers are found by type (``isinstance``), never by class-name strings or channe
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -33,31 +34,65 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 __all__ = [
     "FrozenBatchNorm",
     "FrozenInstanceNorm",
+    "check_frozen_equivalent",
     "convert_from_frozen_norm",
     "convert_to_frozen_norm",
     "find_dropout_layers",
     "find_running_stat_norms",
     "is_pinned",
     "is_running_stat_norm",
+    "frozen_norm_obstacle",
     "pin_eval",
+    "running_stat_buffer_names",
     "unpin_eval",
 ]
 
 
 def is_running_stat_norm(module: nn.Module) -> bool:
-    """Whether ``module`` is a normalization layer that updates running statistics in train mode.
+    """Whether ``module`` is a layer that updates running statistics in train mode.
 
     True for ``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, ``LazyBatchNorm*`` and ``InstanceNorm*``
-    built with ``track_running_stats=True``, and any subclass of them. Also true for the frozen
-    equivalents of this module, which hold running statistics but never update them.
+    built with ``track_running_stats=True``, and any subclass of them (e.g. timm
+    ``BatchNormAct2d``). Also true for the frozen equivalents of this module, which hold running
+    statistics but never update them, and for other layers that keep a running average: a module
+    that directly owns a floating-point buffer named ``running_*`` and has a ``momentum``
+    attribute (e.g. timm ``EvoNorm2dB0`` and its ``running_var``). A module with a ``running_*``
+    buffer but no ``momentum`` (``torchvision.ops.FrozenBatchNorm2d``) never updates it.
     """
     if isinstance(module, (FrozenBatchNorm, FrozenInstanceNorm)):
         return True
-    return isinstance(module, (_BatchNorm, _InstanceNorm)) and bool(module.track_running_stats)
+    if isinstance(module, (_BatchNorm, _InstanceNorm)):
+        return bool(module.track_running_stats)
+    return bool(_running_buffers(module)) and hasattr(module, "momentum")
+
+
+def _running_buffers(module: nn.Module) -> list[str]:
+    return [
+        name
+        for name, buf in module._buffers.items()
+        if name.startswith("running_") and buf is not None and buf.is_floating_point()
+    ]
+
+
+def running_stat_buffer_names(module: nn.Module) -> list[str]:
+    """Names of the buffers of ``module`` that train mode updates (empty if it is no such layer).
+
+    ``["running_mean", "running_var", "num_batches_tracked"]`` for BatchNorm/InstanceNorm, the
+    ``running_*`` buffers (plus ``num_batches_tracked`` if present) for other running-statistics
+    layers such as EvoNorm.
+    """
+    if not is_running_stat_norm(module):
+        return []
+    names = _running_buffers(module)
+    if "num_batches_tracked" in module._buffers:
+        names.append("num_batches_tracked")
+    return names
 
 
 def find_running_stat_norms(module: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
-    """All running-statistics norm layers in ``module`` (itself included), keyed by dotted name.
+    """All running-statistics layers in ``module`` (itself included), keyed by dotted name.
+
+    See :func:`is_running_stat_norm` for what counts.
 
     Args:
         module: the module to search.
@@ -144,6 +179,9 @@ def _module_list(modules: dict[str, nn.Module] | list[nn.Module] | nn.Module) ->
 class _FrozenNormBase(nn.Module):
     """Shared machinery of the frozen norm layers: everything is a buffer, ``train()`` is a no-op."""
 
+    # not scripted: plain Python state for the exact round trip back to the source class
+    __jit_ignored_attributes__ = ["_original_cls", "_template"]
+
     _original_cls: type[nn.Module]
 
     def __init__(self, source: nn.Module) -> None:
@@ -153,18 +191,32 @@ class _FrozenNormBase(nn.Module):
                 f"Cannot freeze {type(source).__name__}: it is still uninitialized (lazy). "
                 "Run one forward pass so it knows its number of features, then freeze it."
             )
-        self.num_features = source.num_features
-        self.eps = source.eps
+        self.num_features: int = int(source.num_features)
+        self.eps: float = float(source.eps)
         self.momentum = source.momentum
-        self.affine = source.affine
+        self.affine: bool = bool(source.affine)
         self.track_running_stats = True
         self._original_cls = type(source)
+        # A tensor-free copy of the source layer (class, constructor arguments, attributes): the
+        # round trip back (:meth:`unfrozen`) loads this layer's values into a copy of it. Not a
+        # registered submodule: no state_dict keys, not moved by .to(), ignored by TorchScript.
+        template = copy.deepcopy(source)
+        unpin_eval(template)
+        object.__setattr__(self, "_template", template.to("meta"))
         with torch.no_grad():
             for name in ("weight", "bias"):
                 tensor = getattr(source, name, None)
                 self.register_buffer(name, None if tensor is None else tensor.detach().clone())
             for name in ("running_mean", "running_var", "num_batches_tracked"):
                 self.register_buffer(name, getattr(source, name).detach().clone())
+        # input ranks the source class accepts, probed once with its own check (scriptable forward)
+        self._min_dim, self._max_dim = _accepted_ranks(source)
+        if self._min_dim == self._max_dim:
+            self._expected_rank = f"{self._min_dim}D"
+        elif self._max_dim > _MAX_PROBED_RANK:
+            self._expected_rank = f"at least {self._min_dim}D"
+        else:
+            self._expected_rank = f"{self._min_dim}D or {self._max_dim}D"
         super().train(False)
 
     def train(self, mode: bool = True) -> _FrozenNormBase:
@@ -189,8 +241,34 @@ class _FrozenNormBase(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
+    def _check_rank(self, input: torch.Tensor) -> None:
+        dim = input.dim()
+        if dim < self._min_dim or dim > self._max_dim:
+            raise ValueError("expected " + self._expected_rank + " input (got " + str(dim) + "D input)")
+
     def unfrozen(self) -> nn.Module:
-        """An ordinary (trainable) layer of the original class with the same values, in train mode."""
+        """A layer of the original class and constructor arguments with the same values, in train mode.
+
+        The tensors are cloned (bitwise equal, same dtype and device as this layer's); the affine
+        parameters are new ``nn.Parameter`` objects that require grad.
+        """
+        template = self.__dict__.get("_template")
+        if template is None:  # pickled by a version without templates
+            return self._unfrozen_from_defaults()
+        layer = copy.deepcopy(template)
+        with torch.no_grad():
+            for name, value in self._buffers.items():
+                if name in layer._parameters:
+                    if value is not None:
+                        layer._parameters[name] = nn.Parameter(value.detach().clone())
+                elif name in layer._buffers:
+                    layer._buffers[name] = value.detach().clone() if value is not None else None
+        left = [n for n, t in layer.state_dict(keep_vars=True).items() if t is not None and t.is_meta]
+        if left:
+            raise RuntimeError(f"Cannot restore {type(layer).__name__}: no values for {left}.")
+        return layer.train(True)
+
+    def _unfrozen_from_defaults(self) -> nn.Module:
         cls = self._original_cls
         kwargs: dict[str, Any] = {
             "eps": self.eps,
@@ -217,13 +295,31 @@ class _FrozenNormBase(nn.Module):
         return f"{self.num_features}, eps={self.eps}, affine={self.affine}, frozen from {source}"
 
 
+_MAX_PROBED_RANK = 8
+
+
+def _accepted_ranks(source: nn.Module) -> tuple[int, int]:
+    ok = []
+    for rank in range(_MAX_PROBED_RANK + 1):
+        try:
+            source._check_input_dim(torch.empty((1,) * rank, device="meta"))
+        except ValueError:
+            continue
+        ok.append(rank)
+    if not ok:
+        raise TypeError(f"{type(source).__name__}._check_input_dim accepts no input rank up to 8.")
+    return ok[0], (2**31 - 1 if ok[-1] == _MAX_PROBED_RANK else ok[-1])
+
+
 class FrozenBatchNorm(_FrozenNormBase):
     """A BatchNorm (1d/2d/3d/Sync/Lazy) whose statistics and affine terms never change.
 
     Output is bitwise identical to the source layer in eval mode (same ``F.batch_norm`` call).
     Unlike ``torchvision.ops.FrozenBatchNorm2d`` it works for any input rank, keeps
     ``num_batches_tracked`` so ``state_dict`` keys match the source layer exactly, and
-    ``LightningModule.unfreeze()`` cannot make it trainable (it has no parameters).
+    ``LightningModule.unfreeze()`` cannot make it trainable (it has no parameters). It works with
+    ``torch.jit.script``. :meth:`unfrozen` gives back a layer of the source's exact class and
+    constructor arguments.
 
     Args:
         source: the layer to copy values from (its tensors are cloned).
@@ -246,8 +342,7 @@ class FrozenBatchNorm(_FrozenNormBase):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Normalize with the stored running statistics (eval-mode BatchNorm)."""
-        # the source class's own input-rank check (it reads nothing but ``input.dim()``)
-        self._original_cls._check_input_dim(self, input)
+        self._check_rank(input)
         return F.batch_norm(
             input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
         )
@@ -257,6 +352,7 @@ class FrozenInstanceNorm(_FrozenNormBase):
     """An InstanceNorm (``track_running_stats=True``) that always normalizes with its stored statistics.
 
     Output is bitwise identical to the source layer in eval mode (same ``F.instance_norm`` call).
+    Works with ``torch.jit.script``.
 
     Args:
         source: the layer to copy values from (its tensors are cloned).
@@ -269,10 +365,11 @@ class FrozenInstanceNorm(_FrozenNormBase):
                 f"got {type(source).__name__}."
             )
         super().__init__(source)
-        self._feature_dim = source._get_no_batch_dim()
+        self._feature_dim: int = int(source._get_no_batch_dim())
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Normalize with the stored running statistics (eval-mode InstanceNorm)."""
+        self._check_rank(input)
         unbatched = input.dim() == self._feature_dim
         if unbatched:
             input = input.unsqueeze(0)
@@ -291,6 +388,80 @@ _LAZY_TO_EAGER: dict[type[nn.Module], type[nn.Module]] = {
     nn.LazyInstanceNorm3d: nn.InstanceNorm3d,
 }
 
+# the forwards the frozen equivalents reproduce exactly (eval mode); a subclass that overrides
+# forward (timm BatchNormAct2d: + activation + drop) computes something else
+_REPRODUCED_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward, _InstanceNorm.forward)
+
+
+def _has_foreign_hooks(module: nn.Module) -> bool:
+    pre = [h for h in module._forward_pre_hooks.values() if h is not _force_eval_pre_hook]
+    return bool(pre or module._forward_hooks)
+
+
+def frozen_norm_obstacle(module: nn.Module) -> str | None:
+    """Why ``module`` cannot be replaced by a frozen equivalent, or ``None`` if it can.
+
+    Only layers whose forward :class:`FrozenBatchNorm` / :class:`FrozenInstanceNorm` reproduce
+    exactly are converted: the plain torch classes (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``,
+    ``LazyBatchNorm*``, ``InstanceNorm*`` with running stats) and subclasses that do not override
+    ``forward``, have no submodules and no forward hooks. Everything else (timm ``BatchNormAct2d``,
+    EvoNorm, ...) is kept and pinned to eval instead. A candidate must also pass
+    :func:`check_frozen_equivalent` (bitwise equal output on a probe input).
+    """
+    cls = type(module)
+    if not isinstance(module, (_BatchNorm, _InstanceNorm)) or not module.track_running_stats:
+        return f"{cls.__name__} is not a torch BatchNorm/InstanceNorm with running statistics"
+    if cls.forward not in _REPRODUCED_FORWARDS:
+        return f"{cls.__name__} overrides forward (it computes more than the normalization)"
+    if next(iter(module.children()), None) is not None:
+        return f"{cls.__name__} has submodules"
+    if _has_foreign_hooks(module):
+        return f"{cls.__name__} has forward hooks"
+    return None
+
+
+def _probe_input(module: nn.Module) -> torch.Tensor:
+    # deterministic, independent of the global RNG; rank accepted by the class's own check
+    low, high = _accepted_ranks(module)
+    rank = min(max(low, 3), high, 5)
+    if isinstance(module, _InstanceNorm):
+        rank = module._get_no_batch_dim() + 1
+    shape = (2, int(module.num_features)) + (3,) * (rank - 2)
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(shape, generator=generator) * 2 + 0.5
+    ref = module.running_mean
+    return probe.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else torch.float32)
+
+
+def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def check_frozen_equivalent(source: nn.Module, frozen: nn.Module) -> str | None:
+    """Run ``source`` (in eval mode) and ``frozen`` on a fixed probe input; ``None`` if bitwise equal.
+
+    The probe has the rank the source class accepts, ``num_features`` channels, and values from
+    a seeded ``torch.Generator`` (the global RNG is not touched). ``source`` keeps its mode.
+
+    Returns:
+        ``None`` when the outputs are bitwise equal, else a sentence saying how they differ.
+    """
+    probe = _probe_input(source)
+    was_training = source.training
+    try:
+        source.train(False)
+        with torch.no_grad():
+            expected = source(probe)
+            got = frozen(probe)
+    finally:
+        source.train(was_training)
+    if _bitwise_equal(expected, got):
+        return None
+    diff = (expected.double() - got.double()).abs().max().item() if expected.shape == got.shape else "n/a"
+    return f"its frozen equivalent's output differs on a probe input (max abs diff {diff})"
+
 
 def _frozen_equivalent(module: nn.Module) -> nn.Module:
     if isinstance(module, _BatchNorm):
@@ -299,25 +470,42 @@ def _frozen_equivalent(module: nn.Module) -> nn.Module:
 
 
 def _replace_in_tree(
-    module: nn.Module, should_replace: Callable[[nn.Module], bool], make: Callable[[nn.Module], nn.Module]
-) -> tuple[nn.Module, int]:
-    if should_replace(module):
-        return make(module), 1
-    count = 0
+    module: nn.Module,
+    make: Callable[[str, nn.Module], nn.Module | None],
+    prefix: str = "",
+) -> tuple[nn.Module, list[str]]:
+    # ``make`` returns the replacement, or None to keep the module and search inside it
+    new = make(prefix, module)
+    if new is not None:
+        return new, [prefix]
+    replaced: list[str] = []
     for name, child in module.named_children():
-        new_child, n = _replace_in_tree(child, should_replace, make)
+        new_child, names = _replace_in_tree(child, make, f"{prefix}.{name}" if prefix else name)
         if new_child is not child:
             setattr(module, name, new_child)
-        count += n
-    return module, count
+        replaced.extend(names)
+    return module, replaced
 
 
-def convert_to_frozen_norm(module: nn.Module) -> tuple[nn.Module, int]:
-    """Replace every running-statistics norm layer in ``module`` by its frozen equivalent.
+def convert_to_frozen_norm(
+    module: nn.Module, *, kept: dict[str, str] | None = None, prefix: str = ""
+) -> tuple[nn.Module, int]:
+    """Replace every running-statistics norm layer in ``module`` that can be frozen exactly.
 
     ``module`` is changed in place; if ``module`` itself is a norm layer a new module is returned.
-    Values are cloned, ``state_dict`` keys are unchanged, and the eval-mode output is bitwise
-    identical.
+    Values are cloned and ``state_dict`` keys are unchanged. Each conversion proves itself: the
+    frozen layer's output must equal the source layer's eval output bitwise on a probe input
+    (:func:`check_frozen_equivalent`). Layers that cannot be converted exactly (see
+    :func:`frozen_norm_obstacle`: a subclass that overrides ``forward`` such as timm
+    ``BatchNormAct2d``, EvoNorm, a layer with hooks) or whose probe differs are **not** converted
+    and not refused: they are left in place, reported in ``kept``, and the caller pins them to
+    eval (:func:`pin_eval`; :func:`~lightning_freeze.core.freeze.freeze` does).
+
+    Args:
+        module: the module to convert.
+        kept: if given, filled with ``{dotted name: reason}`` for each running-statistics layer
+            left unconverted.
+        prefix: prepended to the names in ``kept``.
 
     Returns:
         ``(module, number_of_layers_converted)``.
@@ -329,20 +517,35 @@ def convert_to_frozen_norm(module: nn.Module) -> tuple[nn.Module, int]:
         >>> n, type(net[1]).__name__
         (1, 'FrozenBatchNorm')
     """
-    return _replace_in_tree(
-        module,
-        lambda m: is_running_stat_norm(m) and not isinstance(m, _FrozenNormBase),
-        _frozen_equivalent,
-    )
+
+    def make(name: str, layer: nn.Module) -> nn.Module | None:
+        if not is_running_stat_norm(layer) or isinstance(layer, _FrozenNormBase):
+            return None
+        reason = frozen_norm_obstacle(layer)
+        if reason is None:
+            frozen = _frozen_equivalent(layer)
+            reason = check_frozen_equivalent(layer, frozen)
+            if reason is None:
+                return frozen
+        if kept is not None:
+            kept[name] = reason
+        return None
+
+    module, names = _replace_in_tree(module, make, prefix)
+    return module, len(names)
 
 
 def convert_from_frozen_norm(module: nn.Module) -> tuple[nn.Module, int]:
     """Inverse of :func:`convert_to_frozen_norm`: frozen norm layers become trainable layers again.
 
-    The new layers are of the class the frozen ones were made from, with the same values, and
-    their affine parameters require grad. They are new objects: an optimizer must be given them.
+    Each new layer is of the exact class and constructor arguments of the layer it was made from
+    (a copy of it), with bitwise the same values, in train mode, and its affine parameters require
+    grad. They are new objects: an optimizer must be given them.
 
     Returns:
         ``(module, number_of_layers_converted)``.
     """
-    return _replace_in_tree(module, lambda m: isinstance(m, _FrozenNormBase), lambda m: m.unfrozen())
+    module, names = _replace_in_tree(
+        module, lambda _, m: m.unfrozen() if isinstance(m, _FrozenNormBase) else None
+    )
+    return module, len(names)
