@@ -9,15 +9,17 @@ module computes exactly what it will compute at inference.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.nn.modules.dropout import _DropoutNd
 
 from lightning_freeze.core.fingerprint import TensorFingerprint, fingerprint
 from lightning_freeze.core.norm import (
+    FrozenBatchNorm,
+    FrozenInstanceNorm,
     convert_from_frozen_norm,
     convert_to_frozen_norm,
     find_dropout_layers,
@@ -25,6 +27,7 @@ from lightning_freeze.core.norm import (
     is_pinned,
     is_running_stat_norm,
     pin_eval,
+    running_stat_buffer_names,
     unpin_eval,
 )
 from lightning_freeze.core.selection import resolve_modules
@@ -44,7 +47,6 @@ __all__ = [
 
 NORM_MODES: tuple[str, ...] = ("eval", "frozen", "train")
 DROPOUT_MODES: tuple[str, ...] = ("eval", "train")
-_NORM_STAT_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
@@ -56,7 +58,7 @@ def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
 
 @dataclass
 class FrozenModules:
-    """What :func:`freeze` froze.
+    """What :func:`freeze` froze, and what it changed (so :func:`unfreeze` can undo it exactly).
 
     Attributes:
         names: dotted names of the frozen modules (outermost only).
@@ -65,8 +67,17 @@ class FrozenModules:
         parameter_keys: ``state_dict`` keys of the frozen parameters.
         tensor_keys: ``state_dict`` keys of every tensor that must stay bitwise identical
             (parameters and buffers; the running statistics are left out when ``norm="train"``).
-        pinned: number of norm/dropout layers pinned to eval.
-        converted: number of norm layers replaced by frozen equivalents.
+        pinned: number of layers newly given a per-layer eval pin (running-statistics layers, and
+            ``nn.Dropout*`` with ``dropout="eval"``).
+        converted: number of norm layers replaced by frozen equivalents (``norm="frozen"``).
+        kept_pinned: with ``norm="frozen"``, dotted names of the running-statistics layers that
+            were not converted (their forward is not reproduced exactly, e.g. timm
+            ``BatchNormAct2d`` or EvoNorm) and are pinned to eval instead.
+        kept_pinned_reasons: ``{name: reason}`` for each of :attr:`kept_pinned`.
+        requires_grad_before: ``{parameter key: requires_grad}`` before freezing, for every
+            parameter key inside the frozen modules.
+        training_before: ``{module key: training}`` before freezing, for every module inside the
+            frozen modules (the frozen modules included).
     """
 
     names: list[str]
@@ -76,6 +87,10 @@ class FrozenModules:
     tensor_keys: list[str] = field(default_factory=list)
     pinned: int = 0
     converted: int = 0
+    kept_pinned: list[str] = field(default_factory=list)
+    kept_pinned_reasons: dict[str, str] = field(default_factory=dict)
+    requires_grad_before: dict[str, bool] = field(default_factory=dict)
+    training_before: dict[str, bool] = field(default_factory=dict)
 
     def fingerprint(self, root: nn.Module) -> dict[str, TensorFingerprint]:
         """Fingerprint of every tensor in :attr:`tensor_keys` (see :func:`fingerprint`)."""
@@ -88,37 +103,56 @@ def _set_submodule(root: nn.Module, dotted: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _forced_to_eval(layer: nn.Module, norm: str, dropout: str) -> bool:
+    # the rule: a frozen module runs entirely in eval mode, except the opted-out kinds of layer
+    if is_running_stat_norm(layer):
+        return norm != "train"
+    return dropout == "eval"
+
+
 def pin_frozen_layers(root: nn.Module, names: Iterable[str], *, norm: str, dropout: str) -> int:
-    """(Re-)pin the norm and dropout layers of already frozen modules to eval mode.
+    """(Re-)pin already frozen modules to eval mode, following the rule of :func:`freeze`.
+
+    Every layer inside the modules is put in eval mode now, except running-statistics layers with
+    ``norm="train"`` and all other layers with ``dropout="train"``. The running-statistics layers
+    (and ``nn.Dropout*`` with ``dropout="eval"``) also get a per-layer pin (:func:`pin_eval`), and
+    each module gets one guard (:func:`guard_frozen_module`) that re-applies the rule before
+    every forward of the module.
 
     Cheap and idempotent; call it whenever layers may have been replaced or put in train mode
     (the Lightning callback calls it at fit start and at every train epoch start). Layers created
     after :func:`freeze` (e.g. by a SyncBatchNorm conversion) are found and pinned too.
 
     Returns:
-        the number of layers newly pinned.
+        the number of layers newly given a per-layer pin.
     """
     count = 0
     for name in names:
         module = root.get_submodule(name)
         guard_frozen_module(module, norm=norm, dropout=dropout)
-        if norm == "eval":
-            count += pin_eval(find_running_stat_norms(module))
+        if norm != "train":
+            count += pin_eval([m for m in module.modules() if _needs_layer_pin(m)])
         if dropout == "eval":
             count += pin_eval(find_dropout_layers(module))
     return count
 
 
+def _needs_layer_pin(layer: nn.Module) -> bool:
+    return is_running_stat_norm(layer) and not isinstance(layer, (FrozenBatchNorm, FrozenInstanceNorm))
+
+
 def _repin_pre_hook(module: nn.Module, args: object, *, norm: str, dropout: str) -> None:
-    # Runs before every forward of a frozen module: layers created or replaced inside it since the
-    # last pin (a SyncBatchNorm conversion, user code in a hook that runs after ours) are pinned
-    # before they can compute in train mode.
+    # Runs before every forward of a frozen module: whatever called .train() since (Lightning,
+    # LightningModule.unfreeze(), a .train() in training_step), the module computes in eval mode
+    # (but for the opted-out layers); layers created or replaced inside it since the last pin (a
+    # SyncBatchNorm conversion) get their per-layer pin before they can compute in train mode.
     for layer in module.modules():
-        if (norm == "eval" and is_running_stat_norm(layer)) or (
-            dropout == "eval" and isinstance(layer, _DropoutNd)
-        ):
-            if layer.training or not is_pinned(layer):
-                pin_eval(layer)
+        if not _forced_to_eval(layer, norm, dropout):
+            continue
+        if layer.training:
+            layer.training = False  # not .train(False): that would recurse once per layer
+        if norm != "train" and _needs_layer_pin(layer) and not is_pinned(layer):
+            pin_eval(layer)
 
 
 def _is_repin_hook(hook: object) -> bool:
@@ -126,13 +160,15 @@ def _is_repin_hook(hook: object) -> bool:
 
 
 def guard_frozen_module(module: nn.Module, *, norm: str, dropout: str) -> None:
-    """Install (once) a forward pre-hook on a frozen module that re-pins its norm/dropout layers.
+    """Install (once) a forward pre-hook on a frozen module that re-applies the eval rule.
 
-    Complements the per-layer guard of :func:`~lightning_freeze.core.norm.pin_eval`: it also
-    covers layers that replaced the pinned ones after freezing. No-op when nothing is pinned
-    (``norm="train"`` or ``"frozen"`` with ``dropout="train"``).
+    Before every forward of ``module`` the hook puts every layer inside it in eval mode (except
+    running-statistics layers with ``norm="train"``, and every other layer with
+    ``dropout="train"``) and pins running-statistics layers created since freezing. It complements
+    the per-layer pins of :func:`~lightning_freeze.core.norm.pin_eval`, which also hold when a
+    layer is called directly (not through ``module``). No-op when both are ``"train"``.
     """
-    if norm != "eval" and dropout != "eval":
+    if norm == "train" and dropout == "train":
         return
     if not any(_is_repin_hook(h) for h in module._forward_pre_hooks.values()):
         module.register_forward_pre_hook(functools.partial(_repin_pre_hook, norm=norm, dropout=dropout))
@@ -150,28 +186,57 @@ def frozen_tensor_keys(root: nn.Module, names: Iterable[str], *, norm: str = "ev
         module = root.get_submodule(name)
         skip: set[str] = set()
         if norm == "train":
-            for norm_name in find_running_stat_norms(module, prefix=name):
-                skip.update(f"{norm_name}.{b}" for b in _NORM_STAT_BUFFERS)
+            for norm_name, layer in find_running_stat_norms(module, prefix=name).items():
+                skip.update(f"{norm_name}.{b}" for b in running_stat_buffer_names(layer))
         keys.extend(k for k in module.state_dict(prefix=f"{name}.", keep_vars=True) if k not in skip)
     return keys
+
+
+def _warn_tied_parameters(root: nn.Module, selected: dict[str, nn.Module]) -> None:
+    inside: dict[int, str] = {}
+    for name, module in selected.items():
+        for key, param in module.named_parameters(prefix=name, remove_duplicate=False):
+            inside.setdefault(id(param), key)
+    prefixes = tuple(f"{name}." for name in selected)
+    for key, param in root.named_parameters(remove_duplicate=False):
+        if id(param) in inside and not key.startswith(prefixes) and param.requires_grad:
+            warnings.warn(
+                f"freeze: parameter {key!r} is the same tensor as the frozen {inside[id(param)]!r} "
+                f"(tied weights), so it is frozen too although its module is not frozen. Untie them "
+                f"(e.g. give {key!r} its own copy) or freeze both on purpose.",
+                UserWarning,
+                stacklevel=3,
+            )
 
 
 def freeze(
     root: nn.Module, modules: str | Iterable[str], *, norm: str = "eval", dropout: str = "eval"
 ) -> FrozenModules:
-    """Freeze submodules of ``root``: no gradients, no running-statistics updates, no dropout.
+    """Freeze submodules of ``root``: no gradients, no running-statistics updates, eval-mode compute.
+
+    The rule: a frozen module runs **entirely in eval mode** (every layer inside it, so dropout,
+    timm ``DropPath``, torchvision ``StochasticDepth``, the attention dropout of
+    ``nn.MultiheadAttention`` and any other train/eval-dependent layer compute as at inference),
+    whatever calls ``.train()`` later. Opt-outs: ``norm="train"`` exempts running-statistics
+    layers (they train), ``dropout="train"`` exempts every other layer.
+
+    Undo with :func:`unfreeze` (pass the returned :class:`FrozenModules` to restore exactly the
+    state before freezing).
 
     Args:
         root: the model.
         modules: dotted names or ``fnmatch`` patterns of submodules (see
             :func:`~lightning_freeze.core.selection.resolve_modules`).
-        norm: ``"eval"`` pins running-statistics norm layers to eval mode (a forward pre-hook
-            re-asserts it whatever calls ``.train()``); ``"frozen"`` replaces them by
-            :class:`~lightning_freeze.core.norm.FrozenBatchNorm` / ``FrozenInstanceNorm`` (no
-            parameters, immune to ``.train()``, same ``state_dict`` keys); ``"train"`` leaves them
-            updating their statistics (explicit opt-in).
-        dropout: ``"eval"`` (default) pins dropout inside frozen modules to eval, so the features
-            a head trains on are the ones it will see at inference; ``"train"`` keeps it active.
+        norm: ``"eval"`` pins running-statistics layers to eval mode (a forward pre-hook
+            re-asserts it whatever calls ``.train()``); ``"frozen"`` replaces those whose forward
+            is reproduced exactly by :class:`~lightning_freeze.core.norm.FrozenBatchNorm` /
+            ``FrozenInstanceNorm`` (no parameters, immune to ``.train()``, same ``state_dict``
+            keys, each conversion checked bitwise on a probe input) and pins the others to eval
+            (listed in :attr:`FrozenModules.kept_pinned`); ``"train"`` leaves them updating their
+            statistics (explicit opt-in).
+        dropout: ``"eval"`` (default) runs every other layer of frozen modules in eval mode, so the
+            features a head trains on are the ones it will see at inference; ``"train"`` leaves
+            their mode to the caller (dropout stays active in training).
 
     Returns:
         :class:`FrozenModules` describing what was frozen.
@@ -179,16 +244,32 @@ def freeze(
     Raises:
         ValueError: invalid ``norm``/``dropout``, or nothing would be left to train.
         ModuleSelectionError: a name or pattern that resolves to nothing.
+
+    Warns:
+        UserWarning: a parameter of a frozen module is tied to (is the same tensor as) a
+            parameter of a module that is not frozen; both keys are named.
     """
     check_choice("norm", norm, NORM_MODES)
     check_choice("dropout", dropout, DROPOUT_MODES)
     selected = resolve_modules(root, modules)
+    _warn_tied_parameters(root, selected)
+    requires_grad_before = {
+        key: param.requires_grad
+        for name, module in selected.items()
+        for key, param in module.named_parameters(prefix=name, remove_duplicate=False)
+    }
+    training_before = {
+        key: m.training
+        for name, module in selected.items()
+        for key, m in module.named_modules(prefix=name, remove_duplicate=False)
+    }
     converted = 0
+    kept: dict[str, str] = {}
     for name in list(selected):
         module = selected[name]
         module.requires_grad_(False)
         if norm == "frozen":
-            new, n = convert_to_frozen_norm(module)
+            new, n = convert_to_frozen_norm(module, kept=kept, prefix=name)
             converted += n
             if new is not module:
                 _set_submodule(root, name, new)
@@ -208,39 +289,85 @@ def freeze(
         tensor_keys=frozen_tensor_keys(root, names, norm=norm),
         pinned=pinned,
         converted=converted,
+        kept_pinned=list(kept),
+        kept_pinned_reasons=kept,
+        requires_grad_before=requires_grad_before,
+        training_before=training_before,
     )
 
 
-def unfreeze(root: nn.Module, modules: str | Iterable[str], *, mode: bool = True) -> list[nn.Parameter]:
-    """Undo :func:`freeze` for ``modules``: parameters require grad, norm/dropout layers are unpinned.
+def unfreeze(
+    root: nn.Module, modules: str | Iterable[str] | FrozenModules, *, mode: bool | None = True
+) -> list[nn.Parameter]:
+    """Undo :func:`freeze` for ``modules``: the exact inverse when given its :class:`FrozenModules`.
 
-    Frozen norm equivalents are converted back to trainable layers (new parameter objects).
+    Inside the modules: every hook that freezing installed is removed (the per-layer eval pins and
+    the module guard), frozen norm equivalents are converted back to layers of their original
+    class and constructor arguments with bitwise the same values (new parameter objects), and
+    parameters require grad again.
 
     Args:
         root: the model.
-        modules: names or patterns, as for :func:`freeze`.
-        mode: train mode to put the unfrozen modules in.
+        modules: names or patterns, as for :func:`freeze`, or the :class:`FrozenModules` that
+            :func:`freeze` returned: then the ``requires_grad`` flags are restored exactly as they
+            were before freezing (instead of all ``True``).
+        mode: train mode to put the unfrozen modules in (``module.train(mode)``). ``None``: with a
+            :class:`FrozenModules`, restore every recorded training flag as it was before
+            freezing; with names, leave the modes as they are.
 
     Returns:
-        The parameters of the unfrozen modules that did not require grad before; give them to
-        the optimizer (e.g. ``optimizer.add_param_group({"params": params})``).
+        The parameters of the unfrozen modules that require grad now and did not before this call
+        (including those of converted-back norm layers); give them to the optimizer (e.g.
+        ``optimizer.add_param_group({"params": params})``).
+
+    Example::
+
+        >>> net = nn.ModuleDict({"body": nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)),
+        ...                      "head": nn.Linear(2, 1)})
+        >>> before = {k: v.clone() for k, v in net.state_dict().items()}
+        >>> frozen = freeze(net, "body", norm="frozen")
+        >>> len(unfreeze(net, frozen, mode=None))
+        4
+        >>> type(net["body"][1]).__name__, all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+        ('BatchNorm1d', True)
     """
-    selected = resolve_modules(root, modules)
+    record = modules if isinstance(modules, FrozenModules) else None
+    if record is not None:
+        selected = {name: root.get_submodule(name) for name in record.names}
+    else:
+        selected = resolve_modules(root, modules)  # type: ignore[arg-type]
+    trainable_before = {id(p) for p in root.parameters() if p.requires_grad}
     newly: list[nn.Parameter] = []
     for name, module in selected.items():
-        trainable_before = {id(p) for p in module.parameters() if p.requires_grad}
+        _remove_guard(module)
+        unpin_eval(list(module.modules()))
+        was_training = module.training
         new, _ = convert_from_frozen_norm(module)
         if new is not module:
             _set_submodule(root, name, new)
             module = new
-        unpin_eval(
-            list(find_running_stat_norms(module).values()) + list(find_dropout_layers(module).values())
-        )
+        if record is None:
+            module.requires_grad_(True)
+        else:
+            params = dict(module.named_parameters(prefix=name, remove_duplicate=False))
+            for key, flag in record.requires_grad_before.items():
+                if key in params:
+                    params[key].requires_grad_(flag)
+        if mode is not None:
+            module.train(mode)
+        elif record is not None:
+            layers = dict(module.named_modules(prefix=name, remove_duplicate=False))
+            for key, flag in record.training_before.items():
+                if key in layers:
+                    layers[key].training = flag
+        else:
+            for layer in module.modules():  # converted-back layers come in train mode
+                if is_running_stat_norm(layer) and layer.training != was_training:
+                    layer.training = was_training
         for param in module.parameters():
-            param.requires_grad_(True)
-            if id(param) not in trainable_before:  # includes layers converted back from frozen norms
+            if param.requires_grad and id(param) not in trainable_before:
+                trainable_before.add(id(param))
                 newly.append(param)
-        module.train(mode)
     return newly
 
 
@@ -269,7 +396,7 @@ def likely_cause(
         return (
             "changed by code outside FreezeBackbone (a hook, a callback, an in-place op or a checkpoint load)"
         )
-    if tensor_name in _NORM_STAT_BUFFERS and find_running_stat_norms(owner):
+    if tensor_name in running_stat_buffer_names(owner):
         return (
             f"a buffer of a norm layer ({type(owner).__name__}) that ran in train mode "
             f"(norm={norm!r}, or a layer replaced/created after freezing and not pinned)"
