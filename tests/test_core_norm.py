@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -162,3 +163,84 @@ def test_wrong_input_rank_is_still_rejected() -> None:
     frozen = FrozenBatchNorm(nn.BatchNorm2d(4))
     with pytest.raises(ValueError, match="expected 4D input"):
         frozen(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize(
+    ("layer", "shape"),
+    [
+        (nn.BatchNorm1d(4), (8, 4)),
+        (nn.BatchNorm2d(4), (8, 4, 3, 3)),
+        (nn.SyncBatchNorm(4), (8, 4, 3, 3)),
+        (nn.InstanceNorm2d(4, affine=True, track_running_stats=True), (8, 4, 5, 5)),
+        (nn.InstanceNorm2d(4, track_running_stats=True), (4, 5, 5)),  # unbatched
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else str(len(v)),
+)
+def test_frozen_norms_script_with_torchscript(layer: nn.Module, shape: tuple[int, ...]) -> None:
+    layer = _trained(layer, (8, *shape[-3:]) if len(shape) == 3 else shape)
+    frozen = convert_to_frozen_norm(nn.Sequential(layer))[0][0]
+    scripted = torch.jit.script(nn.Sequential(frozen))
+    x = torch.randn(*shape)
+    assert torch.equal(scripted(x), layer(x))
+    with pytest.raises(Exception, match=r"expected .*D input \(got 1D input\)"):
+        scripted(torch.randn(4))
+
+
+class TaggedNorm(nn.BatchNorm2d):
+    """A subclass with its own constructor argument (the old round trip dropped it)."""
+
+    def __init__(self, num_features: int, tag: str = "default", **kwargs: object) -> None:
+        super().__init__(num_features, **kwargs)
+        self.tag = tag
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: TaggedNorm(4, tag="custom", eps=1e-3, momentum=0.3),
+        lambda: nn.BatchNorm2d(4, eps=1e-3, momentum=None, affine=False),
+        lambda: nn.BatchNorm2d(4, eps=1e-4, momentum=0.01, dtype=torch.float64),
+    ],
+    ids=["subclass", "affine_false", "float64"],
+)
+def test_round_trip_restores_the_exact_class_arguments_and_values(make: Callable[[], nn.Module]) -> None:
+    layer = make()
+    dtype = layer.running_mean.dtype
+    for _ in range(3):
+        layer(torch.randn(8, 4, 3, 3, dtype=dtype) * 3 + 1)
+    original = copy.deepcopy(layer)
+    net, n = convert_to_frozen_norm(nn.Sequential(layer))
+    back, m = convert_from_frozen_norm(net)
+    restored = back[0]
+    assert n == m == 1 and type(restored) is type(original)
+    assert repr(restored) == repr(original)
+    assert {k: v for k, v in vars(restored).items() if not k.startswith("_")} == {
+        k: v for k, v in vars(original).items() if not k.startswith("_")
+    }  # constructor arguments and attributes (tag, eps, momentum, affine, training=True)
+    state, expected = restored.state_dict(), original.state_dict()
+    assert list(state) == list(expected)
+    assert all(torch.equal(state[k], expected[k]) and state[k].dtype == expected[k].dtype for k in state)
+    assert all(p.requires_grad for p in restored.parameters())
+
+
+def test_a_conversion_that_would_change_the_output_is_not_made() -> None:
+    layer = _trained(nn.BatchNorm2d(4), (8, 4, 3, 3))
+    plain_forward = layer.forward
+    layer.forward = lambda x: torch.relu(plain_forward(x))  # an instance patch the class check misses
+    kept: dict[str, str] = {}
+    rng = torch.get_rng_state()
+    net, n = convert_to_frozen_norm(nn.Sequential(layer), kept=kept)
+    assert torch.equal(torch.get_rng_state(), rng)  # the probe does not consume the global RNG
+    assert n == 0 and net[0] is layer
+    assert kept == {"0": kept["0"]} and "output differs on a probe input (max abs diff" in kept["0"]
+
+
+def test_subclasses_that_compute_more_are_not_converted() -> None:
+    class NormAct(nn.BatchNorm2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(super().forward(x))
+
+    kept: dict[str, str] = {}
+    net, n = convert_to_frozen_norm(nn.Sequential(NormAct(4), MyNorm(4)), kept=kept, prefix="body")
+    assert n == 1 and isinstance(net[1], FrozenBatchNorm) and type(net[0]) is NormAct
+    assert kept == {"body.0": "NormAct overrides forward (it computes more than the normalization)"}
