@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -120,3 +121,107 @@ def test_core_does_not_import_lightning() -> None:
         "assert not [m for m in sys.modules if m == 'lightning' or m.startswith('lightning.')]"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+class ScriptableNet(nn.Module):
+    """A model users script/export after training; one conv bias was frozen by the user beforehand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = nn.Sequential(
+            nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5), nn.Flatten()
+        )
+        self.head = nn.Linear(8 * 4 * 4, 2)
+        self.backbone[0].bias.requires_grad_(False)
+        self.backbone[3].eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def _hooks(model: nn.Module) -> dict[str, list[object]]:
+    return {name: list(m._forward_pre_hooks.values()) for name, m in model.named_modules()}
+
+
+def _user_hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+    return None
+
+
+@pytest.mark.parametrize("norm", ["eval", "frozen", "train"])
+def test_unfreeze_with_the_record_is_the_exact_inverse_of_freeze(norm: str) -> None:
+    model = ScriptableNet()
+    user_hook = model.backbone[2].register_forward_pre_hook(_user_hook)  # the user's own hooks stay
+    hooks = _hooks(model)
+    requires_grad = {k: p.requires_grad for k, p in model.named_parameters()}
+    training = {k: m.training for k, m in model.named_modules()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    frozen = freeze(model, "backbone", norm=norm)
+    assert frozen.requires_grad_before == {
+        "backbone.0.weight": True,
+        "backbone.0.bias": False,
+        "backbone.1.weight": True,
+        "backbone.1.bias": True,
+    }
+    assert frozen.training_before["backbone.3"] is False and frozen.training_before["backbone"] is True
+    model.train()
+    model(torch.randn(4, 3, 6, 6))  # the guard puts the frozen module in eval mode
+    if norm == "train":  # the statistics trained, as asked: what unfreeze keeps is what is there now
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+
+    assert unfreeze(model, frozen, mode=None) == [
+        p
+        for k, p in model.named_parameters()
+        if k in ("backbone.0.weight", "backbone.1.weight", "backbone.1.bias")
+    ]
+    assert _hooks(model) == hooks
+    assert {k: p.requires_grad for k, p in model.named_parameters()} == requires_grad
+    assert {k: m.training for k, m in model.named_modules()} == training
+    after = model.state_dict()
+    assert list(after) == list(state) and all(torch.equal(after[k], state[k]) for k in state)
+    assert type(model.backbone[1]) is nn.BatchNorm2d
+    user_hook.remove()  # (TorchScript cannot compile that untyped hook; ours are all gone)
+    scripted = torch.jit.script(model)
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.equal(scripted.eval()(x), model.eval()(x))
+
+
+def test_unfrozen_norm_layers_train_again() -> None:
+    model = _model()
+    freeze(model, "backbone")
+    unfreeze(model, "backbone")
+    model.train()
+    model["backbone"](torch.randn(4, 3, 6, 6))  # no leftover guard re-pins the BatchNorm
+    assert int(model["backbone"][1].num_batches_tracked) == 1
+    assert model["backbone"][1].training and model["backbone"].training
+
+
+def test_unfreeze_by_name_with_mode_none_leaves_modes() -> None:
+    model = _model()
+    freeze(model, "backbone", norm="frozen")
+    model["backbone"].eval()
+    unfreeze(model, "backbone", mode=None)
+    assert not any(m.training for m in model["backbone"].modules())
+
+
+def test_a_weight_tied_to_a_trainable_module_is_named_when_frozen() -> None:
+    model = _model()
+    extra = nn.Conv2d(3, 8, 3)
+    extra.weight = model["backbone"][0].weight  # tied: the same tensor object
+    model["extra"] = extra
+    with pytest.warns(
+        UserWarning, match=r"'extra\.weight' is the same tensor as the frozen 'backbone\.0\.weight'"
+    ):
+        freeze(model, "backbone")
+    assert not extra.weight.requires_grad  # what the warning is about
+
+
+def test_freezing_both_ends_of_a_tie_does_not_warn() -> None:
+    model = _model()
+    model["extra"] = nn.Conv2d(3, 8, 3)
+    model["extra"].weight = model["backbone"][0].weight
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        freeze(model, ["backbone", "extra"])
