@@ -190,8 +190,10 @@ def test_unfreeze_with_the_record_is_the_exact_inverse_of_freeze(norm: str) -> N
 
 def test_unfrozen_norm_layers_train_again() -> None:
     model = _model()
+    hooks = _hooks(model)
     freeze(model, "backbone")
     unfreeze(model, "backbone")
+    assert _hooks(model) == hooks  # the module guard is gone too, not only the per-layer pins
     model.train()
     model["backbone"](torch.randn(4, 3, 6, 6))  # no leftover guard re-pins the BatchNorm
     assert int(model["backbone"][1].num_batches_tracked) == 1
@@ -225,3 +227,16 @@ def test_freezing_both_ends_of_a_tie_does_not_warn() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         freeze(model, ["backbone", "extra"])
+
+
+def test_unfreeze_a_subset_of_the_record() -> None:
+    model = _model()
+    model["head"][0].weight.requires_grad_(False)
+    frozen = freeze(model, ["backbone", "head"])
+    with pytest.raises(
+        KeyError, match=r"Not frozen here: \['neck'\]; frozen modules: \['backbone', 'head'\]"
+    ):
+        frozen.subset(["neck"])
+    params = unfreeze(model, frozen.subset(["head"]), mode=None)
+    assert params == [model["head"][0].bias]  # the weight was not trainable before freezing
+    assert not any(p.requires_grad for p in model["backbone"].parameters())

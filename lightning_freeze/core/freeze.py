@@ -8,6 +8,7 @@ module computes exactly what it will compute at inference.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from collections.abc import Iterable, Sequence
@@ -96,6 +97,32 @@ class FrozenModules:
         """Fingerprint of every tensor in :attr:`tensor_keys` (see :func:`fingerprint`)."""
         return fingerprint(root, self.tensor_keys)
 
+    def subset(self, names: Iterable[str]) -> FrozenModules:
+        """The record restricted to the frozen modules ``names`` (e.g. to :func:`unfreeze` only them).
+
+        Raises:
+            KeyError: a name that is not one of :attr:`names`.
+        """
+        wanted = list(names)
+        unknown = [n for n in wanted if n not in self.names]
+        if unknown:
+            raise KeyError(f"Not frozen here: {unknown}; frozen modules: {self.names}.")
+        prefixes = tuple(f"{n}." for n in wanted)
+
+        def inside(key: str) -> bool:
+            return key in wanted or key.startswith(prefixes)
+
+        return dataclasses.replace(
+            self,
+            names=wanted,
+            parameter_keys=[k for k in self.parameter_keys if inside(k)],
+            tensor_keys=[k for k in self.tensor_keys if inside(k)],
+            kept_pinned=[k for k in self.kept_pinned if inside(k)],
+            kept_pinned_reasons={k: v for k, v in self.kept_pinned_reasons.items() if inside(k)},
+            requires_grad_before={k: v for k, v in self.requires_grad_before.items() if inside(k)},
+            training_before={k: v for k, v in self.training_before.items() if inside(k)},
+        )
+
 
 def _set_submodule(root: nn.Module, dotted: str, new: nn.Module) -> None:
     parent_name, _, child = dotted.rpartition(".")
@@ -146,12 +173,16 @@ def _repin_pre_hook(module: nn.Module, args: object, *, norm: str, dropout: str)
     # LightningModule.unfreeze(), a .train() in training_step), the module computes in eval mode
     # (but for the opted-out layers); layers created or replaced inside it since the last pin (a
     # SyncBatchNorm conversion) get their per-layer pin before they can compute in train mode.
-    for layer in module.modules():
-        if not _forced_to_eval(layer, norm, dropout):
+    # Cheap: a layer in eval mode computes nothing train-dependent, so only layers found in train
+    # mode (after a .train() call, or new) are looked at; a plain walk, no names built.
+    stack = [module]
+    while stack:
+        layer = stack.pop()
+        stack.extend(child for child in layer._modules.values() if child is not None)
+        if not layer.training or not _forced_to_eval(layer, norm, dropout):
             continue
-        if layer.training:
-            layer.training = False  # not .train(False): that would recurse once per layer
-        if norm != "train" and _needs_layer_pin(layer) and not is_pinned(layer):
+        layer.training = False  # not .train(False): that would recurse once per layer
+        if _needs_layer_pin(layer) and not is_pinned(layer):
             pin_eval(layer)
 
 

@@ -63,7 +63,7 @@ def is_running_stat_norm(module: nn.Module) -> bool:
         return True
     if isinstance(module, (_BatchNorm, _InstanceNorm)):
         return bool(module.track_running_stats)
-    return bool(_running_buffers(module)) and hasattr(module, "momentum")
+    return bool(module._buffers) and hasattr(module, "momentum") and bool(_running_buffers(module))
 
 
 def _running_buffers(module: nn.Module) -> list[str]:
