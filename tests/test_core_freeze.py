@@ -240,3 +240,12 @@ def test_unfreeze_a_subset_of_the_record() -> None:
     params = unfreeze(model, frozen.subset(["head"]), mode=None)
     assert params == [model["head"][0].bias]  # the weight was not trainable before freezing
     assert not any(p.requires_grad for p in model["backbone"].parameters())
+
+
+def test_unfreezing_part_of_a_frozen_module_says_it_stays_in_eval_mode() -> None:
+    model = _model()
+    freeze(model, "backbone")
+    message = r"'backbone\.1' lies inside the frozen module 'backbone', whose guard keeps every layer"
+    with pytest.warns(UserWarning, match=message):
+        params = unfreeze(model, "backbone.1")
+    assert params == list(model["backbone"][1].parameters())

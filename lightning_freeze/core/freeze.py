@@ -370,8 +370,10 @@ def unfreeze(
     trainable_before = {id(p) for p in root.parameters() if p.requires_grad}
     newly: list[nn.Parameter] = []
     for name, module in selected.items():
-        _remove_guard(module)
-        unpin_eval(list(module.modules()))
+        _warn_if_inside_a_guarded_module(root, name)
+        for layer in module.modules():
+            _remove_guard(layer)
+            unpin_eval(layer)
         was_training = module.training
         new, _ = convert_from_frozen_norm(module)
         if new is not module:
@@ -400,6 +402,21 @@ def unfreeze(
                 trainable_before.add(id(param))
                 newly.append(param)
     return newly
+
+
+def _warn_if_inside_a_guarded_module(root: nn.Module, name: str) -> None:
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        outer = ".".join(parts[:i])
+        if any(_is_repin_hook(h) for h in root.get_submodule(outer)._forward_pre_hooks.values()):
+            warnings.warn(
+                f"unfreeze: {name!r} lies inside the frozen module {outer!r}, whose guard keeps every "
+                f"layer inside it in eval mode: {name!r} gets gradients again but still computes in eval "
+                f"mode. Unfreeze {outer!r} itself to train it fully.",
+                UserWarning,
+                stacklevel=3,
+            )
+            return
 
 
 def likely_cause(

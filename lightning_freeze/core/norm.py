@@ -200,7 +200,9 @@ class _FrozenNormBase(nn.Module):
         # A tensor-free copy of the source layer (class, constructor arguments, attributes): the
         # round trip back (:meth:`unfrozen`) loads this layer's values into a copy of it. Not a
         # registered submodule: no state_dict keys, not moved by .to(), ignored by TorchScript.
-        template = copy.deepcopy(source)
+        # (a SyncBatchNorm's process group is shared, not copied)
+        group = getattr(source, "process_group", None)
+        template = copy.deepcopy(source, {id(group): group} if group is not None else None)
         unpin_eval(template)
         object.__setattr__(self, "_template", template.to("meta"))
         with torch.no_grad():
