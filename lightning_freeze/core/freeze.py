@@ -1,9 +1,11 @@
 """Freeze and unfreeze submodules of any ``nn.Module``: no trainer needed.
 
 ``freeze`` does the three things a frozen module needs, where ``requires_grad_(False)`` alone does
-one: parameters stop requiring grad; running-statistics norm layers stop updating (pinned to eval,
-or replaced by frozen equivalents); dropout inside is pinned to eval by default, so the frozen
-module computes exactly what it will compute at inference.
+one: parameters stop requiring grad; running-statistics layers stop updating (pinned to eval, or
+replaced by frozen equivalents); and the frozen module runs entirely in eval mode (dropout, drop
+path, stochastic depth, attention dropout, ...), so it computes exactly what it will compute at
+inference, whatever calls ``.train()``. ``unfreeze`` with the returned :class:`FrozenModules` is
+its exact inverse: hooks, flags, modes, classes and values are as before freezing.
 """
 
 from __future__ import annotations

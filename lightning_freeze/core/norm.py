@@ -12,8 +12,11 @@ Two remedies:
   forward (a forward pre-hook), so no ``.train()`` call, however late, can make it update.
 * :func:`convert_to_frozen_norm` replaces each layer by a :class:`FrozenBatchNorm` /
   :class:`FrozenInstanceNorm` whose statistics *and* affine terms are buffers, whose ``train()``
-  is a no-op, and whose output is bitwise identical to the original layer in eval mode. The
-  ``state_dict`` keys are unchanged, so checkpoints load in both directions.
+  is a no-op, and whose output is bitwise identical to the original layer in eval mode (checked on
+  a probe input for every conversion). The ``state_dict`` keys are unchanged, so checkpoints load
+  in both directions. Only layers whose forward is reproduced exactly are converted (the plain
+  torch classes and subclasses that do not override ``forward``); others, such as timm
+  ``BatchNormAct2d`` (normalization + activation) or EvoNorm, are left for :func:`pin_eval`.
 
 Layers are found by type (``isinstance``), never by class-name strings or channel counts.
 """
