@@ -1,11 +1,12 @@
 # Two entry points for a fresh machine:
 #   make run   - create .venv if missing, install, run the main job on the bundled data
-#   make test  - create .venv if missing, install with [dev], run ruff and the whole test suite
+#   make test  - create .venv if missing, install with [dev,docs], run ruff, the strict docs build and
+#                the whole test suite (tests/ plus the doctests of lightning_freeze/core)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint format install install-dev clean bench gpu-check notebook-plots
+.PHONY: run test lint docs docs-serve format install install-dev clean bench gpu-check notebook-plots
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +17,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -e ".[dev]"
+	$(BIN)/python -m pip install -e ".[dev,docs]"
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
@@ -30,14 +31,22 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
-	$(BIN)/python -m pytest tests
+# the docs site (mkdocs.yml, docs/): strict, so a broken link, page or API reference fails CI
+docs: $(VENV)/.installed-dev
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+docs-serve: $(VENV)/.installed-dev
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
+# pytest's testpaths (pyproject.toml): tests/ and the doctests of lightning_freeze/core
+test: lint docs
+	$(BIN)/python -m pytest
 
 format: $(VENV)/.installed-dev
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# side-by-side benchmarks (run by hand; results go into the README), peers from the [bench] extra
+# side-by-side benchmarks (run by hand; results go into docs/benchmarks.md), peers from the [bench] extra
 bench: $(VENV)/.installed-dev
 	$(BIN)/python -m pip install -e ".[dev,bench]"
 	$(BIN)/python benchmarks/bench_freeze.py
@@ -46,7 +55,7 @@ bench: $(VENV)/.installed-dev
 gpu-check: $(VENV)/.installed-dev
 	bash scripts/gpu_check.sh
 
-# runs notebooks/*.ipynb (outputs not stored) and rewrites their figures docs/*.png for the README
+# runs notebooks/*.ipynb (outputs not stored) and rewrites their figures docs/*.png (README and docs site)
 notebook-plots: $(VENV)/.installed-dev
 	$(BIN)/python scripts/make_notebook_plots.py
 

@@ -1,7 +1,8 @@
 """lightning_freeze: staged, frozen-backbone training for PyTorch Lightning, bitwise frozen by construction.
 
-The Lightning-facing names are imported lazily, so ``import lightning_freeze.core`` (pure PyTorch)
-does not import Lightning.
+Every public name is imported on first use, so ``import lightning_freeze`` imports neither torch nor
+Lightning, ``import lightning_freeze.core`` (pure PyTorch) does not import Lightning, and nothing here
+imports the training app's Hydra/OmegaConf/joblib.
 """
 
 from __future__ import annotations
@@ -9,18 +10,20 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from lightning_freeze.core.errors import FrozenStateError
-
+# The one place the version is written: pyproject.toml reads it with
+# `[tool.setuptools.dynamic] version = {attr = ...}` (a literal, so the build does not import the package).
 __version__ = "0.1.0.dev0"
 
+# public name -> module that defines it
 _LAZY = {
     "FreezeBackbone": "lightning_freeze.callbacks.freeze_backbone",
     "FrozenSafeEMA": "lightning_freeze.callbacks.frozen_safe_ema",
+    "FrozenStateError": "lightning_freeze.core.errors",
     "load_ema_weights": "lightning_freeze.callbacks.frozen_safe_ema",
     "MultiBranchModule": "lightning_freeze.module",
 }
 
-# keep in sync with _LAZY
+# the same names as _LAZY, plus __version__ (tests/test_packaging.py checks this)
 __all__ = [
     "FreezeBackbone",
     "FrozenSafeEMA",
@@ -33,12 +36,15 @@ __all__ = [
 if TYPE_CHECKING:
     from lightning_freeze.callbacks.freeze_backbone import FreezeBackbone
     from lightning_freeze.callbacks.frozen_safe_ema import FrozenSafeEMA, load_ema_weights
+    from lightning_freeze.core.errors import FrozenStateError
     from lightning_freeze.module import MultiBranchModule
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
     raise AttributeError(f"module 'lightning_freeze' has no attribute {name!r}")
 
 

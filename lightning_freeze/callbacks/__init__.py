@@ -1,6 +1,35 @@
-"""Lightning callbacks, one per file, thin adapters over :mod:`lightning_freeze.core`."""
+"""Lightning callbacks, one per file, thin adapters over :mod:`lightning_freeze.core`.
 
-from lightning_freeze.callbacks.freeze_backbone import FreezeBackbone
-from lightning_freeze.callbacks.frozen_safe_ema import FrozenSafeEMA, load_ema_weights
+Each name is imported on first use: importing one callback's module does not import the others.
+"""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# public name -> module that defines it
+_LAZY = {
+    "FreezeBackbone": "lightning_freeze.callbacks.freeze_backbone",
+    "FrozenSafeEMA": "lightning_freeze.callbacks.frozen_safe_ema",
+    "load_ema_weights": "lightning_freeze.callbacks.frozen_safe_ema",
+}
+
+# the same names as _LAZY (tests/test_packaging.py checks this)
 __all__ = ["FreezeBackbone", "FrozenSafeEMA", "load_ema_weights"]
+
+if TYPE_CHECKING:
+    from lightning_freeze.callbacks.freeze_backbone import FreezeBackbone
+    from lightning_freeze.callbacks.frozen_safe_ema import FrozenSafeEMA, load_ema_weights
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module 'lightning_freeze.callbacks' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

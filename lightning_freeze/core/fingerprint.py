@@ -110,7 +110,7 @@ def diff_fingerprints(
         >>> net = nn.Linear(2, 2)
         >>> ref = fingerprint(net)
         >>> with torch.no_grad():
-        ...     net.bias.add_(1)
+        ...     _ = net.bias.add_(1)  # add_ returns the tensor: keep it out of the output
         >>> diff_fingerprints(ref, fingerprint(net)).changed
         ['bias']
     """
