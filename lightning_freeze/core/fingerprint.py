@@ -33,7 +33,6 @@ Example::
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -193,7 +192,9 @@ def tensor_fingerprint(tensor: torch.Tensor, algorithm: Algorithm = DEFAULT_ALGO
 
 
 def _default_threads() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
+    # torch's intra-op thread count: what the user (or a launcher: torchrun sets OMP_NUM_THREADS=1
+    # per rank) allows this process; more than 8 threads do not help a memory-bound hash
+    return max(1, min(8, torch.get_num_threads()))
 
 
 def fingerprint(
@@ -218,8 +219,8 @@ def fingerprint(
         like: reference fingerprints: a key found in ``like`` is hashed with the algorithm of its
             reference (so the result can be compared with a reference read from an older checkpoint);
             other keys use ``algorithm``.
-        threads: hashing threads (default: the number of CPUs, at most 8); ``1`` hashes in the
-            calling thread.
+        threads: hashing threads (default: ``torch.get_num_threads()``, at most 8); ``1`` hashes in
+            the calling thread.
 
     Returns:
         ``{key: TensorFingerprint}``, in the order of ``keys`` (or of ``source``).

@@ -1,0 +1,154 @@
+"""Fingerprint throughput: BLAKE2b single thread (version 0.1) vs XXH3-128 in threads, vs memory bandwidth.
+
+Tensor sets with the exact shapes of every parameter and buffer of torchvision's ResNet-50 (25.6 M
+parameters, fp32) and of timm's ViT-L/16 (304 M parameters, fp32; ``--vit-scale`` hashes a fraction
+of its tensors and extrapolates, labelled as such). The shapes come from models built on the
+``meta`` device (no weight init); the tensors are filled with random values.
+
+Methods are measured side by side: in each round every method runs once, in turn, so a machine that
+is shared (load average printed) slows them alike; the best round per method is reported.
+
+* ``blake2b-128, 1 thread``: what version 0.1 did on every check.
+* ``xxh3-128, 1 thread`` and ``xxh3-128, N threads``: the current default (``fingerprint()``).
+* memory bandwidth: ``dst.copy_(src)`` of a 256 MiB tensor (reads and writes each byte once), with
+  1 and N torch threads, reported as bytes copied per second; a hash only reads, so its ceiling is
+  between 1x and 2x this number.
+
+Run by hand:  python benchmarks/bench_fingerprint.py [--rounds 3] [--vit-scale 1.0] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from collections.abc import Callable
+
+import torch
+
+from lightning_freeze.core.fingerprint import _default_threads, fingerprint
+
+
+def _shapes(build: Callable[[], torch.nn.Module]) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    with torch.device("meta"):
+        model = build()
+    return {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
+
+
+def _tensor_set(
+    shapes: dict[str, tuple[torch.Size, torch.dtype]], fraction: float, device: str
+) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    keys = list(shapes)
+    keep = keys[: max(1, round(len(keys) * fraction))] if fraction < 1 else keys
+    out = {}
+    for key in keep:
+        shape, dtype = shapes[key]
+        t = torch.empty(shape, dtype=dtype)
+        if dtype.is_floating_point:
+            t.uniform_(-1, 1, generator=gen)
+        else:
+            t.random_(0, 100, generator=gen)
+        out[key] = t.to(device)
+    return out
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _best(fn: Callable[[], object], rounds: int) -> float:
+    return min(_time_once(fn) for _ in range(rounds))
+
+
+def _time_once(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def copy_bandwidth(threads: int, rounds: int, device: str) -> float:
+    """Bytes copied per second by ``dst.copy_(src)`` on 256 MiB tensors with ``threads`` torch threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        src = torch.ones(64 << 20, device=device)
+        dst = torch.empty_like(src)
+        dst.copy_(src)
+        seconds = _best(lambda: dst.copy_(src), rounds + 2)
+    finally:
+        torch.set_num_threads(before)
+    return src.numel() * src.element_size() / seconds
+
+
+def measure(tensors: dict[str, torch.Tensor], rounds: int, threads: int) -> dict[str, float]:
+    """Best seconds per full check for each method, measured in interleaved rounds."""
+    methods: dict[str, Callable[[], object]] = {
+        "blake2b-128, 1 thread (v0.1)": lambda: fingerprint(tensors, algorithm="blake2b-128", threads=1),
+        "xxh3-128, 1 thread": lambda: fingerprint(tensors, algorithm="xxh3-128", threads=1),
+        f"xxh3-128, {threads} threads (default)": lambda: fingerprint(tensors, threads=threads),
+    }
+    if threads > 1:
+        methods[f"blake2b-128, {threads} threads"] = lambda: fingerprint(
+            tensors, algorithm="blake2b-128", threads=threads
+        )
+    best = dict.fromkeys(methods, float("inf"))
+    for fn in methods.values():
+        fn()  # warm up (page faults, thread start)
+    for _ in range(rounds):
+        for name, fn in methods.items():
+            best[name] = min(best[name], _time_once(fn))
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--vit-scale", type=float, default=1.0, help="fraction of ViT-L's tensors to hash (extrapolated)"
+    )
+    parser.add_argument("--device", default="cpu", help="where the tensors live (cpu, cuda)")
+    args = parser.parse_args()
+    threads = _default_threads()
+    import timm
+    import torchvision
+
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, device {args.device}"
+    )
+    bw1 = copy_bandwidth(1, args.rounds, args.device)
+    bwn = copy_bandwidth(threads, args.rounds, args.device)
+    print(f"memory bandwidth (copy_): {bw1 / 1e9:.1f} GB/s with 1 thread, {bwn / 1e9:.1f} GB/s with {threads}\n")
+    sets = [
+        ("ResNet-50 (25.6 M params)", torchvision.models.resnet50, 1.0),
+        (
+            "ViT-L/16 (304 M params)",
+            lambda: timm.create_model("vit_large_patch16_224", pretrained=False),
+            args.vit_scale,
+        ),
+    ]
+    print("| tensor set | method | ms per check | GB/s | speed-up vs v0.1 |")
+    print("|---|---|---:|---:|---:|")
+    for label, build, fraction in sets:
+        shapes = _shapes(build)
+        total = sum(s.numel() * torch.empty(0, dtype=d).element_size() for s, d in shapes.values())
+        tensors = _tensor_set(shapes, fraction, args.device)
+        scale = total / _nbytes(tensors)
+        note = f" (hashed {1 / scale:.0%}, time extrapolated)" if scale > 1.0001 else ""
+        results = measure(tensors, args.rounds, threads)
+        base = results["blake2b-128, 1 thread (v0.1)"]
+        for name, seconds in results.items():
+            print(
+                f"| {label}{note}, {total / 1e9:.2f} GB | {name} | {seconds * scale * 1e3:.0f} | "
+                f"{_nbytes(tensors) / seconds / 1e9:.2f} | {base / seconds:.1f}x |"
+            )
+        del tensors
+    print(f"\nload average after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
