@@ -9,7 +9,8 @@ Methods are measured side by side: in each round every method runs once, in turn
 is shared (load average printed) slows them alike; the best round per method is reported.
 
 * ``blake2b-128, 1 thread``: what version 0.1 did on every check.
-* ``xxh3-128, 1 thread`` and ``xxh3-128, N threads``: the current default (``fingerprint()``).
+* ``xxh3-128, 1 thread`` and ``xxh3-128, N threads``: the current default algorithm; ``fingerprint()``
+  uses ``min(8, torch.get_num_threads())`` threads unless told otherwise.
 * memory bandwidth: ``dst.copy_(src)`` of a 256 MiB tensor (reads and writes each byte once), with
   1 and N torch threads, reported as bytes copied per second; a hash only reads, so its ceiling is
   between 1x and 2x this number.
@@ -27,7 +28,7 @@ from collections.abc import Callable
 
 import torch
 
-from lightning_freeze.core.fingerprint import _default_threads, fingerprint
+from lightning_freeze.core.fingerprint import fingerprint
 
 
 def _shapes(build: Callable[[], torch.nn.Module]) -> dict[str, tuple[torch.Size, torch.dtype]]:
@@ -111,8 +112,9 @@ def main() -> None:
         "--vit-scale", type=float, default=1.0, help="fraction of ViT-L's tensors to hash (extrapolated)"
     )
     parser.add_argument("--device", default="cpu", help="where the tensors live (cpu, cuda)")
+    parser.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1), help="hashing threads")
     args = parser.parse_args()
-    threads = _default_threads()
+    threads = args.threads
     import timm
     import torchvision
 
@@ -122,7 +124,9 @@ def main() -> None:
     )
     bw1 = copy_bandwidth(1, args.rounds, args.device)
     bwn = copy_bandwidth(threads, args.rounds, args.device)
-    print(f"memory bandwidth (copy_): {bw1 / 1e9:.1f} GB/s with 1 thread, {bwn / 1e9:.1f} GB/s with {threads}\n")
+    print(
+        f"memory bandwidth (copy_): {bw1 / 1e9:.1f} GB/s with 1 thread, {bwn / 1e9:.1f} GB/s with {threads}\n"
+    )
     sets = [
         ("ResNet-50 (25.6 M params)", torchvision.models.resnet50, 1.0),
         (
