@@ -225,3 +225,23 @@ def test_bad_algorithm_and_threads_are_named() -> None:
     future = {"weight": TensorFingerprint("sha3-256:00", "float32", (2, 2))}
     with pytest.raises(ValueError, match=r"reference digest for 'weight': 'sha3-256'; valid choices"):
         verify_fingerprints(future, nn.Linear(2, 2))
+
+
+def test_sharded_dtensor_is_refused_with_a_hint(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    dtensor = pytest.importorskip("torch.distributed.tensor")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        sharded = dtensor.distribute_tensor(
+            torch.randn(4, 3), init_device_mesh("cpu", (1,)), [dtensor.Shard(0)]
+        )
+        with pytest.raises(
+            TypeError, match=r"sharded DTensor of global shape \(4, 3\): pass its local shard"
+        ):
+            fingerprint({"w": sharded})
+        assert tensor_fingerprint(sharded.to_local()) == tensor_fingerprint(sharded.full_tensor())
+    finally:
+        torch.distributed.destroy_process_group()

@@ -36,7 +36,7 @@ import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 import xxhash
@@ -57,21 +57,21 @@ __all__ = [
 Algorithm = Literal["xxh3-128", "blake2b-128"]
 ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
 DEFAULT_ALGORITHM: Algorithm = "xxh3-128"
+Buffer = Any  # anything with the buffer protocol (here: a uint8 numpy view of a tensor's bytes)
 _LEGACY_ALGORITHM: Algorithm = "blake2b-128"  # digests without a prefix (version 0.1 checkpoints)
 
 # below this many bytes in all, a thread pool costs more than it saves
 _PARALLEL_MIN_BYTES = 1 << 20
 
 
-def _xxh3_128(raw: memoryview) -> str:
-    return xxhash.xxh3_128_hexdigest(raw)
-
-
-def _blake2b_128(raw: memoryview) -> str:
+def _blake2b_128(raw: Buffer) -> str:
     return hashlib.blake2b(raw, digest_size=16).hexdigest()
 
 
-_HASHERS: dict[str, Callable[[memoryview], str]] = {"xxh3-128": _xxh3_128, "blake2b-128": _blake2b_128}
+_HASHERS: dict[str, Callable[[Buffer], str]] = {
+    "xxh3-128": xxhash.xxh3_128_hexdigest,
+    "blake2b-128": _blake2b_128,
+}
 
 
 def _check_algorithm(algorithm: str, what: str = "algorithm") -> None:
@@ -142,29 +142,67 @@ def tensor_bytes(tensor: torch.Tensor) -> torch.Tensor:
     views are resolved, complex tensors give their (real, imag) pairs, and bf16/fp8/bool need no
     numpy dtype.
 
+    Raises:
+        TypeError: a sharded ``DTensor`` (pass its ``to_local()`` shard on each rank).
+
     Example::
 
         >>> tensor_bytes(torch.tensor([1.0], dtype=torch.bfloat16)).tolist()
         [128, 63]
     """
+    return _dense_cpu(tensor).reshape(-1).view(torch.uint8)
+
+
+def _dense_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU tensor with the same elements: the tensor itself when it already is one."""
     data = tensor.detach()
-    if data.is_conj():
-        data = data.resolve_conj()
+    if type(data) is not torch.Tensor and _is_sharded(data):
+        raise TypeError(
+            f"Cannot read the bytes of a sharded {type(data).__name__} of global shape "
+            f"{tuple(data.shape)}: pass its local shard (tensor.to_local()) on each rank."
+        )
+    # cheap checks only: per-tensor Python overhead adds up on models with many small tensors
+    if data.is_complex():
+        data = torch.view_as_real(data.resolve_conj())
     if data.is_neg():
         data = data.resolve_neg()
-    if data.is_complex():
-        data = torch.view_as_real(data)
-    data = data.contiguous()
-    if data.device.type != "cpu":
+    if not data.is_contiguous():
+        data = data.contiguous()
+    if not data.is_cpu:
         data = data.cpu()
-    return data.reshape(-1).view(torch.uint8)
+    return data
+
+
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    """A DTensor (FSDP2, tensor parallel): its bytes live on several ranks."""
+    return callable(getattr(tensor, "to_local", None))
+
+
+# dtype -> does Tensor.numpy() support it (bf16 and fp8 have no numpy dtype: hashed via a uint8 view)
+_NUMPY_DTYPES: dict[torch.dtype, bool] = {}
+_DTYPE_NAMES: dict[torch.dtype, str] = {}
+
+
+def _host_buffer(tensor: torch.Tensor) -> Buffer:
+    """The bytes of :func:`tensor_bytes` as a zero-copy numpy view, with fewer torch calls."""
+    data = _dense_cpu(tensor)
+    supported = _NUMPY_DTYPES.get(data.dtype)
+    if supported is None:
+        try:
+            data.reshape(-1)[:0].numpy()
+            supported = True
+        except TypeError:
+            supported = False
+        _NUMPY_DTYPES[data.dtype] = supported
+    return data.numpy() if supported else data.reshape(-1).view(torch.uint8).numpy()
 
 
 def _digest(tensor: torch.Tensor, algorithm: str) -> TensorFingerprint:
-    raw = memoryview(tensor_bytes(tensor).numpy())
-    hexdigest = _HASHERS[algorithm](raw)
+    hexdigest = _HASHERS[algorithm](_host_buffer(tensor))
     digest = hexdigest if algorithm == _LEGACY_ALGORITHM else f"{algorithm}:{hexdigest}"
-    return TensorFingerprint(digest, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape))
+    dtype = tensor.dtype
+    name = _DTYPE_NAMES.get(dtype) or _DTYPE_NAMES.setdefault(dtype, str(dtype).removeprefix("torch."))
+    return TensorFingerprint(digest, name, tuple(tensor.shape))
 
 
 def tensor_fingerprint(tensor: torch.Tensor, algorithm: Algorithm = DEFAULT_ALGORITHM) -> TensorFingerprint:
@@ -179,6 +217,7 @@ def tensor_fingerprint(tensor: torch.Tensor, algorithm: Algorithm = DEFAULT_ALGO
 
     Raises:
         ValueError: an unknown ``algorithm`` (the message lists the valid choices).
+        TypeError: a sharded ``DTensor`` (fingerprint its ``to_local()`` shard on each rank).
 
     Example::
 
@@ -229,6 +268,7 @@ def fingerprint(
         KeyError: a key that is not in ``source``.
         ValueError: an unknown ``algorithm``, an unknown algorithm in a ``like`` digest, or
             ``threads < 1``.
+        TypeError: a sharded ``DTensor`` (fingerprint ``{key: t.to_local()}`` on each rank).
     """
     _check_algorithm(algorithm)
     if threads is not None and (not isinstance(threads, int) or threads < 1):
