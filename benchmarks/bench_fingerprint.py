@@ -90,7 +90,7 @@ def measure(tensors: dict[str, torch.Tensor], rounds: int, threads: int) -> dict
     methods: dict[str, Callable[[], object]] = {
         "blake2b-128, 1 thread (v0.1)": lambda: fingerprint(tensors, algorithm="blake2b-128", threads=1),
         "xxh3-128, 1 thread": lambda: fingerprint(tensors, algorithm="xxh3-128", threads=1),
-        f"xxh3-128, {threads} threads (default)": lambda: fingerprint(tensors, threads=threads),
+        f"xxh3-128, {threads} threads": lambda: fingerprint(tensors, threads=threads),
     }
     if threads > 1:
         methods[f"blake2b-128, {threads} threads"] = lambda: fingerprint(
