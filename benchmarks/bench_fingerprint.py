@@ -11,9 +11,9 @@ is shared (load average printed) slows them alike; the best round per method is 
 * ``blake2b-128, 1 thread``: what version 0.1 did on every check.
 * ``xxh3-128, 1 thread`` and ``xxh3-128, N threads``: the current default algorithm; ``fingerprint()``
   uses ``min(8, torch.get_num_threads())`` threads unless told otherwise.
-* memory bandwidth: ``dst.copy_(src)`` of a 256 MiB tensor (reads and writes each byte once), with
-  1 and N torch threads, reported as bytes copied per second; a hash only reads, so its ceiling is
-  between 1x and 2x this number.
+* memory bandwidth, with 1 and N torch threads on 256 MiB tensors: ``dst.copy_(src)`` (bytes copied
+  per second; reads and writes each byte) and ``src.sum()`` (bytes read per second: the ceiling of
+  any hash, which only reads).
 
 Run by hand:  python benchmarks/bench_fingerprint.py [--rounds 3] [--vit-scale 1.0] [--device cpu]
 """
@@ -71,18 +71,20 @@ def _time_once(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def copy_bandwidth(threads: int, rounds: int, device: str) -> float:
-    """Bytes copied per second by ``dst.copy_(src)`` on 256 MiB tensors with ``threads`` torch threads."""
+def memory_bandwidth(threads: int, rounds: int, device: str) -> tuple[float, float]:
+    """Bytes per second of ``dst.copy_(src)`` (copied) and ``src.sum()`` (read) on 256 MiB tensors."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         src = torch.ones(64 << 20, device=device)
         dst = torch.empty_like(src)
         dst.copy_(src)
-        seconds = _best(lambda: dst.copy_(src), rounds + 2)
+        copy = _best(lambda: dst.copy_(src), rounds + 2)
+        read = _best(lambda: src.sum(), rounds + 2)
     finally:
         torch.set_num_threads(before)
-    return src.numel() * src.element_size() / seconds
+    nbytes = src.numel() * src.element_size()
+    return nbytes / copy, nbytes / read
 
 
 def measure(tensors: dict[str, torch.Tensor], rounds: int, threads: int) -> dict[str, float]:
@@ -122,11 +124,10 @@ def main() -> None:
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, device {args.device}"
     )
-    bw1 = copy_bandwidth(1, args.rounds, args.device)
-    bwn = copy_bandwidth(threads, args.rounds, args.device)
-    print(
-        f"memory bandwidth (copy_): {bw1 / 1e9:.1f} GB/s with 1 thread, {bwn / 1e9:.1f} GB/s with {threads}\n"
-    )
+    for n in sorted({1, threads}):
+        copy, read = memory_bandwidth(n, args.rounds, args.device)
+        print(f"memory bandwidth, {n} thread(s): copy_ {copy / 1e9:.1f} GB/s, read (sum) {read / 1e9:.1f} GB/s")
+    print()
     sets = [
         ("ResNet-50 (25.6 M params)", torchvision.models.resnet50, 1.0),
         (
