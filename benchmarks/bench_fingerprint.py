@@ -126,7 +126,7 @@ def main() -> None:
     )
     for n in sorted({1, threads}):
         copy, read = memory_bandwidth(n, args.rounds, args.device)
-        print(f"memory bandwidth, {n} thread(s): copy_ {copy / 1e9:.1f} GB/s, read (sum) {read / 1e9:.1f} GB/s")
+        print(f"memory bandwidth, {n} thread(s): copy_ {copy / 1e9:.1f} GB/s, sum {read / 1e9:.1f} GB/s")
     print()
     sets = [
         ("ResNet-50 (25.6 M params)", torchvision.models.resnet50, 1.0),
