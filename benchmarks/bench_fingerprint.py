@@ -15,6 +15,10 @@ is shared (load average printed) slows them alike; the best round per method is 
   per second; reads and writes each byte) and ``src.sum()`` (bytes read per second: the ceiling of
   any hash, which only reads).
 
+Then the cost of the cross-rank check: two forked CPU ranks (gloo) with ResNet-50's tensors each:
+the local fingerprint, ``compare_across_ranks`` when ranks agree (one 16-byte all_gather) and when
+one rank differs (plus the full gather that names the key).
+
 Run by hand:  python benchmarks/bench_fingerprint.py [--rounds 3] [--vit-scale 1.0] [--device cpu]
 """
 
@@ -107,6 +111,53 @@ def measure(tensors: dict[str, torch.Tensor], rounds: int, threads: int) -> dict
     return best
 
 
+def _cross_rank_worker(rank: int, init_file: str, shapes: dict, rounds: int, queue: object) -> None:
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from lightning_freeze.core.distributed import compare_across_ranks
+    from lightning_freeze.core.fingerprint import tensor_bytes
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=120)
+    )
+    tensors = _tensor_set(shapes, 1.0, "cpu")
+    fp = fingerprint(tensors, threads=1)
+    compare_across_ranks(fp)  # warm up the connection
+    times = {}
+    times["fingerprint (each rank, 1 thread)"] = _best(lambda: fingerprint(tensors, threads=1), rounds)
+    times["compare_across_ranks, ranks equal"] = _best(lambda: compare_across_ranks(fp), rounds * 10)
+    if rank == 1:
+        tensor_bytes(tensors["conv1.weight"])[0] ^= 1
+    bad = fingerprint(tensors, threads=1)
+    times["compare_across_ranks, one rank differs"] = _best(lambda: compare_across_ranks(bad), rounds)
+    if rank == 0:
+        queue.put(times)  # type: ignore[attr-defined]
+    dist.destroy_process_group()
+
+
+def cross_rank_cost(shapes: dict, rounds: int) -> dict[str, float]:
+    """Seconds per call on 2 forked CPU ranks (gloo, loopback), ResNet-50's tensors on each."""
+    import multiprocessing
+    import tempfile
+
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [
+            context.Process(target=_cross_rank_worker, args=(rank, f"{tmp}/store", shapes, rounds, queue))
+            for rank in (0, 1)
+        ]
+        for proc in procs:
+            proc.start()
+        result = queue.get(timeout=600)
+        for proc in procs:
+            proc.join()
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -152,6 +203,12 @@ def main() -> None:
                 f"{_nbytes(tensors) / seconds / 1e9:.2f} | {base / seconds:.1f}x |"
             )
         del tensors
+    if hasattr(os, "fork") and args.device == "cpu":
+        print("\ncross-rank check, 2 CPU ranks (gloo on 127.0.0.1), ResNet-50's tensors on each rank:\n")
+        print("| step | ms per call |")
+        print("|---|---:|")
+        for name, seconds in cross_rank_cost(_shapes(torchvision.models.resnet50), args.rounds).items():
+            print(f"| {name} | {seconds * 1e3:.1f} |")
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
 
 

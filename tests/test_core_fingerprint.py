@@ -243,3 +243,13 @@ def test_sharded_tensor_is_refused_with_a_hint() -> None:
     # a plain tensor subclass without to_local (e.g. nn.Parameter) is hashed as usual
     parameter = nn.Parameter(torch.randn(3))
     assert tensor_fingerprint(parameter) == tensor_fingerprint(parameter.detach().clone())
+
+
+def test_stored_digests_never_change() -> None:
+    # Known answers: fingerprints are stored in checkpoints, so the digest of a given tensor must
+    # stay the same across versions of this package, of torch and of xxhash (XXH3's output is
+    # frozen since xxHash 0.8.0). The empty-input value is XXH3-128's published test vector.
+    x = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    assert tensor_fingerprint(x).digest == "xxh3-128:2d0408b485dd77b108c27fcd95d1fea5"
+    assert tensor_fingerprint(x, "blake2b-128").digest == "4edaf0fe20d221bc27cb2558c661fea0"
+    assert tensor_fingerprint(torch.empty(0)).digest == "xxh3-128:99aa06d3014798d86001c324468d497f"
