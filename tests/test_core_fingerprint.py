@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 
 import pytest
 import torch
@@ -205,12 +206,26 @@ def test_mixed_references_and_missing_keys() -> None:
     assert (diff.changed, diff.missing, diff.checked) == ([], ["c"], 2)
 
 
-def test_parallel_threads_give_the_same_digests_in_key_order() -> None:
+def test_parallel_threads_give_the_same_digests_in_key_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    # (the attribute lightning_freeze.core.fingerprint is the function: fetch the module by name)
+    fingerprint_module = importlib.import_module("lightning_freeze.core.fingerprint")
+    pools = []
+
+    class RecordingPool(fingerprint_module.ThreadPoolExecutor):
+        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            super().__init__(*args, **kwargs)
+            pools.append(self)
+
+    monkeypatch.setattr(fingerprint_module, "ThreadPoolExecutor", RecordingPool)
     torch.manual_seed(0)
     tensors = {f"t{i}": torch.randn(1000 * (i % 7) + 1) for i in range(60)}
-    tensors["big"] = torch.randn(512, 1024)  # > 1 MiB in all: the thread pool is used
+    tensors["big1"] = torch.randn(256, 1024)  # >= 256 KiB: hashed in the pool
+    tensors["t3b"] = torch.randn(5)
+    tensors["big2"] = torch.randn(1024, 300).t()  # non-contiguous, copied in a pool thread
     serial = fingerprint(tensors, threads=1)
+    assert pools == []
     parallel = fingerprint(tensors, threads=4)
+    assert len(pools) == 1
     assert serial == parallel
     assert list(parallel) == list(tensors)
 

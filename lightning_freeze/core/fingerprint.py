@@ -60,8 +60,8 @@ DEFAULT_ALGORITHM: Algorithm = "xxh3-128"
 Buffer = Any  # anything with the buffer protocol (here: a uint8 numpy view of a tensor's bytes)
 _LEGACY_ALGORITHM: Algorithm = "blake2b-128"  # digests without a prefix (version 0.1 checkpoints)
 
-# below this many bytes in all, a thread pool costs more than it saves
-_PARALLEL_MIN_BYTES = 1 << 20
+# tensors at least this large are hashed in the thread pool (smaller ones cost more to hand over)
+_PARALLEL_MIN_BYTES = 256 << 10
 
 
 def _blake2b_128(raw: Buffer) -> str:
@@ -291,13 +291,17 @@ def fingerprint(
             key_algorithm = like[key].algorithm
             _check_algorithm(key_algorithm, f"algorithm of the reference digest for {key!r}:")
         jobs.append((key, tensor, key_algorithm))
-    workers = min(threads or _default_threads(), len(jobs))
-    if workers > 1 and sum(t.numel() * t.element_size() for _, t, _ in jobs) >= _PARALLEL_MIN_BYTES:
-        # largest first, so one big tensor does not start last and leave the other threads idle
-        order = sorted(range(len(jobs)), key=lambda i: -jobs[i][1].numel() * jobs[i][1].element_size())
+    # Only large tensors go to the thread pool: hashing them releases the GIL; small ones are mostly
+    # Python overhead, cheaper in the calling thread (meanwhile) than handed around between threads.
+    large = [i for i, (_, t, _) in enumerate(jobs) if t.numel() * t.element_size() >= _PARALLEL_MIN_BYTES]
+    workers = min(threads or _default_threads(), len(large))
+    if workers > 1:
+        large.sort(key=lambda i: -jobs[i][1].numel() * jobs[i][1].element_size())  # longest first
         with ThreadPoolExecutor(workers, thread_name_prefix="fingerprint") as pool:
-            futures = {i: pool.submit(_digest, jobs[i][1], jobs[i][2]) for i in order}
-        return {key: futures[i].result() for i, (key, _, _) in enumerate(jobs)}
+            futures = {i: pool.submit(_digest, jobs[i][1], jobs[i][2]) for i in large}
+            done = {i: _digest(t, a) for i, (_, t, a) in enumerate(jobs) if i not in futures}
+        done.update({i: future.result() for i, future in futures.items()})
+        return {key: done[i] for i, (key, _, _) in enumerate(jobs)}
     return {key: _digest(tensor, key_algorithm) for key, tensor, key_algorithm in jobs}
 
 
