@@ -51,6 +51,7 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python -m pip install -e ".[dev,bench]"
 	$(BIN)/python benchmarks/bench_freeze.py
 	$(BIN)/python benchmarks/bench_ema.py
+	$(BIN)/python benchmarks/bench_fingerprint.py
 
 gpu-check: $(VENV)/.installed-dev
 	bash scripts/gpu_check.sh
