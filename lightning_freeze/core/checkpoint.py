@@ -15,6 +15,8 @@ import fnmatch
 import importlib.metadata
 import math
 import os
+import re
+import stat
 import tempfile
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -100,14 +102,17 @@ def load_checkpoint(path: str | os.PathLike[str], *, unsafe_load: bool = False) 
     if head == _ZIP_MAGIC:
         _check_zip_integrity(file, name)
     try:
-        obj = torch.load(file, map_location="cpu", weights_only=not unsafe_load)
+        # mmap (zip format only): tensor data stays in the page cache instead of being copied, so
+        # comparing two large checkpoints costs about their size, not a multiple of it
+        obj = torch.load(file, map_location="cpu", weights_only=not unsafe_load, mmap=head == _ZIP_MAGIC)
     except Exception as err:  # torch.load raises many types for bad files; all mean "cannot use it"
         text = " ".join(str(err).split())
-        if "Unsupported global" in text:
+        refused = _refused_global(text)
+        if refused is not None:
             raise CheckpointError(
                 f"{name}: it pickles Python objects that weights_only loading refuses "
-                f"({_unsupported_global(text)}); if you trust this file, load it with unsafe_load=True "
-                "(CLI: --unsafe-load)"
+                f"({refused}): loading them would import and run code named in the file; only if you "
+                "trust this file, load it with unsafe_load=True (CLI: --unsafe-load)"
             ) from None
         if head == _ZIP_MAGIC:
             raise CheckpointError(f"{name}: corrupt or truncated checkpoint ({_reason(err, text)})") from None
@@ -238,21 +243,35 @@ def _reason(err: BaseException, text: str) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
-def _unsupported_global(text: str) -> str:
-    marker = "Unsupported global: GLOBAL "
-    if marker in text:
-        return text.split(marker, 1)[1].split(" ", 1)[0]
-    return "an object that is not a tensor or plain container"
+def _refused_global(text: str) -> str | None:
+    """What the safe unpickler refused, from ``torch.load``'s message; ``None`` for other errors.
+
+    torch < 2.14 says ``Unsupported global: GLOBAL functools.partial was not an allowed global``;
+    torch 2.14 says ``unsupported GLOBAL posix.system whose module posix is blocked`` for modules
+    it never allows (``os``, ``subprocess``, ...).
+    """
+    allowed = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if allowed:
+        return f"global {allowed.group(1)} is not on the allow-list"
+    blocked = re.search(r"unsupported GLOBAL (\S+) whose module (\S+) is blocked", text)
+    if blocked:
+        return f"global {blocked.group(1)} from module {blocked.group(2)}, which is blocked"
+    return None
 
 
 # ------------------------------------------------------------------------------------------------
 # comparing
 # ------------------------------------------------------------------------------------------------
 _INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+#: elements compared per step: bounds the temporaries (float64 / int64 copies) of one comparison to a
+#: few MiB whatever the tensor's size
+COMPARE_CHUNK = 1 << 18
+#: sparse tensors whose indices differ are compared through a dense copy up to this many elements
+SPARSE_DENSE_LIMIT = 1 << 24
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
-    """The raw bits of a tensor as a flat integer tensor (CPU)."""
+    """The raw bits of a dense, non-quantized tensor as a flat integer tensor (CPU)."""
     data = tensor.detach()
     if data.is_complex():
         data = torch.view_as_real(data)
@@ -262,9 +281,54 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
     return data.view(_INT_VIEW[data.element_size()])
 
 
+def _qparams(tensor: torch.Tensor) -> tuple[Any, ...]:
+    """A quantized tensor's scheme and parameters (per-channel scales/zero points as tensors)."""
+    scheme = tensor.qscheme()
+    if scheme in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        return (scheme, torch.tensor([tensor.q_scale()], dtype=torch.float64), tensor.q_zero_point())
+    return (
+        scheme,
+        tensor.q_per_channel_scales(),
+        tensor.q_per_channel_zero_points(),
+        tensor.q_per_channel_axis(),
+    )
+
+
+def _qparams_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    pa, pb = _qparams(a), _qparams(b)
+    return len(pa) == len(pb) and all(
+        tensors_bitwise_equal(x, y) if isinstance(x, torch.Tensor) else x == y
+        for x, y in zip(pa, pb, strict=True)
+    )
+
+
+def _sparse_parts(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coalesced COO indices and values of any sparse layout (one canonical form per tensor)."""
+    coo = tensor.detach().cpu()
+    if coo.layout != torch.sparse_coo:
+        coo = coo.to_sparse_coo()
+    coo = coo.coalesce()
+    return coo.indices(), coo.values()
+
+
+def _is_sparse(tensor: torch.Tensor) -> bool:
+    return tensor.layout != torch.strided
+
+
 def tensors_bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same dtype, same shape and the same bits (``-0.0 != 0.0``; NaN equal to an identical NaN)."""
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bits(a), _bits(b))
+    """Same dtype, layout, shape and the same bits (``-0.0 != 0.0``; NaN equal to an identical NaN).
+
+    Sparse tensors are equal when their coalesced indices and values are; quantized tensors when
+    their scheme, scale(s), zero point(s) and integer values are.
+    """
+    if a.dtype != b.dtype or a.shape != b.shape or a.layout != b.layout or a.is_quantized != b.is_quantized:
+        return False
+    if _is_sparse(a):
+        (ia, va), (ib, vb) = _sparse_parts(a), _sparse_parts(b)
+        return tensors_bitwise_equal(ia, ib) and tensors_bitwise_equal(va, vb)
+    if a.is_quantized:
+        return _qparams_equal(a, b) and torch.equal(_bits(a.int_repr()), _bits(b.int_repr()))
+    return torch.equal(_bits(a), _bits(b))
 
 
 def _ordered(bits: torch.Tensor, nbits: int) -> torch.Tensor:
@@ -323,12 +387,15 @@ class TensorDiff:
 
     Attributes:
         key: the ``state_dict`` key.
-        status: ``"changed"`` (same dtype and shape, different bits), ``"dtype"`` (dtype changed),
+        status: ``"changed"`` (same dtype and shape, different bits), ``"dtype"`` (dtype changed,
+            or quantized on one side only), ``"layout"`` (dense vs sparse, or another sparse layout),
             ``"shape"`` (shape changed), ``"only_a"`` / ``"only_b"`` (key on one side only).
         shape_a / shape_b, dtype_a / dtype_b: as found on each side (``None`` where absent).
         elements: number of differing elements (``changed``/``dtype``), else ``None``.
         max_abs: largest absolute difference, computed in float64 (``changed``/``dtype``).
         max_ulps: largest distance in ulps (``changed`` floating-point tensors only).
+        detail: what else differs, in words (sparse layout or stored indices, quantization
+            parameters), else ``None``.
     """
 
     key: str
@@ -340,6 +407,7 @@ class TensorDiff:
     elements: int | None = None
     max_abs: float | None = None
     max_ulps: int | None = None
+    detail: str | None = None
 
 
 @dataclass
@@ -363,6 +431,10 @@ class StateDictDiff:
 
 def _describe_dtype(tensor: torch.Tensor) -> str:
     return str(tensor.dtype).removeprefix("torch.")
+
+
+def _describe_layout(tensor: torch.Tensor) -> str:
+    return str(tensor.layout).removeprefix("torch.")
 
 
 def select_keys(keys: Iterable[str], patterns: Sequence[str] | None) -> list[str]:
@@ -391,25 +463,90 @@ def _compare(key: str, a: torch.Tensor, b: torch.Tensor) -> TensorDiff | None:
         return diff
     if tensors_bitwise_equal(a, b):
         return None
-    a, b = a.detach().cpu(), b.detach().cpu()
-    wide = torch.complex128 if (a.is_complex() or b.is_complex()) else torch.float64
-    da, db = a.to(wide), b.to(wide)
-    nan_a, nan_b = da.isnan(), db.isnan()
-    if diff.status == "changed":
-        diff.elements = int((_bits(a) != _bits(b)).reshape(a.numel(), -1).any(dim=1).sum())
+    if _is_sparse(a) or _is_sparse(b):
+        _sparse_stats(diff, a, b)
+    elif a.is_quantized or b.is_quantized:
+        _quantized_stats(diff, a, b)
     else:
-        diff.elements = int(((da != db) & ~(nan_a & nan_b)).sum())
-    if a.numel():
-        if bool((nan_a != nan_b).any()):
-            diff.max_abs = math.nan
+        _dense_stats(diff, a, b)
+    return diff
+
+
+def _sparse_stats(diff: TensorDiff, a: torch.Tensor, b: torch.Tensor) -> None:
+    if a.layout != b.layout:
+        diff.status = "layout"
+        diff.detail = f"layout {_describe_layout(a)} -> {_describe_layout(b)}"
+    same_structure = False
+    if _is_sparse(a) and _is_sparse(b):
+        (ia, va), (ib, vb) = _sparse_parts(a), _sparse_parts(b)
+        same_structure = tensors_bitwise_equal(ia, ib) and va.shape == vb.shape
+        if same_structure:  # same stored positions: compare the stored values, whatever the size
+            _dense_stats(diff, va, vb, elements_of=va[0].numel() if va.dim() > 1 else 1)
+            return
+    if a.numel() <= SPARSE_DENSE_LIMIT:
+        if not same_structure and diff.status == "changed":
+            diff.detail = "stored indices differ"
+        _dense_stats(diff, a.detach().cpu().to_dense(), b.detach().cpu().to_dense())
+    else:
+        diff.detail = f"stored indices differ; not compared element-wise (over {SPARSE_DENSE_LIMIT} elements)"
+
+
+def _quantized_stats(diff: TensorDiff, a: torch.Tensor, b: torch.Tensor) -> None:
+    """Compare the real values a quantized tensor stands for (``max_abs`` in those units, no ulps)."""
+    if a.is_quantized != b.is_quantized:
+        diff.status = "dtype"
+    values = TensorDiff(key=diff.key, status=diff.status)
+    _dense_stats(values, a.dequantize() if a.is_quantized else a, b.dequantize() if b.is_quantized else b)
+    diff.elements, diff.max_abs = values.elements, values.max_abs
+    if a.is_quantized and b.is_quantized and a.dtype == b.dtype:
+        if _qparams_equal(a, b):  # same parameters: the integer values say which elements differ
+            steps = TensorDiff(key=diff.key, status=diff.status)
+            _dense_stats(steps, a.int_repr(), b.int_repr())
+            diff.elements = steps.elements
         else:
-            gap = (da - db).abs()
-            diff.max_abs = float(torch.where(gap.isnan(), torch.zeros_like(gap), gap).max())
-        if diff.status == "changed" and a.is_floating_point():
+            diff.detail = "quantization parameters differ (qscheme, scale or zero point)"
+
+
+def _dense_stats(diff: TensorDiff, a: torch.Tensor, b: torch.Tensor, elements_of: int = 1) -> None:
+    """Fill ``elements``, ``max_abs`` and (same float dtype) ``max_ulps``, chunk by chunk.
+
+    Each step works on :data:`COMPARE_CHUNK` elements, so the float64 and int64 temporaries stay a
+    few MiB even for a tensor of gigabytes (the inputs themselves may be memory-mapped).
+    ``elements_of``: elements per row (sparse values with dense dimensions count by stored entry).
+    """
+    flat_a, flat_b = a.detach().cpu().reshape(-1), b.detach().cpu().reshape(-1)
+    same_dtype = a.dtype == b.dtype
+    floating = same_dtype and a.is_floating_point()
+    wide = torch.complex128 if (a.is_complex() or b.is_complex()) else torch.float64
+    elements, max_abs, nan_mismatch, max_ulps = 0, None, False, None
+    step = max(COMPARE_CHUNK // elements_of, 1) * elements_of
+    for start in range(0, flat_a.numel(), step):
+        ca, cb = flat_a[start : start + step], flat_b[start : start + step]
+        if same_dtype:
+            differ = (_bits(ca) != _bits(cb)).reshape(ca.numel(), -1).any(dim=1)
+            if not bool(differ.any()):
+                continue  # bitwise equal: contributes no difference, no gap, no ulp
+            elements += int(differ.reshape(-1, elements_of).any(dim=1).sum())
+        da, db = ca.to(wide), cb.to(wide)
+        nan_a, nan_b = da.isnan(), db.isnan()
+        if not same_dtype:
+            differ = (da != db) & ~(nan_a & nan_b)
+            elements += int(differ.reshape(-1, elements_of).any(dim=1).sum())
+        if bool((nan_a != nan_b).any()):
+            nan_mismatch = True
+        gap = (da - db).abs()
+        gap = torch.where(gap.isnan(), torch.zeros_like(gap), gap)
+        chunk_max = float(gap.max()) if gap.numel() else 0.0
+        max_abs = chunk_max if max_abs is None else max(max_abs, chunk_max)
+        if floating:
             comparable = ~(nan_a | nan_b)
             if bool(comparable.any()):
-                diff.max_ulps = int(ulp_distance(a, b)[comparable].max())
-    return diff
+                chunk_ulps = int(ulp_distance(ca, cb)[comparable].max())
+                max_ulps = chunk_ulps if max_ulps is None else max(max_ulps, chunk_ulps)
+    diff.elements = elements
+    if flat_a.numel():
+        diff.max_abs = math.nan if nan_mismatch else (max_abs if max_abs is not None else 0.0)
+        diff.max_ulps = max_ulps
 
 
 def diff_state_dicts(
@@ -536,6 +673,14 @@ def merge_checkpoints(
     states = [read(c, label) for c, label in zip(checkpoints, labels, strict=True)]
     if len(states) < 2:
         raise MergeError(f"merge needs at least two input checkpoints, got {len(states)}")
+    for label, state in zip(labels, states, strict=True):
+        if not branch_names_in(state):
+            tops = sorted({k.split(".", 1)[0] for k in state})
+            raise MergeError(
+                f"{label} holds no branch tensors (no '{BRANCH_PREFIX}<name>.*' keys; its top-level "
+                f"names: {', '.join(tops[:8])}{', ...' if len(tops) > 8 else ''}): merge combines "
+                "MultiBranchModule checkpoints, each with its branches under 'branches.'"
+            )
 
     shared_keys = [k for k in states[0] if not k.startswith(BRANCH_PREFIX)]
     for label, state in zip(labels[1:], states[1:], strict=True):
@@ -649,12 +794,18 @@ def save_checkpoint_atomic(checkpoint: Mapping[str, Any], path: str | os.PathLik
     """``torch.save`` to a temporary file next to ``path``, then rename it onto ``path``.
 
     A crash or an error while writing leaves no partial file at ``path`` (and removes the
-    temporary file).
+    temporary file). The file gets the mode a plain ``open(path, "wb")`` would give it: the mode
+    of the file it replaces, else ``0o666`` minus the umask.
     """
     target = Path(path)
     directory = target.parent if str(target.parent) else Path(".")
+    try:  # an overwritten file keeps its mode, as with open(path, "wb")
+        mode = stat.S_IMODE(target.stat().st_mode)
+    except OSError:
+        mode = 0o666 & ~_current_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
     try:
+        os.chmod(tmp, mode)  # mkstemp creates 0600; a plain file create respects the umask
         with os.fdopen(fd, "wb") as handle:
             torch.save(dict(checkpoint), handle)
             handle.flush()
@@ -664,3 +815,14 @@ def save_checkpoint_atomic(checkpoint: Mapping[str, Any], path: str | os.PathLik
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux ``/proc``)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere: the classic set-and-restore
+    os.umask(mask)
+    return mask
