@@ -265,7 +265,7 @@ def _refused_global(text: str) -> str | None:
 _INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 #: elements compared per step: bounds the temporaries (float64 / int64 copies) of one comparison to a
 #: few MiB whatever the tensor's size
-COMPARE_CHUNK = 1 << 18
+COMPARE_CHUNK = 1 << 16
 #: sparse tensors whose indices differ are compared through a dense copy up to this many elements
 SPARSE_DENSE_LIMIT = 1 << 24
 
