@@ -15,7 +15,7 @@ import torch
 from _multibranch_utils import make_module
 
 from lightning_freeze.cli.checkpoint_tools import main as cli
-from lightning_freeze.core import checkpoint as ckpt_core
+from lightning_freeze.core import checkpoint_io
 from lightning_freeze.core.checkpoint import (
     MergeError,
     diff_state_dicts,
@@ -225,7 +225,7 @@ def test_merge_writes_atomically(checkpoints, tmp_path, monkeypatch, capsys) -> 
         handle.write(b"partial bytes")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckpt_core.torch, "save", failing_save)
+    monkeypatch.setattr(checkpoint_io.torch, "save", failing_save)
     out = tmp_path / "merged.ckpt"
     before = sorted(tmp_path.iterdir())
     assert cli(["merge", str(out), str(checkpoints["b"]), str(checkpoints["c"])]) == 2

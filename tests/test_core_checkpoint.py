@@ -41,7 +41,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from lightning_freeze.core import checkpoint as ckpt_core  # noqa: E402
+from lightning_freeze.core import checkpoint_io, state_diff  # noqa: E402
 from lightning_freeze.core.checkpoint import (  # noqa: E402
     CheckpointError,
     diff_state_dicts,
@@ -127,7 +127,7 @@ def test_chunked_comparison_gives_the_whole_tensor_answer(monkeypatch, dtype) ->
         a[700], b[700] = float("nan"), float("nan")  # same NaN: no difference
     for other in (b, b.to(torch.float64) if not dtype.is_complex else b.to(torch.complex128)):
         whole = diff_state_dicts({"t": a}, {"t": other}).differences[0]
-        monkeypatch.setattr(ckpt_core, "COMPARE_CHUNK", 64)
+        monkeypatch.setattr(state_diff, "COMPARE_CHUNK", 64)
         chunked = diff_state_dicts({"t": a}, {"t": other}).differences[0]
         monkeypatch.undo()
         assert chunked == whole
@@ -199,9 +199,9 @@ def test_refused_pickle_globals_name_unsafe_load_in_both_torch_message_forms(tmp
         assert "corrupt" not in str(err.value)
         assert torch.equal(load_checkpoint(path, unsafe_load=True)["state_dict"]["w"], torch.zeros(1))
     # the wording of each torch version, as the message is parsed
-    assert ckpt_core._refused_global("Unsupported global: GLOBAL a.b was not an allowed global") == (
+    assert checkpoint_io._refused_global("Unsupported global: GLOBAL a.b was not an allowed global") == (
         "global a.b is not on the allow-list"
     )
-    assert ckpt_core._refused_global(
+    assert checkpoint_io._refused_global(
         "Trying to load unsupported GLOBAL nt.system whose module nt is blocked."
     ) == ("global nt.system from module nt, which is blocked")
