@@ -205,3 +205,23 @@ def test_refused_pickle_globals_name_unsafe_load_in_both_torch_message_forms(tmp
     assert checkpoint_io._refused_global(
         "Trying to load unsupported GLOBAL nt.system whose module nt is blocked."
     ) == ("global nt.system from module nt, which is blocked")
+
+
+def test_free_branch_name_never_suggests_a_taken_name() -> None:
+    from lightning_freeze.core.keys import free_branch_name
+
+    assert free_branch_name("mod3", ["digit", "parity"]) == "mod3"
+    assert free_branch_name("mod3", ["digit", "mod3"]) == "mod3_2"
+    assert free_branch_name("mod3", ["mod3", "mod3_2", "mod3_3"]) == "mod3_4"
+
+
+def test_checkpoint_module_keeps_its_names_importable() -> None:
+    # callers written against the single module keep working after the split into one module per job
+    from lightning_freeze.core import bits, checkpoint, checkpoint_io, keys, merge, state_diff
+
+    assert checkpoint.load_checkpoint is checkpoint_io.load_checkpoint
+    assert checkpoint.diff_state_dicts is state_diff.diff_state_dicts
+    assert checkpoint.merge_checkpoints is merge.merge_checkpoints
+    assert checkpoint.ulp_distance is bits.ulp_distance
+    assert checkpoint.BRANCH_PREFIX == keys.BRANCH_PREFIX == "branches."
+    assert all(hasattr(checkpoint, name) for name in checkpoint.__all__)

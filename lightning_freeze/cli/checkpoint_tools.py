@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 # PyTorch and the checkpoint core are imported inside the commands, after argparse: ``--help`` and
 # usage errors answer at once instead of after torch's import (seconds)
 if TYPE_CHECKING:
-    from lightning_freeze.core.checkpoint import StateDictDiff, TensorDiff
+    from lightning_freeze.core.state_diff import StateDictDiff, TensorDiff
 
 __all__ = ["main"]
 
@@ -118,12 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _diff(path_a: str, path_b: str, only: list[str] | None, ema: bool, unsafe_load: bool) -> int:
     import torch
 
-    from lightning_freeze.core.checkpoint import (
-        checkpoint_state_dict,
-        diff_state_dicts,
-        ema_state_dict,
-        load_checkpoint,
-    )
+    from lightning_freeze.core.checkpoint_io import checkpoint_state_dict, ema_state_dict, load_checkpoint
+    from lightning_freeze.core.state_diff import diff_state_dicts
 
     # the comparison walks each tensor in small chunks (bounded memory): memory-bound work that
     # extra intra-op threads only slow down (measured: 8x the CPU time on a busy 2-core machine)
@@ -213,7 +209,8 @@ def _merge(out: str, inputs: list[str], force: bool, ema: bool, unsafe_load: boo
         raise _UsageError(f"OUT {out!r} exists; pass --force to overwrite it")
     if not target.parent.is_dir():
         raise _UsageError(f"OUT {out!r}: directory {str(target.parent)!r} does not exist")
-    from lightning_freeze.core.checkpoint import load_checkpoint, merge_checkpoints, save_checkpoint_atomic
+    from lightning_freeze.core.checkpoint_io import load_checkpoint, save_checkpoint_atomic
+    from lightning_freeze.core.merge import merge_checkpoints
 
     checkpoints = [load_checkpoint(path, unsafe_load=unsafe_load) for path in inputs]
     result = merge_checkpoints(checkpoints, names=[repr(p) for p in inputs], ema=ema)

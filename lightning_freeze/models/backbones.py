@@ -6,7 +6,7 @@ of a local file: a plain ``state_dict``, a torchvision checkpoint, or a Lightnin
 :class:`~lightning_freeze.MultiBranchModule` (its ``backbone.*`` tensors are used).
 
 Local files are read with the package's safe loader
-(:func:`~lightning_freeze.core.checkpoint.load_checkpoint`: ``torch.load(weights_only=True)`` after a
+(:func:`~lightning_freeze.core.checkpoint_io.load_checkpoint`: ``torch.load(weights_only=True)`` after a
 CRC check), which refuses files that pickle code. ``unsafe_load=True`` lifts that for a file you trust.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_freeze.core.checkpoint import load_checkpoint
+from lightning_freeze.core.checkpoint_io import load_checkpoint
 
 __all__ = ["TORCHVISION_BACKBONES", "TinyCNN", "load_backbone_weights", "tiny_cnn", "torchvision_backbone"]
 
@@ -188,7 +188,7 @@ def load_backbone_weights(
     """Load a local checkpoint into a backbone, exactly (strict; errors name the keys).
 
     The file is read with the safe loader
-    (:func:`~lightning_freeze.core.checkpoint.load_checkpoint`), which refuses files that pickle
+    (:func:`~lightning_freeze.core.checkpoint_io.load_checkpoint`), which refuses files that pickle
     Python objects: unpickling them would run code named in the file.
 
     Args:
@@ -204,7 +204,7 @@ def load_backbone_weights(
 
     Raises:
         FileNotFoundError: no such file.
-        lightning_freeze.core.checkpoint.CheckpointError: the file is corrupt, truncated, not a
+        lightning_freeze.core.checkpoint_io.CheckpointError: the file is corrupt, truncated, not a
             checkpoint, or pickles objects that safe loading refuses (the message says so and
             names ``unsafe_load=True``).
         ValueError: the weights do not fit ``model`` (the message names the keys).
