@@ -8,8 +8,12 @@ Pure PyTorch (no Lightning import), so the tools start fast and work on any ``to
 
 Exit status: ``diff`` 0 when nothing (under ``--only``) differs, 1 when something does; ``merge`` 0
 when written. Both exit 2 on bad input (missing, unreadable, corrupt or truncated file, not a
-checkpoint; for ``merge`` also different backbones or colliding branch names) with a one-line
-error on stderr and nothing written.
+checkpoint, a file that needs ``--unsafe-load``; for ``merge`` also inputs without branches,
+different backbones or colliding branch names) with a one-line error on stderr and nothing written.
+
+``diff`` memory-maps both files and compares each tensor in small chunks: its peak memory is about
+the two files' size, whatever the size of one tensor. Sparse tensors compare by their coalesced
+indices and values, quantized ones by scheme, scale, zero point and integer values.
 """
 
 from __future__ import annotations
@@ -48,8 +52,9 @@ def _parser() -> argparse.ArgumentParser:
         "diff",
         help="list the tensors that differ between two checkpoints",
         description=(
-            "Compare two checkpoints tensor by tensor, bitwise. Exit 0 when no tensor (under --only) "
-            "differs, 1 when some do, 2 on bad input."
+            "Compare two checkpoints tensor by tensor, bitwise (dense, sparse and quantized tensors), "
+            "in bounded memory (files memory-mapped, tensors compared in chunks). Exit 0 when no "
+            "tensor (under --only) differs, 1 when some do, 2 on bad input."
         ),
     )
     diff.add_argument("a", metavar="A", help="first checkpoint (.ckpt or state_dict file)")

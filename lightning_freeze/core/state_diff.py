@@ -145,7 +145,8 @@ def _sparse_stats(diff: TensorDiff, a: torch.Tensor, b: torch.Tensor) -> None:
             diff.detail = "stored indices differ"
         _dense_stats(diff, a.detach().cpu().to_dense(), b.detach().cpu().to_dense())
     else:
-        diff.detail = f"stored indices differ; not compared element-wise (over {SPARSE_DENSE_LIMIT} elements)"
+        what = diff.detail or "stored indices differ"
+        diff.detail = f"{what}; not compared element-wise (over {SPARSE_DENSE_LIMIT} elements)"
 
 
 def _quantized_stats(diff: TensorDiff, a: torch.Tensor, b: torch.Tensor) -> None:
