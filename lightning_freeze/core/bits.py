@@ -11,11 +11,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["tensor_bits", "tensors_bitwise_equal", "ulp_distance"]
+__all__ = [
+    "coalesced_sparse_parts",
+    "is_sparse",
+    "quantization_equal",
+    "tensor_bits",
+    "tensors_bitwise_equal",
+    "ulp_distance",
+]
 
 _INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
-#: elements compared per step: bounds the temporaries (float64 / int64 copies) of one comparison to a
-#: few MiB whatever the tensor's size
 
 
 def tensor_bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -46,7 +51,8 @@ def _qparams(tensor: torch.Tensor) -> tuple[Any, ...]:
     )
 
 
-def _qparams_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+def quantization_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Two quantized tensors with the same scheme, scale(s), zero point(s) and axis, bitwise."""
     pa, pb = _qparams(a), _qparams(b)
     return len(pa) == len(pb) and all(
         tensors_bitwise_equal(x, y) if isinstance(x, torch.Tensor) else x == y
@@ -54,7 +60,7 @@ def _qparams_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-def _sparse_parts(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def coalesced_sparse_parts(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Coalesced COO indices and values of any sparse layout (one canonical form per tensor)."""
     coo = tensor.detach().cpu()
     if coo.layout != torch.sparse_coo:
@@ -63,7 +69,8 @@ def _sparse_parts(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return coo.indices(), coo.values()
 
 
-def _is_sparse(tensor: torch.Tensor) -> bool:
+def is_sparse(tensor: torch.Tensor) -> bool:
+    """Any sparse layout (COO, CSR, CSC, BSR, BSC)."""
     return tensor.layout != torch.strided
 
 
@@ -75,11 +82,11 @@ def tensors_bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     """
     if a.dtype != b.dtype or a.shape != b.shape or a.layout != b.layout or a.is_quantized != b.is_quantized:
         return False
-    if _is_sparse(a):
-        (ia, va), (ib, vb) = _sparse_parts(a), _sparse_parts(b)
+    if is_sparse(a):
+        (ia, va), (ib, vb) = coalesced_sparse_parts(a), coalesced_sparse_parts(b)
         return tensors_bitwise_equal(ia, ib) and tensors_bitwise_equal(va, vb)
     if a.is_quantized:
-        return _qparams_equal(a, b) and torch.equal(tensor_bits(a.int_repr()), tensor_bits(b.int_repr()))
+        return quantization_equal(a, b) and torch.equal(tensor_bits(a.int_repr()), tensor_bits(b.int_repr()))
     return torch.equal(tensor_bits(a), tensor_bits(b))
 
 

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from lightning_freeze.core.bits import (
-    _is_sparse,
-    _qparams_equal,
-    _sparse_parts,
+    coalesced_sparse_parts,
+    is_sparse,
+    quantization_equal,
     tensor_bits,
     tensors_bitwise_equal,
     ulp_distance,
@@ -33,6 +33,8 @@ __all__ = [
     "select_keys",
 ]
 
+#: elements compared per step: bounds the temporaries (float64 / int64 copies) of one comparison to a
+#: few MiB whatever the tensor's size
 COMPARE_CHUNK = 1 << 16
 #: sparse tensors whose indices differ are compared through a dense copy up to this many elements
 SPARSE_DENSE_LIMIT = 1 << 24
@@ -120,7 +122,7 @@ def _compare(key: str, a: torch.Tensor, b: torch.Tensor) -> TensorDiff | None:
         return diff
     if tensors_bitwise_equal(a, b):
         return None
-    if _is_sparse(a) or _is_sparse(b):
+    if is_sparse(a) or is_sparse(b):
         _sparse_stats(diff, a, b)
     elif a.is_quantized or b.is_quantized:
         _quantized_stats(diff, a, b)
@@ -134,8 +136,8 @@ def _sparse_stats(diff: TensorDiff, a: torch.Tensor, b: torch.Tensor) -> None:
         diff.status = "layout"
         diff.detail = f"layout {_describe_layout(a)} -> {_describe_layout(b)}"
     same_structure = False
-    if _is_sparse(a) and _is_sparse(b):
-        (ia, va), (ib, vb) = _sparse_parts(a), _sparse_parts(b)
+    if is_sparse(a) and is_sparse(b):
+        (ia, va), (ib, vb) = coalesced_sparse_parts(a), coalesced_sparse_parts(b)
         same_structure = tensors_bitwise_equal(ia, ib) and va.shape == vb.shape
         if same_structure:  # same stored positions: compare the stored values, whatever the size
             _dense_stats(diff, va, vb, elements_of=va[0].numel() if va.dim() > 1 else 1)
@@ -157,7 +159,7 @@ def _quantized_stats(diff: TensorDiff, a: torch.Tensor, b: torch.Tensor) -> None
     _dense_stats(values, a.dequantize() if a.is_quantized else a, b.dequantize() if b.is_quantized else b)
     diff.elements, diff.max_abs = values.elements, values.max_abs
     if a.is_quantized and b.is_quantized and a.dtype == b.dtype:
-        if _qparams_equal(a, b):  # same parameters: the integer values say which elements differ
+        if quantization_equal(a, b):  # same parameters: the integer values say which elements differ
             steps = TensorDiff(key=diff.key, status=diff.status)
             _dense_stats(steps, a.int_repr(), b.int_repr())
             diff.elements = steps.elements
