@@ -8,7 +8,8 @@ Run by hand (never part of the test suite)::
     python benchmarks/bench_diff.py --compare-pythonpath /path/to/old/checkout
 
 Files: two Lightning-style checkpoints (``{"state_dict": ...}``) of ``--size-mb`` MB each, float32
-tensors of at most 64 MB (a large backbone's shapes), written once into a temporary directory. In B
+tensors of at most ``--tensor-mb`` MB (default 64, a large backbone's shapes; the old comparison's
+peak grew with the largest tensor), written once into a temporary directory. In B
 every element of every tensor is one ulp away from A's (the worst case: every tensor changed, so
 the whole of each tensor is compared in detail).
 
@@ -41,12 +42,12 @@ sys.stderr.write(proc.stderr[-2000:])
 """
 
 
-def _build(directory: Path, size_mb: int) -> tuple[Path, Path]:
+def _build(directory: Path, size_mb: int, tensor_mb: int = 64) -> tuple[Path, Path]:
     import torch
 
     torch.manual_seed(0)
     total = size_mb * 2**20 // 4  # float32 elements
-    chunk = 16 * 2**20  # 64 MB tensors at most
+    chunk = tensor_mb * 2**20 // 4
     a: dict[str, torch.Tensor] = {}
     index = 0
     while total > 0:
@@ -87,20 +88,31 @@ def main(argv: list[str] | None = None) -> None:
         metavar="PATH",
         help="also diff with the package found on this PYTHONPATH (e.g. a checkout before a change)",
     )
+    parser.add_argument(
+        "--tensor-mb",
+        type=int,
+        default=64,
+        help="size of the largest tensor (default 64; the old peak grew with it)",
+    )
     parser.add_argument("--directory", type=Path, help="where to write the checkpoints (default: a temp dir)")
     args = parser.parse_args(argv)
-    if args.size_mb < 1:
-        parser.error(f"Invalid --size-mb={args.size_mb}; valid choices: an integer >= 1")
+    for option in ("size_mb", "tensor_mb"):
+        if getattr(args, option) < 1:
+            flag = "--" + option.replace("_", "-")
+            parser.error(f"Invalid {flag}={getattr(args, option)}; valid choices: an integer >= 1")
 
     here = str(Path(__file__).resolve().parents[1])
     checkouts = {"this checkout": here}
     if args.compare_pythonpath:
         checkouts = {"compared checkout": args.compare_pythonpath, **checkouts}
     with tempfile.TemporaryDirectory(dir=args.directory) as tmp:
-        a, b = _build(Path(tmp), args.size_mb)
+        a, b = _build(Path(tmp), args.size_mb, args.tensor_mb)
         file_mib = a.stat().st_size / 2**20
         _, baseline, _, _ = _measure([sys.executable, "-c", "import torch"], here)
-        print(f"two checkpoints of {file_mib:.0f} MiB each; Python + torch baseline {baseline:.0f} MiB RSS\n")
+        print(
+            f"two checkpoints of {file_mib:.0f} MiB each (tensors of at most {args.tensor_mb} MB); "
+            f"Python + torch baseline {baseline:.0f} MiB RSS\n"
+        )
         print("| package | exit | peak RSS (MiB) | above baseline / one file | wall (s) | CPU (s) |")
         print("|---|---|---|---|---|---|")
         for name, path in checkouts.items():
