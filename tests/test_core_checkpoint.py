@@ -166,10 +166,14 @@ def test_diff_of_a_large_changed_tensor_needs_no_whole_tensor_temporaries() -> N
 def test_load_checkpoint_maps_the_file_instead_of_copying_it(tmp_path) -> None:
     path = tmp_path / "big.ckpt"
     torch.save({"state_dict": {"w": torch.ones(1 << 20)}}, path)
-    w = load_checkpoint(path)["state_dict"]["w"]
+    w = load_checkpoint(path, mmap=True)["state_dict"]["w"]
     assert torch.equal(w, torch.ones(1 << 20))
     if os.path.exists("/proc/self/maps"):  # the tensor data is the file, mapped: not a copy in memory
         assert str(path) in Path("/proc/self/maps").read_text()
+        del w
+        read = load_checkpoint(path)["state_dict"]["w"]  # default: read, nothing left mapped
+        assert str(path) not in Path("/proc/self/maps").read_text()
+        assert torch.equal(read, torch.ones(1 << 20))
 
 
 class _Blocked:

@@ -43,7 +43,9 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint whose tensors do not fit a module (names the keys that do not fit)."""
 
 
-def load_checkpoint(path: str | os.PathLike[str], *, unsafe_load: bool = False) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | os.PathLike[str], *, unsafe_load: bool = False, mmap: bool = False
+) -> dict[str, Any]:
     """Load a checkpoint file onto the CPU.
 
     Args:
@@ -51,6 +53,10 @@ def load_checkpoint(path: str | os.PathLike[str], *, unsafe_load: bool = False) 
         unsafe_load: load with ``torch.load(weights_only=False)``, which runs pickled code: only for
             files you trust (needed when a checkpoint pickles objects such as a ``functools.partial``
             or an OmegaConf ``DictConfig`` in its hyper-parameters).
+        mmap: map the tensor data from the file instead of reading it into memory (zip-format files,
+            ``torch.save``'s default; legacy files are read as usual): memory then costs what is
+            touched, and the page cache can drop it again. The tensors stay backed by the file:
+            do not truncate or rewrite the file in place while they are in use.
 
     Returns:
         the loaded dict.
@@ -76,9 +82,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, unsafe_load: bool = False) 
     if head == _ZIP_MAGIC:
         _check_zip_integrity(file, name)
     try:
-        # mmap (zip format only): tensor data stays in the page cache instead of being copied, so
-        # comparing two large checkpoints costs about their size, not a multiple of it
-        obj = torch.load(file, map_location="cpu", weights_only=not unsafe_load, mmap=head == _ZIP_MAGIC)
+        obj = torch.load(
+            file, map_location="cpu", weights_only=not unsafe_load, mmap=mmap and head == _ZIP_MAGIC
+        )
     except Exception as err:  # torch.load raises many types for bad files; all mean "cannot use it"
         text = " ".join(str(err).split())
         refused = _refused_global(text)
