@@ -73,3 +73,39 @@ def test_heads() -> None:
     assert head(torch.randn(2, 16)).shape == (2, 4)
     with pytest.raises(ValueError, match=r"Invalid num_classes=0; valid choices: an integer >= 1"):
         linear_head(16, 0)
+
+
+class _CreatesAFile:
+    """Unpickling this calls ``builtins.open(path, "w")``: a file appears if the loader runs it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_weights_that_pickle_code_are_refused_unless_unsafe_load(tmp_path) -> None:
+    from lightning_freeze.core.checkpoint import CheckpointError
+
+    trained = tiny_cnn(width=4)
+    marker = tmp_path / "created_by_unpickling"
+    crafted = tmp_path / "crafted.pt"
+    torch.save({"state_dict": trained.state_dict(), "payload": _CreatesAFile(str(marker))}, crafted)
+    for build in (
+        lambda **kw: tiny_cnn(width=4, weights=crafted, **kw),
+        lambda **kw: torchvision_backbone("resnet18", weights=crafted, **kw),
+    ):
+        with pytest.raises(CheckpointError) as err:
+            build()
+        assert str(err.value) == (
+            f"{str(crafted)!r}: it pickles Python objects that weights_only loading refuses (global "
+            "io.open is not on the allow-list): loading them would import and run code named in "
+            "the file; only if you trust this file, load it with unsafe_load=True (CLI: --unsafe-load)"
+        )
+        assert not marker.exists()  # nothing in the file ran
+    # control: the opt-in really unpickles (and so runs) the payload, and loads the weights
+    loaded = tiny_cnn(width=4, weights=crafted, unsafe_load=True)
+    assert marker.exists()
+    for key, value in trained.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key

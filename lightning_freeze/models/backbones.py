@@ -4,6 +4,10 @@
 (``"DEFAULT"``, ``"IMAGENET1K_V1"``, ...; torchvision downloads it once into its cache), or the path
 of a local file: a plain ``state_dict``, a torchvision checkpoint, or a Lightning checkpoint of a
 :class:`~lightning_freeze.MultiBranchModule` (its ``backbone.*`` tensors are used).
+
+Local files are read with the package's safe loader
+(:func:`~lightning_freeze.core.checkpoint_io.load_checkpoint`: ``torch.load(weights_only=True)`` after a
+CRC check), which refuses files that pickle code. ``unsafe_load=True`` lifts that for a file you trust.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from lightning_freeze.core.checkpoint_io import load_checkpoint
 
 __all__ = ["TORCHVISION_BACKBONES", "TinyCNN", "load_backbone_weights", "tiny_cnn", "torchvision_backbone"]
 
@@ -61,24 +67,30 @@ class TinyCNN(nn.Sequential):
         self.out_features = 2 * width
 
 
-def tiny_cnn(in_channels: int = 1, width: int = 32, weights: str | Path | None = None) -> TinyCNN:
+def tiny_cnn(
+    in_channels: int = 1, width: int = 32, weights: str | Path | None = None, unsafe_load: bool = False
+) -> TinyCNN:
     """Build a :class:`TinyCNN`, optionally loading ``weights`` from a local file.
 
     Args:
         in_channels: image channels. Default 1.
         width: channels of the first convolution. Default 32.
         weights: ``None`` (default) or the path of a local checkpoint / ``state_dict``.
+        unsafe_load: read ``weights`` with ``torch.load(weights_only=False)``, which runs code
+            pickled in the file: only for a file you trust. Default ``False`` (safe loading).
 
     Returns:
         the backbone; ``backbone.out_features == 2 * width``.
     """
     model = TinyCNN(in_channels, width)
     if weights is not None:
-        load_backbone_weights(model, weights)
+        load_backbone_weights(model, weights, unsafe_load=unsafe_load)
     return model
 
 
-def torchvision_backbone(name: str, weights: str | Path | None = None, in_channels: int = 3) -> nn.Module:
+def torchvision_backbone(
+    name: str, weights: str | Path | None = None, in_channels: int = 3, unsafe_load: bool = False
+) -> nn.Module:
     """A torchvision classification model without its classifier: images -> feature vector.
 
     Args:
@@ -88,6 +100,8 @@ def torchvision_backbone(name: str, weights: str | Path | None = None, in_channe
             or the path of a local file (see the module docstring).
         in_channels: image channels. With a value other than 3 the first convolution is replaced;
             pretrained kernels are summed (1 channel) or repeated and rescaled over channels.
+        unsafe_load: read a local ``weights`` file with ``torch.load(weights_only=False)``, which
+            runs code pickled in the file: only for a file you trust. Default ``False``.
 
     Returns:
         the model with its classifier replaced by ``nn.Identity``; ``out_features`` is set.
@@ -126,7 +140,7 @@ def torchvision_backbone(name: str, weights: str | Path | None = None, in_channe
     if in_channels != 3:
         _adapt_first_conv(model, in_channels)
     if local_file is not None:
-        load_backbone_weights(model, local_file, ignore_prefixes=(f"{head_attr}.",))
+        load_backbone_weights(model, local_file, ignore_prefixes=(f"{head_attr}.",), unsafe_load=unsafe_load)
     model.out_features = first_linear.in_features
     return model
 
@@ -169,24 +183,36 @@ def _extract_state_dict(obj: Any, path: Path) -> Mapping[str, torch.Tensor]:
 
 
 def load_backbone_weights(
-    model: nn.Module, weights: str | Path, ignore_prefixes: tuple[str, ...] = ()
+    model: nn.Module, weights: str | Path, ignore_prefixes: tuple[str, ...] = (), unsafe_load: bool = False
 ) -> nn.Module:
     """Load a local checkpoint into a backbone, exactly (strict; errors name the keys).
+
+    The file is read with the safe loader
+    (:func:`~lightning_freeze.core.checkpoint_io.load_checkpoint`), which refuses files that pickle
+    Python objects: unpickling them would run code named in the file.
 
     Args:
         model: the backbone.
         weights: path of a ``state_dict`` file, a torchvision checkpoint or a Lightning checkpoint
             (``backbone.*`` keys are used when present).
         ignore_prefixes: keys starting with these are skipped (e.g. a classifier ``"fc."``).
+        unsafe_load: read the file with ``torch.load(weights_only=False)``, which runs code pickled
+            in it: only for a file you trust. Default ``False``.
 
     Returns:
         ``model``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        lightning_freeze.core.checkpoint_io.CheckpointError: the file is corrupt, truncated, not a
+            checkpoint, or pickles objects that safe loading refuses (the message says so and
+            names ``unsafe_load=True``).
+        ValueError: the weights do not fit ``model`` (the message names the keys).
     """
     path = Path(weights).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"weights={str(weights)!r}: no such file.")
-    # a file the user names explicitly; Lightning checkpoints hold non-tensor metadata
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    obj = load_checkpoint(path, unsafe_load=unsafe_load)
     state = {k: v for k, v in _extract_state_dict(obj, path).items() if not k.startswith(ignore_prefixes)}
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
