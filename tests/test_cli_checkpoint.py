@@ -420,11 +420,6 @@ print("heavy:", heavy)
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lightning_freeze/__init__.py imports core.errors, whose package __init__ imports torch: "
-    "needs a lazy lightning_freeze/core/__init__.py (see the h3 report)",
-)
 def test_help_and_usage_errors_do_not_import_torch() -> None:
     proc = subprocess.run(
         [sys.executable, "-c", _HELP_WITHOUT_TORCH],
