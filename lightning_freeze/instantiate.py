@@ -59,6 +59,7 @@ DEFAULT_ALLOWED_TARGETS: tuple[str, ...] = (
     "timm.layers",
     "torchmetrics",
     "lightning_freeze.models",
+    "lightning_freeze.data",
     "lightning_freeze.module",
     "lightning_freeze.MultiBranchModule",
 )
