@@ -76,12 +76,22 @@ class MultiBranchModule(pl.LightningModule):
     rebuilds the whole module from the checkpoint alone. With Hydra, instantiate the module node
     with ``_recursive_: false`` so that it receives the configs. Objects are not stored (Lightning
     saves module weights in the ``state_dict`` anyway): pass them again to ``load_from_checkpoint``.
+    Every ``_target_`` of these configs must lie under the allowed module prefixes of
+    :mod:`lightning_freeze.instantiate` (``torch.nn``, ``torch.optim``, ``torchvision.models``,
+    ``timm``, ``torchmetrics``, ``lightning_freeze.models``, ...): a checkpoint's hyper-parameters
+    cannot make loading call other code. Allow your own package with
+    ``with lightning_freeze.instantiate.allow_targets("mypkg"): ...`` or
+    ``LIGHTNING_FREEZE_ALLOWED_TARGETS=mypkg``.
+
+    ``forward`` is scriptable: ``model.to_torchscript()`` / ``torch.jit.script(model)`` keep its
+    ``branch`` argument (default: the branch active when scripted).
 
     Args:
         backbone: ``nn.Module`` (or its config) computing the features every branch takes.
         branches: ``{name: nn.Module or config}``; any module that takes the backbone's output.
             Names are ``state_dict`` prefixes (``branches.<name>.``) and log prefixes: non-empty,
-            without ``.`` or ``/``.
+            without ``.`` or ``/``, and not an attribute of ``nn.Module``/``nn.ModuleDict``
+            (``training``, ``forward``, ``keys``, ...; see :func:`check_branch_name`).
         active_branch: the branch trained, validated and predicted by default; default: the first.
         losses: ``{branch: callable(output, target) -> loss}``; default ``F.cross_entropy``.
         metrics: ``{branch: Metric, MetricCollection, {name: Metric} or None}``; default
@@ -102,6 +112,8 @@ class MultiBranchModule(pl.LightningModule):
         UnknownBranchError: ``active_branch`` or a key of ``losses``/``metrics``/``num_classes`` is
             not a branch (the message lists the branches).
         ValueError: an invalid branch name, no branches, or a class count that cannot be inferred.
+        lightning_freeze.instantiate.TargetNotAllowedError: a config's ``_target_`` outside the
+            allow-list (a ``ValueError``; nothing was instantiated).
 
     Example::
 

@@ -36,7 +36,10 @@ class FrozenSafeEMA(Callback):
       the tensor already received; see :func:`~lightning_freeze.core.ema.effective_decay`) and is
       logged as ``"ema/decay"``;
     * validation and test run on the EMA weights; the raw weights are restored bitwise after, and
-      a checkpoint written meanwhile holds the raw weights;
+      a checkpoint written meanwhile holds the raw weights. ``trainer.validate/test(ckpt_path=X)``
+      evaluates X: its EMA weights when X holds this callback's state (same ``state_key``), else
+      X's raw weights (the EMA of an earlier fit averaged other weights and is dropped); an info
+      line says which;
     * the shadow and counters live in the callback state: resuming reproduces the uninterrupted run.
 
     When it acts, in any callback order: the shadow is built at ``on_fit_start`` (after
