@@ -278,6 +278,7 @@ def test_bad_input_is_one_clear_line(
     assert result.returncode == 1
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()  # nothing written: no empty output directory left behind
     if message.startswith("Error: "):  # the app's own errors: exactly one line
         assert [line for line in result.stderr.splitlines() if line.strip()] == [result.stderr.strip()]
     if "collides" in message:
