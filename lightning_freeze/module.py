@@ -27,12 +27,15 @@ from lightning_freeze.core.checkpoint import (
     load_checkpoint,
 )
 from lightning_freeze.core.freeze import check_choice
+from lightning_freeze.instantiate import instantiate
+from lightning_freeze.instantiate import is_config as _is_config
 
-__all__ = ["CheckpointMismatchError", "MultiBranchModule", "UnknownBranchError"]
+__all__ = ["CheckpointMismatchError", "MultiBranchModule", "UnknownBranchError", "check_branch_name"]
 
 _CHECKPOINT_KEY = "multi_branch"
-# attributes of nn.ModuleDict: a branch with one of these names could not be stored in it
-_RESERVED_NAMES = frozenset(dir(nn.ModuleDict))
+# attributes of an nn.ModuleDict, of its class and of an instance (``training``, ``_modules``...): a
+# branch with one of these names could not be stored in it
+_RESERVED_NAMES = frozenset(dir(nn.ModuleDict)) | frozenset(vars(nn.ModuleDict()))
 _MAX_KEYS_SHOWN = 8
 
 
@@ -73,12 +76,22 @@ class MultiBranchModule(pl.LightningModule):
     rebuilds the whole module from the checkpoint alone. With Hydra, instantiate the module node
     with ``_recursive_: false`` so that it receives the configs. Objects are not stored (Lightning
     saves module weights in the ``state_dict`` anyway): pass them again to ``load_from_checkpoint``.
+    Every ``_target_`` of these configs must lie under the allowed module prefixes of
+    :mod:`lightning_freeze.instantiate` (``torch.nn``, ``torch.optim``, ``torchvision.models``,
+    ``timm``, ``torchmetrics``, ``lightning_freeze.models``, ...): a checkpoint's hyper-parameters
+    cannot make loading call other code. Allow your own package with
+    ``with lightning_freeze.instantiate.allow_targets("mypkg"): ...`` or
+    ``LIGHTNING_FREEZE_ALLOWED_TARGETS=mypkg``.
+
+    ``forward`` is scriptable: ``model.to_torchscript()`` / ``torch.jit.script(model)`` keep its
+    ``branch`` argument (default: the branch active when scripted).
 
     Args:
         backbone: ``nn.Module`` (or its config) computing the features every branch takes.
         branches: ``{name: nn.Module or config}``; any module that takes the backbone's output.
             Names are ``state_dict`` prefixes (``branches.<name>.``) and log prefixes: non-empty,
-            without ``.`` or ``/``.
+            without ``.`` or ``/``, and not an attribute of ``nn.Module``/``nn.ModuleDict``
+            (``training``, ``forward``, ``keys``, ...; see :func:`check_branch_name`).
         active_branch: the branch trained, validated and predicted by default; default: the first.
         losses: ``{branch: callable(output, target) -> loss}``; default ``F.cross_entropy``.
         metrics: ``{branch: Metric, MetricCollection, {name: Metric} or None}``; default
@@ -99,6 +112,8 @@ class MultiBranchModule(pl.LightningModule):
         UnknownBranchError: ``active_branch`` or a key of ``losses``/``metrics``/``num_classes`` is
             not a branch (the message lists the branches).
         ValueError: an invalid branch name, no branches, or a class count that cannot be inferred.
+        lightning_freeze.instantiate.TargetNotAllowedError: a config's ``_target_`` outside the
+            allow-list (a ``ValueError``; nothing was instantiated).
 
     Example::
 
@@ -122,6 +137,13 @@ class MultiBranchModule(pl.LightningModule):
         L.Trainer(max_epochs=5, callbacks=[FreezeBackbone()]).fit(stage2, loader_b)
         outputs = stage2.forward_all(x)  # {"a": ..., "b": ...}, backbone computed once
     """
+
+    # properties TorchScript must not compile (their setters and checks are Python-only)
+    __jit_unused_properties__: list[str] = [
+        *pl.LightningModule.__jit_unused_properties__,
+        "active_branch",
+        "branch_names",
+    ]
 
     def __init__(
         self,
@@ -149,7 +171,7 @@ class MultiBranchModule(pl.LightningModule):
                 "{name: nn.Module or config}."
             )
         for name in branches:
-            _check_branch_name(name)
+            check_branch_name(name)
 
         self.backbone = _build_module("backbone", backbone)
         self.branches = nn.ModuleDict(
@@ -165,7 +187,8 @@ class MultiBranchModule(pl.LightningModule):
         if isinstance(num_classes, Mapping):
             self._check_keys("num_classes", num_classes)
         self._losses: dict[str, Callable[..., torch.Tensor]] = {
-            name: _instantiate(spec) if _is_config(spec) else spec for name, spec in (losses or {}).items()
+            name: instantiate(spec, f"losses[{name!r}]") if _is_config(spec) else spec
+            for name, spec in (losses or {}).items()
         }
         for name, fn in self._losses.items():
             if not callable(fn):
@@ -184,10 +207,10 @@ class MultiBranchModule(pl.LightningModule):
         )
 
         self._optimizer_factory = (
-            _instantiate(optimizer, _partial_=True) if _is_config(optimizer) else optimizer
+            instantiate(optimizer, "optimizer", _partial_=True) if _is_config(optimizer) else optimizer
         )
         self._scheduler_factory = (
-            _instantiate(scheduler, _partial_=True) if _is_config(scheduler) else scheduler
+            instantiate(scheduler, "scheduler", _partial_=True) if _is_config(scheduler) else scheduler
         )
         for arg, factory in (("optimizer", self._optimizer_factory), ("scheduler", self._scheduler_factory)):
             if factory is not None and not callable(factory):
@@ -276,7 +299,7 @@ class MultiBranchModule(pl.LightningModule):
         if spec is None:
             return None
         if _is_config(spec):
-            spec = _instantiate(spec)
+            spec = instantiate(spec, f"metrics[{name!r}]")
         if isinstance(spec, MetricCollection):
             return spec
         if isinstance(spec, Metric):
@@ -306,8 +329,20 @@ class MultiBranchModule(pl.LightningModule):
     # forward
     # --------------------------------------------------------------------------------------------
     @override
-    def forward(self, x: Any, branch: str | None = None) -> Any:
-        """Output of ``branch`` (default: the active branch) for input ``x``."""
+    def forward(self, x: torch.Tensor, branch: str | None = None) -> torch.Tensor:
+        """Output of ``branch`` (default: the active branch) for input ``x``.
+
+        Scriptable: ``torch.jit.script(model)`` and ``model.to_torchscript()`` keep the ``branch``
+        argument (default: the branch active when scripted); ``torch.export`` traces the active branch.
+        """
+        if torch.jit.is_scripting():
+            # TorchScript indexes a ModuleDict only with literal keys: look the branch up by iterating
+            name = self._active_branch if branch is None else branch
+            features = self.backbone(x)
+            for key, module in self.branches.items():
+                if key == name:
+                    return module(features)
+            raise KeyError("Unknown branch " + name)
         name = self._active_branch if branch is None else self._check_branch(branch)
         return self.branches[name](self.backbone(x))
 
@@ -547,27 +582,36 @@ class MultiBranchModule(pl.LightningModule):
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
-def _check_branch_name(name: Any) -> None:
-    if not isinstance(name, str) or not name or "." in name or "/" in name or name in _RESERVED_NAMES:
-        reason = "it is an nn.ModuleDict attribute" if name in _RESERVED_NAMES else "bad characters"
-        raise ValueError(
-            f"Invalid branch name {name!r} ({reason}); valid choices: a non-empty string without '.' or '/' "
-            "that is not an nn.ModuleDict attribute, e.g. 'a' or 'cls_head'."
-        )
+def check_branch_name(name: Any) -> str:
+    """Check that ``name`` can name a branch (a key of the ``branches`` ``nn.ModuleDict``).
 
+    Valid: a non-empty string without ``.`` or ``/`` (``state_dict`` and log separators) that is not
+    an attribute of ``nn.ModuleDict`` / ``nn.Module`` (``training``, ``forward``, ``state_dict``, ...:
+    ``nn.ModuleDict`` cannot store a module under such a name).
 
-def _is_config(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and "_target_" in obj
+    Returns:
+        ``name``.
 
-
-def _instantiate(config: Mapping[str, Any], **kwargs: Any) -> Any:
-    from hydra.utils import instantiate  # imported on first use: Hydra is only needed for configs
-
-    return instantiate(config, **kwargs)
+    Raises:
+        ValueError: an invalid name, with the reason and the rule.
+    """
+    if not isinstance(name, str) or not name:
+        reason = "not a non-empty string"
+    elif "." in name or "/" in name:
+        reason = "it contains '.' or '/'"
+    elif name in _RESERVED_NAMES:
+        reason = "it is an attribute of nn.Module/nn.ModuleDict"
+    else:
+        return name
+    raise ValueError(
+        f"Invalid branch name {name!r} ({reason}); valid choices: a non-empty string without '.' or '/' "
+        "that is not an attribute of nn.Module/nn.ModuleDict (such as 'training', 'forward', 'state_dict'), "
+        "e.g. 'a' or 'cls_head'."
+    )
 
 
 def _build_module(what: str, spec: Any) -> nn.Module:
-    obj = _instantiate(spec) if _is_config(spec) else spec
+    obj = instantiate(spec, what) if _is_config(spec) else spec
     if not isinstance(obj, nn.Module):
         raise TypeError(
             f"{what} must be an nn.Module or a Hydra config (with _target_) for one, got {obj!r}."

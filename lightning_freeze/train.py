@@ -23,7 +23,7 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,15 +31,16 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException
 from typing_extensions import override
 
 from lightning_freeze.callbacks.freeze_backbone import FreezeBackbone
+from lightning_freeze.core.fingerprint import TensorFingerprint, diff_fingerprints, fingerprint
+from lightning_freeze.instantiate import ConfigInstantiationError, allow_targets, instantiate
+from lightning_freeze.module import check_branch_name
 
 __all__ = [
     "RECORD_KEY",
@@ -69,11 +70,21 @@ class StageSummary:
     Attributes:
         stage: the stage number from the config.
         trained_branch: the branch this run trained.
-        branches: one row per branch: ``name``, ``task``, ``status`` (``"trained"``/``"frozen"``)
-            and its validation metrics (``val_acc``, ``val_loss``) on its own data.
+        branches: one row per branch: ``name``, ``task``, ``status``, ``note`` and its validation
+            metrics (``val_acc``, ``val_loss``) on its own data. ``status`` is a fact about the fit,
+            found by comparing every tensor before and after it (in the main process, whatever the
+            strategy): ``"trained"`` (the branch this run trained), ``"frozen"`` (its tensors and
+            the backbone's are bitwise unchanged, so its predictions are too) or ``"changed"``
+            (``note`` says what changed, e.g. ``"backbone unfrozen at epoch 1"``).
+        backbone: ``"frozen"`` (bitwise unchanged), ``"trained"`` or ``"unfrozen at epoch N"``.
         frozen_check: ``FreezeBackbone``'s last check, e.g. ``"checked 42 frozen tensors: 0 changed"``
-            (``None`` without FreezeBackbone).
-        frozen_changed: number of frozen tensors that changed (``None`` without FreezeBackbone).
+            (``None`` without FreezeBackbone, or under ``ddp_spawn`` without a checkpoint to read
+            which tensors it froze).
+        frozen_check_by: who ran that check: ``"FreezeBackbone"`` (in this process) or
+            ``"main process"`` (``ddp_spawn``: the callback ran in the worker processes; the main
+            process compared the tensors the callback froze, as recorded in the checkpoint, before
+            and after the fit); ``None`` when not checked.
+        frozen_changed: number of frozen tensors that changed (``None`` when not checked).
         checkpoint: path of the checkpoint written at the end of training (``None`` without one).
         output_dir: the run's output directory.
     """
@@ -81,7 +92,9 @@ class StageSummary:
     stage: int
     trained_branch: str
     branches: list[dict[str, Any]] = field(default_factory=list)
+    backbone: str | None = None
     frozen_check: str | None = None
+    frozen_check_by: str | None = None
     frozen_changed: int | None = None
     checkpoint: str | None = None
     output_dir: str | None = None
@@ -95,11 +108,20 @@ class StageSummary:
         for row in self.branches:
             acc = row.get("val_acc")
             loss = row.get("val_loss")
+            note = f"  ({row['note']})" if row.get("note") else ""
             lines.append(
                 f"{row['name']:<12} {row.get('task') or '-':<8} {row['status']:<8} "
-                f"{'-' if acc is None else f'{acc:.4f}':>8} {'-' if loss is None else f'{loss:.4f}':>9}"
+                f"{'-' if acc is None else f'{acc:.4f}':>8} {'-' if loss is None else f'{loss:.4f}':>9}{note}"
             )
-        lines.append(f"frozen tensors: {self.frozen_check or 'not checked (no FreezeBackbone callback)'}")
+        if self.backbone is not None:
+            lines.append(f"backbone: {self.backbone}")
+        if self.frozen_check is None:
+            check = "not checked (no FreezeBackbone callback)"
+        elif self.frozen_check_by not in (None, "FreezeBackbone"):
+            check = f"{self.frozen_check} (checked by the {self.frozen_check_by})"
+        else:
+            check = self.frozen_check
+        lines.append(f"frozen tensors: {check}")
         lines.append(f"checkpoint: {self.checkpoint or '-'}")
         return "\n".join(lines)
 
@@ -157,12 +179,22 @@ def read_previous_stage(path: str | Path) -> PreviousStage:
     )
 
 
-def load_model(path: str | Path) -> Any:
+def load_model(path: str | Path, *, allow_targets: Sequence[str] = ()) -> Any:
     """Load a checkpoint of the app (or a ``lightning-freeze merge`` of such) for inference.
 
     Same as ``MultiBranchModule.load_from_checkpoint(path, map_location="cpu")``: the module is
     rebuilt from the configs in its hyper-parameters and every tensor is loaded exactly. Returned in
-    eval mode.
+    eval mode. The configs may only name ``_target_`` values under the allowed module prefixes (see
+    :mod:`lightning_freeze.instantiate`): a checkpoint is data and may not make this call run other code.
+
+    Args:
+        path: the checkpoint.
+        allow_targets: more module prefixes the checkpoint's configs may instantiate (e.g.
+            ``["mypkg"]`` for a backbone of your own package); only for checkpoints you trust.
+
+    Raises:
+        lightning_freeze.instantiate.TargetNotAllowedError: a ``_target_`` outside the allow-list
+            (nothing was instantiated); the message names it and how to allow it.
 
     Example::
 
@@ -171,22 +203,23 @@ def load_model(path: str | Path) -> Any:
     """
     from lightning_freeze.module import MultiBranchModule
 
-    return MultiBranchModule.load_from_checkpoint(Path(path).expanduser(), map_location="cpu").eval()
+    with _allow(allow_targets):
+        return MultiBranchModule.load_from_checkpoint(Path(path).expanduser(), map_location="cpu").eval()
 
 
-def _instantiate(node: Any, key: str, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate`` with config mistakes turned into one-line :class:`AppInputError`."""
+_allow = allow_targets  # load_model's argument shadows the context manager's name
+
+
+def _instantiate(node: Any, key: str, *, check: bool = False, **kwargs: Any) -> Any:
+    """:func:`lightning_freeze.instantiate.instantiate`, its errors as one-line :class:`AppInputError`.
+
+    ``check=True`` for configs that become part of the model (they may come from ``init_from``);
+    the app's own trainer/callbacks/logger/data nodes are the user's config and are not checked.
+    """
     try:
-        return instantiate(node, **kwargs)
-    except MissingMandatoryValue as err:
-        raise AppInputError(f"Missing mandatory value: {err.full_key or key}") from err
-    except InstantiationException as err:
-        cause = err.__cause__ or err
-        if isinstance(cause, MissingMandatoryValue):
-            raise AppInputError(f"Missing mandatory value: {key}.{cause.full_key}".rstrip(".")) from err
-        target = node.get("_target_") if isinstance(node, (Mapping, DictConfig)) else None
-        message = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
-        raise AppInputError(f"{key} ({target}): {message}") from err
+        return instantiate(node, key, check=check, **kwargs)
+    except ConfigInstantiationError as err:
+        raise AppInputError(str(err)) from err
 
 
 def _without_weights(backbone_cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -272,10 +305,10 @@ def train(cfg: DictConfig) -> StageSummary:
     previous = read_previous_stage(init_from) if init_from else None
     branch_cfg = cfg.branch
     name = branch_cfg.get("name")
-    if not isinstance(name, str) or not name or "." in name or "/" in name:
-        raise AppInputError(
-            f"Invalid branch.name={name!r}; valid choices: a non-empty name without '.' or '/'"
-        )
+    try:
+        check_branch_name(name)
+    except ValueError as err:
+        raise AppInputError(f"branch.name: {err}") from err
     if previous is not None and name in previous.branches:
         raise AppInputError(
             f"branch.name={name!r} collides with a branch of init_from={init_from!r} "
@@ -310,8 +343,8 @@ def train(cfg: DictConfig) -> StageSummary:
         pretrained = None
     else:
         backbone_cfg = _container(cfg.model.backbone)
-        pretrained = _instantiate(backbone_cfg, "model.backbone")
-    probe = pretrained if pretrained is not None else _instantiate(backbone_cfg, "model.backbone")
+        pretrained = _instantiate(backbone_cfg, "model.backbone", check=True)
+    probe = pretrained if pretrained is not None else _instantiate(backbone_cfg, "model.backbone", check=True)
 
     head_cfg = _container(branch_cfg.head)
     if head_cfg.get("in_features") is None:
@@ -322,7 +355,7 @@ def train(cfg: DictConfig) -> StageSummary:
                 "set branch.head.in_features to the size of its feature vector"
             )
         head_cfg["in_features"] = in_features
-    _instantiate(head_cfg, "branch.head")  # refuse a bad head config here, in one line
+    _instantiate(head_cfg, "branch.head", check=True)  # refuse a bad head config here, in one line
     branches = {**(previous.branches if previous is not None else {}), name: head_cfg}
     record_branches = dict(previous.record) if previous is not None else {}
     record_branches[name] = {
@@ -381,13 +414,17 @@ def train(cfg: DictConfig) -> StageSummary:
     trainer = _instantiate(cfg.trainer, "trainer", **trainer_kwargs)
     _check_multirun_ddp(trainer)
 
+    # Facts for the summary come from the main process, in every strategy: under ddp_spawn the
+    # callbacks run in the workers and only the weights come back.
+    before = fingerprint(model)
     trainer.fit(model, datamodule=datamodule)
+    after = fingerprint(model)
 
     checkpoint_cb = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
     checkpoint = None
     if checkpoint_cb is not None:
         checkpoint = checkpoint_cb.last_model_path or checkpoint_cb.best_model_path or None
-    check = freezer.last_check if freezer is not None else None
+    facts = _fit_facts(model, freezer, before, after, checkpoint)
 
     # every branch on its own data (the app records each branch's data config)
     rows = []
@@ -396,16 +433,21 @@ def train(cfg: DictConfig) -> StageSummary:
         metrics: Mapping[str, Any] = {}
         if branch_name == name or entry.get("data"):
             data_module = (
-                datamodule if branch_name == name else _instantiate(entry["data"], f"data of {branch_name}")
+                datamodule
+                if branch_name == name
+                # read from the init_from checkpoint's record: checked like the model's configs
+                else _instantiate(entry["data"], f"data of {branch_name}", check=True)
             )
             model.switch_branch(branch_name)
             results = trainer.validate(model, datamodule=data_module, verbose=False)
             metrics = results[0] if results else {}
+        status, note = ("trained", None) if branch_name == name else facts.branch_status(branch_name)
         rows.append(
             {
                 "name": branch_name,
                 "task": entry.get("task"),
-                "status": "trained" if branch_name == name else "frozen",
+                "status": status,
+                "note": note,
                 "val_acc": _metric(metrics, f"{branch_name}/val_acc"),
                 "val_loss": _metric(metrics, f"{branch_name}/val_loss"),
             }
@@ -417,8 +459,10 @@ def train(cfg: DictConfig) -> StageSummary:
         stage=stage,
         trained_branch=name,
         branches=rows,
-        frozen_check=check.summary() if check is not None else None,
-        frozen_changed=len(check.changed) if check is not None else None,
+        backbone=facts.backbone_status(),
+        frozen_check=facts.check.summary() if facts.check is not None else None,
+        frozen_check_by=facts.check_by if facts.check is not None else None,
+        frozen_changed=len(facts.check.changed) if facts.check is not None else None,
         checkpoint=str(Path(checkpoint).resolve()) if checkpoint else None,
         output_dir=str(Path(output_dir).resolve()) if output_dir else None,
     )
@@ -432,9 +476,121 @@ def train(cfg: DictConfig) -> StageSummary:
     return summary
 
 
+@dataclass
+class _FitFacts:
+    """What the fit did to the model, found in the main process (see :func:`_fit_facts`)."""
+
+    changed: set[str]  # state_dict keys whose bits changed during the fit
+    unfrozen_at_epoch: int | None  # FreezeBackbone's unfreeze_at_epoch, when it unfroze
+    check: Any  # FingerprintDiff of FreezeBackbone's frozen tensors, or None
+    check_by: str | None
+
+    def _changed(self, prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in self.changed)
+
+    def backbone_status(self) -> str:
+        if not self._changed("backbone."):
+            return "frozen"
+        if self.unfrozen_at_epoch is not None:
+            return f"unfrozen at epoch {self.unfrozen_at_epoch}"
+        return "trained"
+
+    def branch_status(self, branch: str) -> tuple[str, str | None]:
+        """``("frozen", None)``: branch and backbone bitwise unchanged; else ``("changed", why)``."""
+        reasons = []
+        if self._changed(f"branches.{branch}."):
+            reasons.append("its weights changed")
+        if self._changed("backbone."):
+            reasons.append(f"backbone {self.backbone_status()}")
+        return ("changed", "; ".join(reasons)) if reasons else ("frozen", None)
+
+
+def _fit_facts(
+    model: Any,
+    freezer: FreezeBackbone | None,
+    before: Mapping[str, TensorFingerprint],
+    after: Mapping[str, TensorFingerprint],
+    checkpoint: str | None,
+) -> _FitFacts:
+    """Compare the model before and after the fit, and find FreezeBackbone's record of it.
+
+    The callback's record comes from the callback when it ran in this process, else (``ddp_spawn``:
+    it ran in the workers) from its state in the checkpoint the workers wrote; the check is then
+    redone here on the tensors it lists, against the weights the workers returned.
+    """
+    changed = set(diff_fingerprints(before, after).changed)
+    if freezer is None:
+        return _FitFacts(changed, None, None, None)
+    if freezer.frozen is not None:  # it ran in this process
+        state, check, check_by = freezer.state_dict(), freezer.last_check, "FreezeBackbone"
+    else:
+        state, check, check_by = _callback_state(checkpoint, freezer.state_key), None, "main process"
+        keys = [k for k in (state or {}).get("fingerprints") or {} if k in before and k in after]
+        if keys:
+            check = diff_fingerprints({k: before[k] for k in keys}, {k: after[k] for k in keys})
+    unfrozen_at = freezer.unfreeze_at_epoch if (state or {}).get("unfrozen") else None
+    return _FitFacts(changed, unfrozen_at, check, check_by)
+
+
+def _callback_state(checkpoint: str | None, state_key: str) -> dict[str, Any] | None:
+    if not checkpoint:
+        return None
+    from lightning_freeze.core.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        state = (load_checkpoint(checkpoint).get("callbacks") or {}).get(state_key)
+    except CheckpointError:
+        return None
+    return state if isinstance(state, dict) else None
+
+
 def _metric(metrics: Mapping[str, Any], key: str) -> float | None:
     value = metrics.get(key)
     return None if value is None else float(value)
+
+
+def _allowed_targets(cfg: DictConfig) -> list[str]:
+    """The config key ``allow_targets``: more ``_target_`` prefixes the model's configs may use."""
+    value = _container(cfg.get("allow_targets")) or []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise AppInputError(
+            f"Invalid allow_targets={value!r}; valid choices: a list of module prefixes, "
+            "e.g. allow_targets=[mypkg]"
+        )
+    return value
+
+
+# what Hydra writes into a run directory before the app starts
+_HYDRA_FILES = frozenset({"config.yaml", "hydra.yaml", "overrides.yaml"})
+
+
+def _remove_if_unused(output_dir: Path) -> None:
+    """Remove a failed run's output directory when it holds only what Hydra put there.
+
+    Hydra creates the directory (its ``.hydra/`` record and the job's ``.log`` file) before the app
+    runs; a run that fails before writing anything of its own leaves no directory behind. A
+    directory with anything else in it (a checkpoint, logs, the user's files) is kept as it is.
+    """
+    if not output_dir.is_dir():
+        return
+    entries = list(output_dir.iterdir())
+    hydra_dir = output_dir / ".hydra"
+    for entry in entries:
+        if entry == hydra_dir and entry.is_dir() and not entry.is_symlink():
+            if not all(f.is_file() and f.name in _HYDRA_FILES for f in entry.iterdir()):
+                return
+        elif not (entry.is_file() and not entry.is_symlink() and entry.suffix == ".log"):
+            return
+    for entry in entries:
+        if entry == hydra_dir:
+            for item in entry.iterdir():
+                item.unlink()
+            entry.rmdir()
+        else:
+            entry.unlink()
+    output_dir.rmdir()
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
@@ -447,9 +603,15 @@ def main(cfg: DictConfig) -> float | None:
     # Lightning-vs-torch deprecation noise, and a notice about the intended per-branch validation
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     warnings.filterwarnings("ignore", message=r"Using `DistributedSampler` with the dataloaders")
+    output_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
     try:
-        summary = train(cfg)
-    except (AppInputError, OmegaConfBaseException) as err:
+        with allow_targets(_allowed_targets(cfg)):
+            summary = train(cfg)
+    except BaseException as err:
+        if output_dir is not None:
+            _remove_if_unused(output_dir)
+        if not isinstance(err, (AppInputError, OmegaConfBaseException)):
+            raise
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         message = str(err).splitlines()[0] if isinstance(err, OmegaConfBaseException) else str(err)

@@ -161,3 +161,59 @@ def test_fast_dev_run_of_every_experiment(experiment: str, stage1_checkpoint: Pa
         assert summary.frozen_changed == 0
         assert summary.frozen_check.startswith("checked ") and summary.frozen_check.endswith(": 0 changed")
     assert (tmp_path / "summary.json").is_file()
+
+
+def test_summary_tells_a_branch_changed_when_unfreeze_at_epoch_unfroze_the_backbone(
+    stage1_checkpoint: Path, tmp_path: Path
+) -> None:
+    overrides = [
+        "experiment=stage2",
+        f"init_from={stage1_checkpoint}",
+        "callbacks.freeze_backbone.unfreeze_at_epoch=1",
+        "quiet=true",
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+    ]
+    summary = app.train(_compose(overrides, tmp_path))
+    before = torch.load(stage1_checkpoint, weights_only=True)["state_dict"]
+    after = torch.load(summary.checkpoint, weights_only=True)["state_dict"]
+    backbone = [k for k in before if k.startswith("backbone.")]
+    digit = [k for k in before if k.startswith("branches.digit.")]
+    # the facts: the digit head is untouched, but the backbone it reads trained from epoch 1 on
+    assert all(torch.equal(before[k], after[k]) for k in digit)
+    assert any(not torch.equal(before[k], after[k]) for k in backbone)
+    rows = {row["name"]: row for row in summary.branches}
+    assert (rows["digit"]["status"], rows["digit"]["note"]) == ("changed", "backbone unfrozen at epoch 1")
+    assert summary.backbone == "unfrozen at epoch 1"
+    # what stayed frozen (the digit head) was still checked
+    assert summary.frozen_check == f"checked {len(digit)} frozen tensors: 0 changed"
+    text = summary.format()
+    assert "digit" in text and "changed" in text and "(backbone unfrozen at epoch 1)" in text
+    assert "backbone: unfrozen at epoch 1" in text
+
+
+def test_init_from_checkpoint_cannot_instantiate_arbitrary_targets(
+    stage1_checkpoint: Path, tmp_path: Path
+) -> None:
+    created = tmp_path / "created_by_the_checkpoint.txt"
+    ckpt = torch.load(stage1_checkpoint, weights_only=True)
+    ckpt["hyper_parameters"]["backbone"] = {"_target_": "builtins.open", "file": str(created), "mode": "w"}
+    evil = tmp_path / "evil.ckpt"
+    torch.save(ckpt, evil)
+    cfg = _compose(["experiment=stage2", f"init_from={evil}", "quiet=true"], tmp_path / "run")
+    with pytest.raises(
+        app.AppInputError, match=r"Refused to instantiate model.backbone with _target_='builtins.open'"
+    ):
+        app.train(cfg)
+    assert not created.exists()
+
+
+def test_branch_names_that_are_nn_module_attributes_are_refused_before_anything_runs(tmp_path: Path) -> None:
+    cfg = _compose(["branch.name=training", "quiet=true"], tmp_path)
+    with pytest.raises(app.AppInputError) as info:
+        app.train(cfg)
+    assert str(info.value).startswith(
+        "branch.name: Invalid branch name 'training' (it is an attribute of nn.Module/nn.ModuleDict); "
+        "valid choices: a non-empty string without '.' or '/'"
+    )

@@ -304,3 +304,83 @@ def test_load_ema_weights_gives_a_tensor_shared_under_two_names_its_average() ->
     fresh = load_ema_weights(Tied(), ckpt)
     assert torch.equal(fresh.decoder.weight, ema.shadow["encoder.weight"])
     assert not torch.equal(fresh.decoder.weight, model.encoder.weight)
+
+
+# ----------------------------------------------------------------------------------------------
+# trainer.validate(ckpt_path=...) after a fit; state keys
+# ----------------------------------------------------------------------------------------------
+def _fit_and_save(root: Path, callbacks: list[Callback], seed: int) -> tuple[Net, Any, Path]:
+    torch.manual_seed(seed)
+    model = Net()
+    run = trainer(root, callbacks=callbacks, max_epochs=1, num_sanity_val_steps=0)
+    run.fit(model, DataLoader(make_data(64, seed), batch_size=16), loaders()[1])
+    path = root / "last.ckpt"
+    run.save_checkpoint(path)
+    return model, run, path
+
+
+def _validate_info(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("FrozenSafeEMA: ")]
+
+
+def test_validate_with_a_checkpoint_evaluates_its_weights_not_the_stale_ema_of_the_last_fit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ema = FrozenSafeEMA(decay=0.5)
+    model, run, with_ema = _fit_and_save(tmp_path / "ema", [ema], seed=0)
+    _, _, without_ema = _fit_and_save(tmp_path / "plain", [], seed=1)  # other weights, no EMA state
+    raw = torch.load(without_ema, weights_only=True)["state_dict"]["head.0.weight"]
+    assert not torch.equal(raw, ema.ema.shadow["head.0.weight"])
+
+    caplog.set_level("INFO")
+    caplog.clear()
+    run.validate(model, loaders()[1], ckpt_path=without_ema, verbose=False)
+    assert torch.equal(model.seen["val"][-1], raw)  # X's own weights, not the previous fit's EMA
+    assert _validate_info(caplog) == [
+        f"FrozenSafeEMA: checkpoint {str(without_ema)!r} holds no EMA state under {ema.state_key!r}: "
+        "evaluating its raw weights (the EMA of an earlier fit averaged other weights: dropped)."
+    ]
+
+    caplog.clear()
+    shadow = torch.load(with_ema, weights_only=True)["callbacks"][ema.state_key]["ema"]["shadow"]
+    run.validate(model, loaders()[1], ckpt_path=with_ema, verbose=False)
+    assert torch.equal(model.seen["val"][-1], shadow["head.0.weight"])  # X's EMA when X has one
+    assert _validate_info(caplog) == [
+        f"FrozenSafeEMA: evaluating checkpoint {str(with_ema)!r} on its EMA weights."
+    ]
+
+
+def test_checkpoints_with_the_old_state_key_still_load(tmp_path: Path) -> None:
+    ema = FrozenSafeEMA(decay=0.5)
+    _, _, path = _fit_and_save(tmp_path, [ema], seed=0)
+    ckpt = torch.load(path, weights_only=True)
+    state = ckpt["callbacks"].pop(ema.state_key)
+    ckpt["callbacks"]["FrozenSafeEMA{'decay': 0.5}"] = state  # the key before it held every setting
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    fresh = FrozenSafeEMA(decay=0.5)
+    torch.manual_seed(3)
+    other = Net()
+    trainer(tmp_path, callbacks=[fresh]).validate(other, loaders()[1], ckpt_path=old, verbose=False)
+    assert torch.equal(other.seen["val"][-1], state["ema"]["shadow"]["head.0.weight"])
+
+
+def test_emas_with_the_same_decay_keep_separate_checkpoint_states(tmp_path: Path) -> None:
+    plain = FrozenSafeEMA(decay=0.5, validate_with_ema=False)
+    delayed = FrozenSafeEMA(decay=0.5, start_step=2)  # same decay: the key used to collide
+    _, _, path = _fit_and_save(tmp_path, [plain, delayed], seed=0)
+    assert plain.state_key != delayed.state_key
+    saved = torch.load(path, weights_only=True)["callbacks"]
+    for ema in (plain, delayed):
+        shadow = saved[ema.state_key]["ema"]["shadow"]
+        assert all(torch.equal(shadow[k], v) for k, v in ema.ema.shadow.items())
+    assert not torch.equal(
+        saved[plain.state_key]["ema"]["shadow"]["head.0.weight"],
+        saved[delayed.state_key]["ema"]["shadow"]["head.0.weight"],
+    )
+
+
+def test_two_emas_with_identical_settings_are_refused(tmp_path: Path) -> None:
+    twins = [FrozenSafeEMA(decay=0.5), FrozenSafeEMA(decay=0.5, validate_with_ema=False)]
+    with pytest.raises(RuntimeError, match=r"`callback.state_key` must be unique"):
+        fit(tmp_path, twins)

@@ -63,12 +63,37 @@ def test_branch_names_active_branch_and_switch_branch() -> None:
     assert model.active_branch == "a"
 
 
+@pytest.mark.parametrize("name", ["training", "_modules", "_parameters"])
+def test_branch_names_of_nn_module_instance_attributes_are_refused_with_the_rule(name: str) -> None:
+    # instance attributes are not in dir(nn.ModuleDict): they used to pass the check and fail later
+    message = (
+        f"Invalid branch name {name!r} (it is an attribute of nn.Module/nn.ModuleDict); valid choices: "
+        "a non-empty string without '.' or '/' that is not an attribute of nn.Module/nn.ModuleDict "
+        "(such as 'training', 'forward', 'state_dict'), e.g. 'a' or 'cls_head'."
+    )
+    with pytest.raises(ValueError) as info:
+        MultiBranchModule(make_backbone(), {name: make_branch("a")})
+    assert str(info.value) == message
+
+
+def test_to_torchscript_matches_forward_bitwise_for_every_branch() -> None:
+    model = make_module(["a", "b"], active="b").eval()
+    x = fixed_batch()
+    scripted = model.to_torchscript()
+    with torch.no_grad():
+        assert torch.equal(scripted(x), model(x))  # default: the branch active when scripted
+        for name in model.branch_names:
+            assert torch.equal(scripted(x, name), model(x, branch=name))
+    with pytest.raises(torch.jit.Error, match="Unknown branch q"):
+        scripted(x, "q")
+
+
 def test_constructor_errors_name_the_bad_value_and_the_choices() -> None:
     with pytest.raises(UnknownBranchError, match=r"Unknown active_branch 'x'; valid choices: 'a', 'b'\."):
         make_module(["a", "b"], active="x")
     with pytest.raises(ValueError, match=r"Invalid branch name 'a\.b' .*without '\.' or '/'"):
         MultiBranchModule(make_backbone(), {"a.b": make_branch("a")})
-    with pytest.raises(ValueError, match=r"Invalid branch name 'keys' \(it is an nn\.ModuleDict attribute\)"):
+    with pytest.raises(ValueError, match=r"Invalid branch name 'keys' \(it is an attribute of nn\.Module"):
         MultiBranchModule(make_backbone(), {"keys": make_branch("a")})
     with pytest.raises(ValueError, match=r"Invalid branches=\{\}; valid choices: a non-empty mapping"):
         MultiBranchModule(make_backbone(), {})

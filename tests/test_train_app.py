@@ -123,6 +123,49 @@ def test_ddp_cpu_from_the_command_line(stages: dict[str, Path], tmp_path: Path) 
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
 
 
+@pytest.mark.distributed
+def test_ddp_spawn_summary_reports_the_check_the_workers_ran(stages: dict[str, Path], tmp_path: Path) -> None:
+    # ddp_spawn: FreezeBackbone runs in the spawned workers and only the weights come back; the
+    # summary must still report the frozen check, and the main process must have made it
+    run_dir = tmp_path / "spawn"
+    args = [
+        "experiment=stage2",
+        f"init_from={stages['s1']}",
+        "trainer.strategy=ddp_spawn",
+        "trainer.devices=2",
+    ]
+    result = _ok(_app([*args, f"hydra.run.dir={run_dir}", *FAST], tmp_path, timeout=500))
+    s1, s2 = _state(stages["s1"]), _state(run_dir / "checkpoints" / "last.ckpt")
+    frozen = [k for k in s1 if k.startswith(("backbone.", "branches.digit."))]
+    assert all(torch.equal(s1[k], s2[k]) for k in frozen)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["frozen_check"] == f"checked {len(frozen)} frozen tensors: 0 changed"
+    assert summary["frozen_check_by"] == "main process" and summary["frozen_changed"] == 0
+    assert summary["backbone"] == "frozen"
+    assert [(r["name"], r["status"]) for r in summary["branches"]] == [
+        ("digit", "frozen"),
+        ("parity", "trained"),
+    ]
+    assert (
+        f"frozen tensors: checked {len(frozen)} frozen tensors: 0 changed (checked by the main process)"
+        in (result.stdout)
+    )
+    assert "no FreezeBackbone callback" not in result.stdout
+
+
+def test_a_run_that_fails_before_writing_anything_leaves_no_output_directory(tmp_path: Path) -> None:
+    result = _app(["stage=0", "quiet=true", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert result.returncode == 1 and "Error: Invalid stage=0" in result.stderr
+    assert not (tmp_path / "run").exists()
+    # a directory with anything else in it is the user's: kept as it is
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me\n")
+    result = _app(["stage=0", "quiet=true", f"hydra.run.dir={mine}"], tmp_path)
+    assert result.returncode == 1
+    assert (mine / "notes.txt").read_text() == "keep me\n"
+
+
 def test_local_multirun_refuses_subprocess_ddp(stages: dict[str, Path], tmp_path: Path) -> None:
     args = ["-m", "experiment=stage2", f"init_from={stages['s1']}", "trainer=ddp_cpu", "branch=mod3,high"]
     result = _app([*args, f"hydra.sweep.dir={tmp_path / 'sweep'}", *FAST], tmp_path)
@@ -235,6 +278,7 @@ def test_bad_input_is_one_clear_line(
     assert result.returncode == 1
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()  # nothing written: no empty output directory left behind
     if message.startswith("Error: "):  # the app's own errors: exactly one line
         assert [line for line in result.stderr.splitlines() if line.strip()] == [result.stderr.strip()]
     if "collides" in message:

@@ -36,7 +36,10 @@ class FrozenSafeEMA(Callback):
       the tensor already received; see :func:`~lightning_freeze.core.ema.effective_decay`) and is
       logged as ``"ema/decay"``;
     * validation and test run on the EMA weights; the raw weights are restored bitwise after, and
-      a checkpoint written meanwhile holds the raw weights;
+      a checkpoint written meanwhile holds the raw weights. ``trainer.validate/test(ckpt_path=X)``
+      evaluates X: its EMA weights when X holds this callback's state (same ``state_key``), else
+      X's raw weights (the EMA of an earlier fit averaged other weights and is dropped); an info
+      line says which;
     * the shadow and counters live in the callback state: resuming reproduces the uninterrupted run.
 
     When it acts, in any callback order: the shadow is built at ``on_fit_start`` (after
@@ -103,6 +106,7 @@ class FrozenSafeEMA(Callback):
         self.step_count = 0  # optimizer steps really taken (restored on resume)
         self._last_global_step = 0
         self._restored: dict[str, Any] | None = None
+        self._loaded_checkpoint_pending = False
         self._fitting = False
         self._needs_sync = False
         self._stepped = False
@@ -114,6 +118,24 @@ class FrozenSafeEMA(Callback):
     @property
     @override
     def state_key(self) -> str:
+        """Key of this callback's state in checkpoints: every setting that shapes the average.
+
+        Two instances differing in any of them (``decay``, ``warmup``, ``update_every_n_steps``,
+        ``start_step``, ``buffers``) coexist in one Trainer. Two with identical settings would
+        compute the same average under the same key: ``Trainer(callbacks=...)`` refuses them
+        ("``callback.state_key`` must be unique"); keep one.
+        """
+        return self._generate_state_key(
+            decay=self.decay,
+            warmup=self.warmup,
+            update_every_n_steps=self.update_every_n_steps,
+            start_step=self.start_step,
+            buffers=self.buffers,
+        )
+
+    @property
+    def _legacy_state_key(self) -> str:  # type: ignore[override]
+        # checkpoints written before the key held every setting: Lightning falls back to this key
         return self._generate_state_key(decay=self.decay)
 
     @property
@@ -132,7 +154,10 @@ class FrozenSafeEMA(Callback):
         model's dtype), the others (frozen ones) are the module's own tensors.
         """
         if self.ema is None:
-            raise RuntimeError("FrozenSafeEMA has no EMA yet: it is built when Trainer.fit starts.")
+            raise RuntimeError(
+                "FrozenSafeEMA has no EMA: it is built when Trainer.fit starts (and dropped when "
+                "trainer.validate/test loads a checkpoint without EMA state)."
+            )
         return self.ema.ema_state_dict()
 
     # ------------------------------------------------------------------------------------------
@@ -140,6 +165,10 @@ class FrozenSafeEMA(Callback):
     # ------------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # a state restored by an earlier trainer call must not leak into this one: Lightning restores
+        # the checkpoint of this call (if any) after setup
+        self._restored = None
+        self._loaded_checkpoint_pending = stage != "fit"
         swapping = [cb for cb in trainer.callbacks if isinstance(cb, FrozenSafeEMA) and cb.validate_with_ema]
         if len(swapping) > 1:
             raise ValueError(
@@ -219,7 +248,8 @@ class FrozenSafeEMA(Callback):
     # ------------------------------------------------------------------------------------------
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._swap_in(pl_module)
+        if self._take_loaded_checkpoint(trainer, pl_module):
+            self._swap_in(pl_module)
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -227,7 +257,8 @@ class FrozenSafeEMA(Callback):
 
     @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._swap_in(pl_module)
+        if self._take_loaded_checkpoint(trainer, pl_module):
+            self._swap_in(pl_module)
 
     @override
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -292,15 +323,43 @@ class FrozenSafeEMA(Callback):
             self.step_count = int(restored.get("step_count", 0))
             self._last_global_step = int(restored.get("last_global_step", 0))
 
+    def _take_loaded_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """``trainer.validate/test(ckpt_path=X)``: the EMA becomes X's, or none when X holds none.
+
+        The model now holds X's weights: an EMA from an earlier fit averages other weights and must
+        not be swapped in. Evaluated: X's EMA weights when X holds this callback's state, else X's
+        raw weights; one info line says which.
+
+        Returns:
+            ``False`` when X holds no EMA state (its raw weights are evaluated, nothing to swap in).
+        """
+        if not self._loaded_checkpoint_pending or self._fitting:
+            return True
+        self._loaded_checkpoint_pending = False
+        path = trainer.ckpt_path
+        if not path:
+            return True  # no checkpoint loaded: the model holds the weights the current EMA belongs to
+        restored = self._restored
+        self.ema = None
+        if restored is not None and restored.get("ema") is not None:
+            self._apply_restored(pl_module)
+            which = "its EMA weights" if self.validate_with_ema else "its raw weights (validate_with_ema off)"
+            rank_zero_info(f"FrozenSafeEMA: evaluating checkpoint {str(path)!r} on {which}.")
+            return True
+        self._restored = None
+        rank_zero_info(
+            f"FrozenSafeEMA: checkpoint {str(path)!r} holds no EMA state under {self.state_key!r}: "
+            "evaluating its raw weights (the EMA of an earlier fit averaged other weights: dropped)."
+        )
+        return False
+
     def _swap_in(self, pl_module: pl.LightningModule) -> None:
         if not self.validate_with_ema:
             return
-        if not self._fitting and self._restored is not None and self._restored.get("ema") is not None:
-            self._apply_restored(pl_module)  # trainer.validate/test(ckpt_path=...) outside fit
         if self.ema is None:
             rank_zero_warn(
-                "FrozenSafeEMA: no EMA weights to evaluate with (no fit yet and no EMA state in the "
-                "checkpoint); running on the raw weights."
+                "FrozenSafeEMA: no EMA weights to evaluate with (no fit yet, or the loaded checkpoint holds "
+                "no EMA state); running on the raw weights."
             )
             return
         if not self.ema.swapped:
@@ -349,7 +408,8 @@ def load_ema_weights(
             :func:`~lightning_freeze.core.checkpoint.load_checkpoint`, integrity-checked), or the
             loaded checkpoint dict.
         state_key: which ``FrozenSafeEMA`` state when the checkpoint holds several (e.g.
-            ``"FrozenSafeEMA{'decay': 0.9999}"``); default: the only one.
+            ``fresh_ema.state_key`` of a ``FrozenSafeEMA`` built with the same settings); default:
+            the only one.
         strict: passed to ``model.load_state_dict``.
         unsafe_load: allow pickled objects in the file (``torch.load(weights_only=False)``): only for
             files you trust.
