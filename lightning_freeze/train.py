@@ -39,6 +39,7 @@ from typing_extensions import override
 
 from lightning_freeze.callbacks.freeze_backbone import FreezeBackbone
 from lightning_freeze.core.fingerprint import TensorFingerprint, diff_fingerprints, fingerprint
+from lightning_freeze.core.keys import free_branch_name
 from lightning_freeze.instantiate import ConfigInstantiationError, allow_targets, instantiate
 from lightning_freeze.module import check_branch_name
 
@@ -310,10 +311,13 @@ def train(cfg: DictConfig) -> StageSummary:
     except ValueError as err:
         raise AppInputError(f"branch.name: {err}") from err
     if previous is not None and name in previous.branches:
+        shipped = sorted(p.stem for p in (Path(__file__).parent / "conf" / "branch").glob("*.yaml"))
+        free = [option for option in shipped if option not in previous.branches]
+        example = f" (shipped options not taken: {', '.join(free)})" if free else ""
         raise AppInputError(
             f"branch.name={name!r} collides with a branch of init_from={init_from!r} "
-            f"(its branches: {', '.join(previous.branches)}); choose a new branch (e.g. branch=mod3) or "
-            "rename this one: branch.name=<new name>"
+            f"(its branches: {', '.join(previous.branches)}); choose a new branch{example} or "
+            f"rename this one: branch.name={free_branch_name(name, previous.branches)}"
         )
 
     datamodule = _instantiate(cfg.data, "data")

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -174,30 +172,10 @@ def test_local_multirun_refuses_subprocess_ddp(stages: dict[str, Path], tmp_path
     assert "Traceback" not in result.stderr
 
 
-def test_wheel_ships_conf_and_the_app_runs_from_it(tmp_path: Path) -> None:
-    source = tmp_path / "src"
-    shutil.copytree(
-        REPO / "lightning_freeze", source / "lightning_freeze", ignore=shutil.ignore_patterns("__pycache__")
-    )
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO / name, source / name)
-    wheels = tmp_path / "wheels"
+def test_the_app_runs_from_the_installed_wheel(tmp_path: Path, dists: dict[str, Path]) -> None:
+    # the wheel's contents (conf/, data) are checked in test_packaging.py; here: the app runs from it
+    wheel = dists["wheel"]
     pip = [sys.executable, "-m", "pip"]
-    _ok(
-        subprocess.run(
-            [*pip, "wheel", str(source), "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels)],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=300,
-        )
-    )
-    (wheel,) = wheels.glob("lightning_freeze-*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
-    conf = {n.removeprefix("lightning_freeze/conf/") for n in names if n.startswith("lightning_freeze/conf/")}
-    expected = {p.relative_to(REPO / "conf").as_posix() for p in (REPO / "conf").rglob("*.yaml")}
-    assert expected and expected <= conf
-    assert "lightning_freeze/data/digits.csv.gz" in names
     target = tmp_path / "site"
     _ok(
         subprocess.run(
@@ -283,3 +261,8 @@ def test_bad_input_is_one_clear_line(
         assert [line for line in result.stderr.splitlines() if line.strip()] == [result.stderr.strip()]
     if "collides" in message:
         assert "(its branches: digit, parity)" in result.stderr
+        # the hint never suggests a taken name
+        assert result.stderr.rstrip().endswith(
+            "choose a new branch (shipped options not taken: folder, high, mod3) or "
+            "rename this one: branch.name=digit_2"
+        )
