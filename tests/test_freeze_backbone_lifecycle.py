@@ -173,7 +173,9 @@ def test_resume_at_the_last_batch_before_the_unfreeze_epoch_unfreezes_there(tmp_
 
 @pytest.mark.parametrize("scale", [math.inf, math.nan, -math.inf])
 def test_non_finite_unfreeze_lr_scale_is_refused(scale: float) -> None:
-    with pytest.raises(ValueError, match=r"Invalid unfreeze_lr_scale=.*; valid choices: a finite number > 0\."):
+    with pytest.raises(
+        ValueError, match=r"Invalid unfreeze_lr_scale=.*; valid choices: a finite number > 0\."
+    ):
         FreezeBackbone(unfreeze_lr_scale=scale)
 
 
@@ -185,3 +187,16 @@ def test_lightning_ema_weight_averaging_is_named_at_fit_start(tmp_path) -> None:
         r"lightning_freeze\.FrozenSafeEMA instead",
     ):
         _fit(TinyNet(), tmp_path, [FreezeBackbone(verify="warn"), EMAWeightAveraging()], max_epochs=1)
+
+
+def test_nothing_left_to_train_names_what_was_frozen_before(tmp_path) -> None:
+    from lightning_freeze.core import freeze
+
+    model = make_module(["a", "b"], active="b")
+    freeze(model, "branches.b")  # e.g. left over from user code
+    with pytest.raises(
+        ValueError,
+        match=r"froze backbone, branches\.a, and MultiBranchModule has no other trainable parameter\. "
+        r"Already frozen before FreezeBackbone \(requires_grad=False\): branches\.b\.0, branches\.b\.1",
+    ):
+        trainer(tmp_path, callbacks=[FreezeBackbone()], max_epochs=1).fit(model, branch_loader("b"))

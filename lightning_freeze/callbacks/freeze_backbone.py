@@ -243,10 +243,25 @@ class FreezeBackbone(Callback):
         self._scheduled = [n for n in self.frozen.names if n not in inactive]
         self._unfrozen = False
         if not any(p.requires_grad for p in pl_module.parameters()):
+            frozen_names = self.frozen.names
+            # parameters outside what we froze that did not require grad before we came
+            already = sorted(
+                {
+                    n.rsplit(".", 1)[0]
+                    for n, grad in self._flags_before[0].items()
+                    if not grad and not any(n.startswith(f + ".") for f in frozen_names)
+                }
+            )
+            before = (
+                f" Already frozen before FreezeBackbone (requires_grad=False): {', '.join(already)}."
+                if already
+                else ""
+            )
             raise ValueError(
                 f"Nothing left to train: FreezeBackbone(modules={self.modules!r}) froze "
-                f"{', '.join(self.frozen.names)}, and {type(pl_module).__name__} has no other trainable "
-                f"parameter. Top-level children: {', '.join(n for n, _ in pl_module.named_children())}."
+                f"{', '.join(frozen_names)}, and {type(pl_module).__name__} has no other trainable "
+                f"parameter.{before} Top-level children: "
+                f"{', '.join(n for n, _ in pl_module.named_children())}."
             )
 
     @override
