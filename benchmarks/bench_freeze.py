@@ -5,6 +5,8 @@
    (per-layer and per-module forward pre-hooks), interleaved; plus the per-epoch costs (re-pin and
    fingerprint verification) amortised over the steps of an epoch.
 2. Fingerprint time of ResNet-50's frozen tensors (every parameter and buffer) next to one forward.
+3. The output-probe check (FreezeBackbone reruns each frozen module on 2 recorded samples at every
+   verification, i.e. once per epoch): its time next to one training step, per epoch.
 
 Run by hand:  python benchmarks/bench_freeze.py [--steps-per-epoch 100] [--repeats 15]
 """
@@ -22,6 +24,7 @@ import torchvision
 
 from lightning_freeze.core import fingerprint, freeze
 from lightning_freeze.core.freeze import pin_frozen_layers
+from lightning_freeze.core.probe import PROBE_SAMPLES, OutputProbe
 
 
 def _timed(fn, repeats: int) -> list[float]:
@@ -106,6 +109,37 @@ def resnet50_fingerprint(batch: int, size: int) -> dict[str, float]:
     }
 
 
+def resnet18_probe_cost(batch: int, size: int, repeats: int, steps_per_epoch: int) -> dict[str, float]:
+    """Per-epoch cost of the output-probe check of a frozen ResNet-18 backbone (all but ``fc``)."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    names = [n for n, _ in model.named_children() if n != "fc"]
+    freeze(model, names)
+    model.train()
+    backbone = torch.nn.Sequential(*(model.get_submodule(n) for n in names))
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 10, (batch,))
+    probe = OutputProbe.record(backbone, (x[:PROBE_SAMPLES],))
+    opt = torch.optim.SGD(model.fc.parameters(), lr=0.01)
+
+    def step() -> None:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()
+    assert probe.check(backbone, "backbone") is None
+    step_s = statistics.median(_timed(step, repeats))
+    check_s = statistics.median(_timed(lambda: probe.check(backbone, "backbone"), repeats))
+    return {
+        "step_ms": step_s * 1e3,
+        "check_ms": check_s * 1e3,
+        "probe_kib": sum(t.numel() * t.element_size() for t in (*probe.args, probe.output)) / 2**10,
+        "epoch_pct": 100 * check_s / (step_s * steps_per_epoch),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -126,6 +160,13 @@ def main() -> None:
         f"  re-pin at epoch start                  {r['repin_ms']:9.3f} ms per epoch\n"
         f"  verify {r['frozen_tensors']} frozen tensors          {r['verify_ms']:9.1f} ms per epoch\n"
         f"  overhead per step ({args.steps_per_epoch} steps/epoch)   {r['overhead_pct']:9.3f} % of the step"
+    )
+    p = resnet18_probe_cost(args.batch, args.size, args.repeats, args.steps_per_epoch)
+    print(
+        f"ResNet-18 output probe ({PROBE_SAMPLES} samples, {p['probe_kib']:.0f} KiB kept):\n"
+        f"  one training step                      {p['step_ms']:9.1f} ms (median of {args.repeats})\n"
+        f"  probe check (once per epoch)           {p['check_ms']:9.1f} ms\n"
+        f"  cost per epoch ({args.steps_per_epoch} steps/epoch)      {p['epoch_pct']:9.3f} % of the epoch"
     )
     f = resnet50_fingerprint(8, args.size)
     print(

@@ -29,7 +29,11 @@ def test_backbone_bitwise_frozen_after_three_epochs_with_validation(tmp_path, no
     model = TinyNet()
     before = snapshot(model)
     callback = FreezeBackbone("backbone", norm=norm)
-    _fit(model, tmp_path, [callback])
+    seen: list[type] = []
+    probe = L.pytorch.callbacks.LambdaCallback(
+        on_train_epoch_end=lambda trainer, module: seen.append(type(module.backbone[1]))
+    )
+    _fit(model, tmp_path, [callback, probe])
     changed = changed_keys(before, model)
     assert not [k for k in changed if k.startswith("backbone.")]
     # every trainable tensor moved, and the head's BatchNorm1d of the same width still tracks stats
@@ -38,8 +42,9 @@ def test_backbone_bitwise_frozen_after_three_epochs_with_validation(tmp_path, no
     assert callback.last_check is not None
     assert callback.last_check.summary() == f"checked {BACKBONE_TENSORS} frozen tensors: 0 changed"
     assert model.losses[-1] < model.losses[0]
-    if norm == "frozen":
-        assert isinstance(model.backbone[1], FrozenBatchNorm)
+    expected = FrozenBatchNorm if norm == "frozen" else nn.BatchNorm2d
+    assert seen == [expected] * 3
+    assert type(model.backbone[1]) is nn.BatchNorm2d  # given back as found after the fit
 
 
 def test_control_requires_grad_false_alone_lets_running_stats_move(tmp_path) -> None:
@@ -212,7 +217,7 @@ def test_eval_mode_notice_is_silenced_only_for_pinned_layers(tmp_path) -> None:
 
     model = TinyNet()
     model.head[1].eval()  # a layer the user put in eval mode: Lightning's warning must still show
-    with pytest.warns(UserWarning, match=r"Found 4 module\(s\) in eval mode"):
+    with pytest.warns(UserWarning, match=r"Found \d+ module\(s\) in eval mode"):  # count: core.freeze
         _fit(model, tmp_path, [FreezeBackbone()], max_epochs=1)
 
 
@@ -223,7 +228,9 @@ def test_bad_input_errors_name_the_value_and_the_choices(tmp_path) -> None:
         FreezeBackbone(verify="yes")
     with pytest.raises(ValueError, match=r"Invalid unfreeze_at_epoch=-1; valid choices: None \(never\)"):
         FreezeBackbone(unfreeze_at_epoch=-1)
-    with pytest.raises(ValueError, match=r"Invalid unfreeze_lr_scale=0; valid choices: a number > 0\."):
+    with pytest.raises(
+        ValueError, match=r"Invalid unfreeze_lr_scale=0; valid choices: a finite number > 0\."
+    ):
         FreezeBackbone(unfreeze_lr_scale=0)
     with pytest.raises(ValueError, match=r"Invalid modules=\[\]; valid choices: a dotted submodule name"):
         FreezeBackbone(modules=[])

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import re
-import warnings
-from collections.abc import Sequence
+import importlib
+import math
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -13,7 +13,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from torch import nn
+from torch.optim import lr_scheduler as torch_lr_scheduler
 from typing_extensions import override
 
 from lightning_freeze.core.errors import FrozenStateError
@@ -33,16 +34,52 @@ from lightning_freeze.core.freeze import (
     pin_frozen_layers,
     unfreeze,
 )
-from lightning_freeze.core.norm import is_pinned, is_running_stat_norm
+from lightning_freeze.core.probe import OutputProbe, ProbeMismatch, capture_probe_input
 
-__all__ = ["VERIFY_MODES", "FreezeBackbone"]
+__all__ = ["SUPPORTED_SCHEDULERS", "VERIFY_MODES", "FreezeBackbone"]
 
 VERIFY_MODES: tuple[str, ...] = ("raise", "warn", "off")
-_EVAL_MODE_WARNING = "Found {n} module(s) in eval mode at the start of training."
+
+#: The ``torch.optim.lr_scheduler`` classes (and their subclasses) that ``unfreeze_at_epoch`` extends
+#: to the new param group. Any other scheduler on the first optimizer is refused at fit start.
+SUPPORTED_SCHEDULERS: tuple[type, ...] = (
+    torch_lr_scheduler.LambdaLR,
+    torch_lr_scheduler.MultiplicativeLR,
+    torch_lr_scheduler.StepLR,
+    torch_lr_scheduler.MultiStepLR,
+    torch_lr_scheduler.ConstantLR,
+    torch_lr_scheduler.LinearLR,
+    torch_lr_scheduler.ExponentialLR,
+    torch_lr_scheduler.SequentialLR,
+    torch_lr_scheduler.PolynomialLR,
+    torch_lr_scheduler.CosineAnnealingLR,
+    torch_lr_scheduler.ChainedScheduler,
+    torch_lr_scheduler.ReduceLROnPlateau,
+    torch_lr_scheduler.CyclicLR,
+    torch_lr_scheduler.CosineAnnealingWarmRestarts,
+    torch_lr_scheduler.OneCycleLR,
+)
+# per-param-group lists a scheduler keeps, and whether the new group's entry scales with the lr
+_SCHEDULER_GROUP_LISTS: tuple[tuple[str, bool], ...] = (
+    ("base_lrs", True),
+    ("max_lrs", True),  # CyclicLR
+    ("min_lrs", True),  # ReduceLROnPlateau
+    ("lr_lambdas", False),  # LambdaLR, MultiplicativeLR: the first group's function
+    ("base_momentums", False),  # CyclicLR
+    ("max_momentums", False),
+    ("_last_lr", True),
+)
+# per-param-group keys some schedulers store in the optimizer's groups (OneCycleLR, CyclicLR)
+_SCHEDULER_GROUP_KEYS: tuple[tuple[str, bool], ...] = (
+    ("max_lr", True),
+    ("min_lr", True),
+    ("max_momentum", False),
+    ("base_momentum", False),
+)
 
 
 class FreezeBackbone(Callback):
-    r"""Freeze submodules of the LightningModule so that they stay **bitwise** identical, and prove it.
+    r"""Freeze submodules of the LightningModule during a fit: **bitwise** identical, and proven so.
 
     ``requires_grad=False`` alone is not enough: BatchNorm running statistics keep updating in
     train mode, and any ``.train()`` call (user hooks, ``LightningModule.unfreeze()``, a ``.train()``
@@ -56,7 +93,22 @@ class FreezeBackbone(Callback):
       epoch start (layers replaced after setup, e.g. by a SyncBatchNorm conversion, are caught
       there) and guarded before every forward inside the epoch;
     * fingerprints every frozen parameter and buffer at fit start and checks them at every train
-      epoch end and at fit end (``verify``).
+      epoch end and at fit end (``verify``);
+    * records each frozen module's output on a small probe input (the first two samples that
+      reach it in the first training batch) and checks at the same points that the module still
+      reproduces it: a replaced ``forward``, a layer left in train mode, a changed buffer or a
+      conversion that computes something else are caught even when no tensor changed. The check
+      consumes no random number, changes no buffer and builds no autograd graph (see
+      :mod:`lightning_freeze.core.probe`); it is bitwise on CPU (and on any device with
+      ``torch.use_deterministic_algorithms(True)``), within ``1e-5 + 1e-3 * max|output|`` otherwise.
+
+    **Lifecycle.** The freeze lasts for one ``Trainer.fit``. When the fit ends (normally or with an
+    exception) the callback gives the model back as it found it:
+    :func:`~lightning_freeze.core.unfreeze` removes every hook it installed, converts frozen norm
+    layers back (tensors bitwise equal), and restores each parameter's ``requires_grad`` and each
+    module's train/eval flag as they were before ``setup``. A later fit without this callback
+    trains the whole model normally, and the model scripts and exports like any other. To keep a
+    module frozen outside a fit, call :func:`lightning_freeze.core.freeze` yourself.
 
     With a :class:`~lightning_freeze.MultiBranchModule` (any LightningModule with ``branch_names``,
     ``active_branch`` and a ``branches`` ModuleDict) every branch but the active one is frozen too
@@ -74,23 +126,31 @@ class FreezeBackbone(Callback):
         freeze_inactive_branches: with a multi-branch module, also freeze every branch but the
             active one. Default ``True``.
         unfreeze_at_epoch: optional epoch (0-based) at whose start ``modules`` are unfrozen and added
-            to the first optimizer as a new param group. ``None`` (default): never. Refused under
-            DDP-like strategies (DDP only synchronises parameters that required grad when it
-            wrapped the model): train a new stage instead.
+            to the first optimizer as a new param group (parameters the optimizer already held are
+            moved into it). Applied wherever the run is, also when it resumes into that epoch or a
+            later one. Learning-rate schedulers of that optimizer are extended to the new group
+            (see :data:`SUPPORTED_SCHEDULERS`; any other scheduler is refused at fit start).
+            ``None`` (default): never. Refused under DDP-like strategies (DDP only synchronises
+            parameters that required grad when it wrapped the model): train a new stage instead.
         unfreeze_lr_scale: learning rate of the new param group, as a multiple of the first param
-            group's current learning rate. Default ``0.1``.
+            group's (its current lr, and its scheduler's base/max/min lr). A finite number > 0.
+            Default ``0.1``.
         verify: ``"raise"`` (default): raise :class:`~lightning_freeze.FrozenStateError` naming every
-            changed tensor by its full ``state_dict`` key and the likely cause; ``"warn"``: warn
-            instead; ``"off"``: no fingerprints.
+            changed tensor by its full ``state_dict`` key and every module whose probe output changed;
+            ``"warn"``: warn instead; ``"off"``: no fingerprints, no probes.
         dropout: ``"eval"`` (default): dropout layers inside frozen modules are pinned to eval, so
             the features a branch trains on are exactly the ones it gets at inference;
             ``"train"``: they keep dropping out during training.
 
     Attributes:
-        frozen: what :func:`~lightning_freeze.core.freeze` froze (``None`` before ``setup``).
-        last_check: the latest verification (a
+        frozen: what :func:`~lightning_freeze.core.freeze` froze (``None`` before ``setup``; kept
+            after the fit as a record, although the model has been given back).
+        last_check: the latest verification of the tensors (a
             :class:`~lightning_freeze.core.fingerprint.FingerprintDiff`;
             ``last_check.summary()`` reads ``"checked 12 frozen tensors: 0 changed"``).
+        probes: ``{module name: OutputProbe}`` recorded in the first training batch (modules that do
+            not run in training, e.g. inactive branches, have none and are checked by fingerprint).
+        last_probe_check: the probe mismatches of the latest verification (empty: all reproduced).
 
     Example::
 
@@ -98,7 +158,7 @@ class FreezeBackbone(Callback):
         from lightning_freeze import FreezeBackbone
 
         trainer = L.Trainer(max_epochs=3, callbacks=[FreezeBackbone("backbone")])
-        trainer.fit(model)  # model.backbone is bitwise identical afterwards, or this raised
+        trainer.fit(model)  # model.backbone was bitwise frozen during the fit, or this raised
     """
 
     def __init__(
@@ -128,22 +188,30 @@ class FreezeBackbone(Callback):
         if (
             not isinstance(unfreeze_lr_scale, (int, float))
             or isinstance(unfreeze_lr_scale, bool)
+            or not math.isfinite(unfreeze_lr_scale)
             or not (unfreeze_lr_scale > 0)
         ):
-            raise ValueError(f"Invalid unfreeze_lr_scale={unfreeze_lr_scale!r}; valid choices: a number > 0.")
+            raise ValueError(
+                f"Invalid unfreeze_lr_scale={unfreeze_lr_scale!r}; valid choices: a finite number > 0."
+            )
         self.freeze_inactive_branches = bool(freeze_inactive_branches)
         self.unfreeze_at_epoch = unfreeze_at_epoch
         self.unfreeze_lr_scale = float(unfreeze_lr_scale)
 
         self.frozen: FrozenModules | None = None
         self.last_check: FingerprintDiff | None = None
+        self.probes: dict[str, OutputProbe] = {}
+        self.last_probe_check: list[ProbeMismatch] = []
         self._unfrozen = False
         self._reference: dict[str, TensorFingerprint] | None = None
         self._restored: dict[str, Any] | None = None
-        self._warning_filter: tuple[Any, ...] | None = None
         self._scheduled: list[
             str
         ] = []  # frozen names that unfreeze_at_epoch unfreezes (not inactive branches)
+        self._captures: dict[str, tuple[Any, dict[str, Any]]] = {}  # pending probe-input captures
+        self._shown_as_training: list[nn.Module] = []
+        self._flags_before: tuple[dict[str, bool], dict[str, bool]] | None = None
+        self._holding = False  # between setup and the end of the fit: the model is ours to give back
 
     # ------------------------------------------------------------------------------------------
     # Lightning hooks
@@ -165,20 +233,42 @@ class FreezeBackbone(Callback):
                 "Use unfreeze_at_epoch=None and train the unfrozen model as a new stage "
                 "(a new Trainer.fit without FreezeBackbone on these modules), or train on a single device."
             )
+        # a callback object reused for a second fit starts from scratch
+        self.last_check, self.probes, self.last_probe_check = None, {}, []
+        self._reference = None
         names, inactive = self._names_to_freeze(pl_module)
+        self._flags_before = _record_flags(pl_module)
         self.frozen = freeze(pl_module, names + inactive, norm=self.norm, dropout=self.dropout)
+        self._holding = True
         self._scheduled = [n for n in self.frozen.names if n not in inactive]
         self._unfrozen = False
         if not any(p.requires_grad for p in pl_module.parameters()):
+            frozen_names = self.frozen.names
+            # parameters outside what we froze that did not require grad before we came
+            already = sorted(
+                {
+                    n.rsplit(".", 1)[0]
+                    for n, grad in self._flags_before[0].items()
+                    if not grad and not any(n.startswith(f + ".") for f in frozen_names)
+                }
+            )
+            before = (
+                f" Already frozen before FreezeBackbone (requires_grad=False): {', '.join(already)}."
+                if already
+                else ""
+            )
             raise ValueError(
                 f"Nothing left to train: FreezeBackbone(modules={self.modules!r}) froze "
-                f"{', '.join(self.frozen.names)}, and {type(pl_module).__name__} has no other trainable "
-                f"parameter. Top-level children: {', '.join(n for n, _ in pl_module.named_children())}."
+                f"{', '.join(frozen_names)}, and {type(pl_module).__name__} has no other trainable "
+                f"parameter.{before} Top-level children: "
+                f"{', '.join(n for n, _ in pl_module.named_children())}."
             )
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         restored, self._restored = self._restored, None
+        if self.unfreeze_at_epoch is not None:
+            self._check_schedulers(trainer)
         if restored is not None and restored.get("unfrozen"):
             self._unfreeze(trainer, pl_module)
         frozen = self._require_frozen()
@@ -190,21 +280,54 @@ class FreezeBackbone(Callback):
                 self._reference = _fingerprints_from_state(restored["fingerprints"])
             else:
                 self._reference = fingerprint(pl_module, frozen.tensor_keys)
+            if restored is not None:
+                self.probes = {
+                    name: OutputProbe.from_state_dict(state)
+                    for name, state in (restored.get("probes") or {}).items()
+                    if name in self._still_frozen_names()
+                }
         self._warn_if_optimizer_holds_frozen(trainer, pl_module)
+        self._warn_about_weight_averaging(trainer)
         self._explain_eval_mode_modules(pl_module)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning's eval-mode notice has run (see _explain_eval_mode_modules): pin them back now
+        for module in self._shown_as_training:
+            module.training = False
+        self._shown_as_training = []
+        frozen = self._require_frozen()
+        # a frozen module whose norm layers or dropout keep training computes something new at every
+        # call: its tensors are still fingerprinted, but there is no fixed output to check
+        if self.verify != "off" and frozen.norm != "train" and frozen.dropout != "train":
+            for name in self._still_frozen_names():
+                if name not in self.probes and name not in self._captures:
+                    store: dict[str, Any] = {}
+                    handle = capture_probe_input(pl_module.get_submodule(name), store)
+                    self._captures[name] = (handle, store)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         frozen = self._require_frozen()
-        if (
-            self.unfreeze_at_epoch is not None
-            and not self._unfrozen
-            and trainer.current_epoch >= self.unfreeze_at_epoch
-        ):
-            self._unfreeze(trainer, pl_module)
+        self._unfreeze_if_due(trainer, pl_module)
         # Re-pin at every epoch start (as the design card asks): catches layers replaced or put in
         # train mode since; the forward pre-hooks then hold it for the whole epoch.
         pin_frozen_layers(pl_module, self._still_frozen_names(), norm=frozen.norm, dropout=frozen.dropout)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # Lightning skips on_train_epoch_start for the epoch a run resumes into when the checkpoint
+        # was written at the last batch of the previous epoch: apply the schedule here too.
+        self._unfreeze_if_due(trainer, pl_module)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._captures:
+            self._record_probes(pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -214,17 +337,22 @@ class FreezeBackbone(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         diff = self.check(pl_module, trainer)
         if diff is not None:
-            rank_zero_info(f"FreezeBackbone: {diff.summary()}")
+            probes = (
+                f"; {len(self.probes)} module output(s) reproduced on the probe input" if self.probes else ""
+            )
+            rank_zero_info(f"FreezeBackbone: {diff.summary()}{probes}")
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        # Lightning calls no teardown hook after an exception: give the model back here
+        self._release(pl_module)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._warning_filter is not None:
-            try:
-                warnings.filters.remove(self._warning_filter)
-                warnings._filters_mutated()  # type: ignore[attr-defined]
-            except (ValueError, AttributeError):
-                pass
-            self._warning_filter = None
+        if stage == "fit":
+            self._release(pl_module)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -236,6 +364,7 @@ class FreezeBackbone(Callback):
             "fingerprints": {
                 k: [fp.digest, fp.dtype, list(fp.shape)] for k, fp in (self._reference or {}).items()
             },
+            "probes": {name: probe.state_dict() for name, probe in self.probes.items()},
         }
 
     @override
@@ -247,14 +376,16 @@ class FreezeBackbone(Callback):
     # public helpers
     # ------------------------------------------------------------------------------------------
     def check(self, pl_module: torch.nn.Module, trainer: pl.Trainer | None = None) -> FingerprintDiff | None:
-        """Compare every frozen tensor with its fingerprint from fit start.
+        """Compare every frozen tensor with its fingerprint from fit start, and every probe output.
 
         Returns:
             the :class:`~lightning_freeze.core.fingerprint.FingerprintDiff` (also kept as
-            :attr:`last_check`), or ``None`` when ``verify="off"`` or before fit start.
+            :attr:`last_check`; probe mismatches are kept as :attr:`last_probe_check`), or ``None``
+            when ``verify="off"`` or before fit start.
 
         Raises:
-            FrozenStateError: with ``verify="raise"``, when any frozen tensor changed.
+            FrozenStateError: with ``verify="raise"``, when any frozen tensor changed or a frozen
+                module no longer reproduces its output on the probe input.
         """
         if self.verify == "off" or self._reference is None:
             return None
@@ -262,7 +393,16 @@ class FreezeBackbone(Callback):
         current = fingerprint(tensors, [k for k in self._reference if k in tensors])
         diff = diff_fingerprints(self._reference, current)
         self.last_check = diff
-        if diff.changed or diff.missing:
+        still_frozen = set(self._still_frozen_names()) if self.frozen is not None else set()
+        mismatches = [
+            m
+            for name, probe in self.probes.items()
+            if name in still_frozen
+            for m in [probe.check(pl_module.get_submodule(name), name)]
+            if m is not None
+        ]
+        self.last_probe_check = mismatches
+        if diff.changed or diff.missing or mismatches:
             optimizers = trainer.optimizers if trainer is not None else []
             optimizer_params = [
                 p for opt in optimizers for group in opt.param_groups for p in group["params"]
@@ -272,10 +412,14 @@ class FreezeBackbone(Callback):
                 for key in diff.changed
             }
             causes.update({key: "the tensor disappeared from the model's state_dict" for key in diff.missing})
-            lines = "\n".join(f"  - {key}: {cause}" for key, cause in causes.items())
+            lines = [f"  - {key}: {cause}" for key, cause in causes.items()]
+            for m in mismatches:
+                causes[m.module] = m.reason
+                lines.append(f"  - {m}")
             message = (
-                f"FreezeBackbone: {len(causes)} frozen tensor(s) changed since fit start "
-                f"({diff.summary()}):\n{lines}"
+                f"FreezeBackbone: {len(causes)} frozen tensor(s)/module(s) changed since fit start "
+                f"({diff.summary()}; {len(mismatches)} of {len(self.probes)} probe output(s) changed):\n"
+                + "\n".join(lines)
             )
             if self.verify == "raise":
                 raise FrozenStateError(message, changed=list(causes), causes=causes)
@@ -305,9 +449,40 @@ class FreezeBackbone(Callback):
         names = self._require_frozen().names
         return [n for n in names if n not in self._scheduled] if self._unfrozen else names
 
+    def _release(self, pl_module: pl.LightningModule) -> None:
+        """Give the model back as setup found it (idempotent): no hook, flags as before."""
+        for handle, _ in self._captures.values():
+            handle.remove()
+        self._captures = {}
+        for module in self._shown_as_training:
+            module.training = False
+        self._shown_as_training = []
+        if self._holding and self.frozen is not None:
+            self._holding = False
+            _unfreeze_restoring(pl_module, self.frozen, self._flags_before)
+        self._flags_before = None
+
+    def _record_probes(self, pl_module: pl.LightningModule) -> None:
+        for name in [n for n, (_, store) in self._captures.items() if "args" in store]:
+            _, store = self._captures.pop(name)
+            module = pl_module.get_submodule(name)
+            try:
+                self.probes[name] = OutputProbe.record(module, store["args"], store["kwargs"])
+            except Exception:  # an input with a first dimension that is not the batch: keep it whole
+                self.probes[name] = OutputProbe.record(module, store["full_args"], store["full_kwargs"])
+
+    def _unfreeze_if_due(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (
+            self.unfreeze_at_epoch is not None
+            and not self._unfrozen
+            and trainer.current_epoch >= self.unfreeze_at_epoch
+        ):
+            self._unfreeze(trainer, pl_module)
+
     def _unfreeze(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         frozen = self._require_frozen()
         params = unfreeze(pl_module, self._scheduled, mode=True)
+        _remove_module_guards(pl_module, self._scheduled)
         self._unfrozen = True
         prefixes = tuple(f"{n}." for n in self._scheduled)
         self.frozen = dataclasses.replace(
@@ -317,6 +492,11 @@ class FreezeBackbone(Callback):
         )
         if self._reference is not None:
             self._reference = {k: v for k, v in self._reference.items() if not k.startswith(prefixes)}
+        for name in self._scheduled:
+            self.probes.pop(name, None)
+            handle_store = self._captures.pop(name, None)
+            if handle_store is not None:
+                handle_store[0].remove()
         if not params:
             return
         if not trainer.optimizers:
@@ -324,16 +504,31 @@ class FreezeBackbone(Callback):
                 "FreezeBackbone cannot unfreeze: the trainer has no optimizer to add parameters to."
             )
         optimizer = trainer.optimizers[0]
-        lr = optimizer.param_groups[0]["lr"] * self.unfreeze_lr_scale
-        optimizer.add_param_group({"params": params, "lr": lr, "initial_lr": lr})
+        _add_param_group(optimizer, params, self.unfreeze_lr_scale)
         for config in trainer.lr_scheduler_configs:
-            base_lrs = getattr(config.scheduler, "base_lrs", None)
-            if isinstance(base_lrs, list) and getattr(config.scheduler, "optimizer", None) is optimizer:
-                base_lrs.append(lr)
+            if getattr(config.scheduler, "optimizer", None) is optimizer:
+                _extend_scheduler(config.scheduler, optimizer, self.unfreeze_lr_scale)
         rank_zero_info(
             f"FreezeBackbone: unfroze {', '.join(self._scheduled)} at epoch {trainer.current_epoch}: "
-            f"{len(params)} parameters added to the optimizer as a new param group with lr={lr:g}"
+            f"{len(params)} parameters in a new param group with lr={optimizer.param_groups[-1]['lr']:g}"
         )
+
+    def _check_schedulers(self, trainer: pl.Trainer) -> None:
+        if not trainer.optimizers:
+            return
+        optimizer = trainer.optimizers[0]
+        for config in trainer.lr_scheduler_configs:
+            if getattr(config.scheduler, "optimizer", None) is not optimizer:
+                continue
+            for scheduler in _scheduler_tree(config.scheduler):
+                if not isinstance(scheduler, SUPPORTED_SCHEDULERS):
+                    raise ValueError(
+                        f"FreezeBackbone(unfreeze_at_epoch={self.unfreeze_at_epoch}) cannot extend the "
+                        f"learning-rate scheduler {type(scheduler).__name__} to the new param group: it may "
+                        "keep per-group state this callback does not know. Supported schedulers: "
+                        f"{', '.join(c.__name__ for c in SUPPORTED_SCHEDULERS)} (and their subclasses). "
+                        "Use one of them, or train the unfrozen model as a new stage."
+                    )
 
     def _warn_if_optimizer_holds_frozen(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         frozen_ids = {
@@ -357,31 +552,47 @@ class FreezeBackbone(Callback):
                 "`[p for p in self.parameters() if p.requires_grad]`."
             )
 
+    def _warn_about_weight_averaging(self, trainer: pl.Trainer) -> None:
+        try:
+            from lightning.pytorch.callbacks import WeightAveraging
+        except ImportError:  # Lightning < 2.6
+            return
+        for callback in trainer.callbacks:
+            if isinstance(callback, WeightAveraging):
+                rank_zero_warn(
+                    f"FreezeBackbone: {type(callback).__name__} averages every parameter, frozen ones "
+                    "included, and copies its average into the model at train end: its average of a frozen "
+                    "weight drifts by rounding, so it will overwrite frozen weights and the check at fit end "
+                    "fails. Use "
+                    "lightning_freeze.FrozenSafeEMA instead: it averages trainable tensors only and never "
+                    "writes a frozen one."
+                )
+
     def _explain_eval_mode_modules(self, pl_module: pl.LightningModule) -> None:
-        eval_modules = [name for name, m in pl_module.named_modules() if not m.training]
+        eval_modules = [(name, m) for name, m in pl_module.named_modules() if not m.training]
         if not eval_modules:
             return
+        frozen_names = self._still_frozen_names()
         ours = [
-            name
-            for name, m in pl_module.named_modules()
-            if not m.training and (is_pinned(m) or is_running_stat_norm(m))
+            (name, m)
+            for name, m in eval_modules
+            if any(name == f or name.startswith(f + ".") for f in frozen_names)
         ]
-        ours = [n for n in ours if any(n == f or n.startswith(f + ".") for f in self._require_frozen().names)]
         if len(ours) == len(eval_modules):
-            # Lightning 2.6 warns about modules in eval mode at fit start; these are exactly the ones
-            # pinned on purpose, so that warning would only puzzle the user.
-            warnings.filterwarnings(
-                "ignore",
-                message=re.escape(_EVAL_MODE_WARNING.format(n=len(ours))),
-                category=PossibleUserWarning,
-            )
-            self._warning_filter = warnings.filters[0]
+            # Lightning warns about modules in eval mode when training starts (after on_fit_start
+            # and the sanity check, before on_train_start). These are exactly the ones pinned on
+            # purpose, so that notice would only puzzle the user. Rather than touching the global
+            # warning filters, let them read as training until on_train_start puts them back in
+            # eval: their pins force eval mode before any forward in between anyway.
+            self._shown_as_training = [m for _, m in ours]
+            for module in self._shown_as_training:
+                module.training = True
             rank_zero_info(
-                f"FreezeBackbone: {len(ours)} norm/dropout layer(s) inside frozen modules are pinned to eval "
-                "mode on purpose (Lightning's 'modules in eval mode' notice is silenced for exactly these)."
+                f"FreezeBackbone: {len(ours)} module(s) inside frozen modules run in eval mode on purpose "
+                "(pinned; Lightning's 'modules in eval mode' notice is not shown for them)."
             )
         elif ours:
-            others = [n for n in eval_modules if n not in ours]
+            others = [n for n, _ in eval_modules if (n, _) not in ours]
             rank_zero_info(
                 f"FreezeBackbone: {len(ours)} of the {len(eval_modules)} modules in eval mode are pinned on "
                 f"purpose; these others are not: {', '.join(others[:10])}"
@@ -402,3 +613,76 @@ def _check_modules(modules: str | Sequence[str]) -> list[str]:
 
 def _fingerprints_from_state(state: dict[str, Any]) -> dict[str, TensorFingerprint]:
     return {k: TensorFingerprint(digest, dtype, tuple(shape)) for k, (digest, dtype, shape) in state.items()}
+
+
+def _record_flags(root: nn.Module) -> tuple[dict[str, bool], dict[str, bool]]:
+    return (
+        {n: p.requires_grad for n, p in root.named_parameters(remove_duplicate=False)},
+        {n: m.training for n, m in root.named_modules(remove_duplicate=False)},
+    )
+
+
+def _remove_module_guards(root: nn.Module, names: Sequence[str]) -> None:
+    # TODO(h1 contract): core.unfreeze removes the module guard itself; drop this once it lands.
+    remove = getattr(importlib.import_module("lightning_freeze.core.freeze"), "_remove_guard", None)
+    if remove is not None:
+        for name in names:
+            remove(root.get_submodule(name))
+
+
+def _unfreeze_restoring(
+    root: nn.Module, frozen: FrozenModules, flags: tuple[dict[str, bool], dict[str, bool]] | None
+) -> None:
+    """``unfreeze(root, frozen, mode=None)``: every hook removed, flags as recorded before freeze."""
+    if hasattr(frozen, "requires_grad_before"):
+        unfreeze(root, frozen, mode=None)  # type: ignore[arg-type]
+        return
+    # TODO(h1 contract): fallback until core.unfreeze accepts a FrozenModules and restores the
+    # recorded flags itself; remove together with _record_flags/_remove_module_guards.
+    unfreeze(root, frozen.names, mode=True)
+    _remove_module_guards(root, frozen.names)
+    if flags is not None:
+        requires_grad, training = flags
+        for name, param in root.named_parameters(remove_duplicate=False):
+            if name in requires_grad:
+                param.requires_grad_(requires_grad[name])
+        for name, module in root.named_modules(remove_duplicate=False):
+            if name in training:
+                module.training = training[name]
+
+
+def _add_param_group(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], scale: float) -> None:
+    """Add ``params`` as a new group at ``scale`` x the first group's lr, moving any already held."""
+    moving = {id(p) for p in params}
+    for group in optimizer.param_groups:
+        # an optimizer built over self.parameters() already holds them: they join the new group
+        group["params"] = [p for p in group["params"] if id(p) not in moving]
+    first = optimizer.param_groups[0]
+    lr = first["lr"] * scale
+    optimizer.add_param_group(
+        {"params": params, "lr": lr, "initial_lr": first.get("initial_lr", first["lr"]) * scale}
+    )
+    new = optimizer.param_groups[-1]
+    for key, scaled in _SCHEDULER_GROUP_KEYS:
+        if key in first:
+            new[key] = first[key] * scale if scaled else first[key]
+    # schedulers that cycle momentum set it per group: start the new group where the first one is
+    for key in ("momentum", "betas"):
+        if "max_momentum" in first and key in first:
+            new[key] = first[key]
+
+
+def _scheduler_tree(scheduler: Any) -> Iterator[Any]:
+    yield scheduler
+    for child in getattr(scheduler, "_schedulers", None) or []:  # SequentialLR, ChainedScheduler
+        yield from _scheduler_tree(child)
+
+
+def _extend_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, scale: float) -> None:
+    """Append the new (last) param group's entry to every per-group list a scheduler keeps."""
+    n_groups = len(optimizer.param_groups)
+    for sched in _scheduler_tree(scheduler):
+        for attr, scaled in _SCHEDULER_GROUP_LISTS:
+            values = getattr(sched, attr, None)
+            if isinstance(values, list) and len(values) == n_groups - 1 and values:
+                values.append(values[0] * scale if scaled else values[0])
