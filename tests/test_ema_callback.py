@@ -44,8 +44,17 @@ def head_keys(model: torch.nn.Module) -> set[str]:
     return {k for k in model.state_dict() if k.startswith("head.")}
 
 
+class SeedEachEpoch(Callback):
+    """Lightning does not restore the global RNG on resume: seed each epoch so dropout draws alike."""
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if batch_idx == 0:
+            torch.manual_seed(trainer.current_epoch)
+
+
 def fit(tmp_path: Path, callbacks: list[Callback], model: Net | None = None, **kwargs: Any) -> Net:
     torch.manual_seed(0)
+    callbacks = [*callbacks, SeedEachEpoch()]
     model = model or Net()
     _, val = loaders()
     train = DataLoader(make_data(64, 0), batch_size=16)  # no shuffling: a resumed run sees the same batches

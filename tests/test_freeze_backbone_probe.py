@@ -194,3 +194,19 @@ def test_a_resumed_run_checks_against_the_first_runs_probe(tmp_path) -> None:
     t = trainer(tmp_path, callbacks=[FreezeBackbone()], max_epochs=2)
     with pytest.raises(FrozenStateError, match=r"backbone: output on the probe input changed"):
         t.fit(LeakyNet(), train, val, ckpt_path=path)
+
+
+def test_fingerprints_written_by_version_0_1_still_verify() -> None:
+    """A resumed run may carry BLAKE2b-128 fingerprints (version 0.1): they verify, and a change is caught."""
+    from lightning_freeze.core.fingerprint import fingerprint as fingerprint_of
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4))
+    callback = FreezeBackbone("0")
+    old = fingerprint_of(net, algorithm="blake2b-128")
+    assert not any(":" in fp.digest for fp in old.values())  # the old, unprefixed format
+    callback._reference = dict(old)
+    assert callback.check(net).summary() == "checked 2 frozen tensors: 0 changed"
+    with torch.no_grad():
+        net[0].bias[0] += 1
+    with pytest.raises(FrozenStateError, match=r"0\.bias"):
+        callback.check(net)

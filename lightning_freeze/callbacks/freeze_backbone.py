@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -210,7 +209,6 @@ class FreezeBackbone(Callback):
         ] = []  # frozen names that unfreeze_at_epoch unfreezes (not inactive branches)
         self._captures: dict[str, tuple[Any, dict[str, Any]]] = {}  # pending probe-input captures
         self._shown_as_training: list[nn.Module] = []
-        self._flags_before: tuple[dict[str, bool], dict[str, bool]] | None = None
         self._holding = False  # between setup and the end of the fit: the model is ours to give back
 
     # ------------------------------------------------------------------------------------------
@@ -237,19 +235,18 @@ class FreezeBackbone(Callback):
         self.last_check, self.probes, self.last_probe_check = None, {}, []
         self._reference = None
         names, inactive = self._names_to_freeze(pl_module)
-        self._flags_before = _record_flags(pl_module)
         self.frozen = freeze(pl_module, names + inactive, norm=self.norm, dropout=self.dropout)
         self._holding = True
         self._scheduled = [n for n in self.frozen.names if n not in inactive]
         self._unfrozen = False
         if not any(p.requires_grad for p in pl_module.parameters()):
             frozen_names = self.frozen.names
-            # parameters outside what we froze that did not require grad before we came
+            # nothing requires grad now: parameters outside what we froze were frozen before we came
             already = sorted(
                 {
                     n.rsplit(".", 1)[0]
-                    for n, grad in self._flags_before[0].items()
-                    if not grad and not any(n.startswith(f + ".") for f in frozen_names)
+                    for n, _ in pl_module.named_parameters()
+                    if not any(n.startswith(f + ".") for f in frozen_names)
                 }
             )
             before = (
@@ -390,7 +387,7 @@ class FreezeBackbone(Callback):
         if self.verify == "off" or self._reference is None:
             return None
         tensors = pl_module.state_dict(keep_vars=True)
-        current = fingerprint(tensors, [k for k in self._reference if k in tensors])
+        current = fingerprint(tensors, [k for k in self._reference if k in tensors], like=self._reference)
         diff = diff_fingerprints(self._reference, current)
         self.last_check = diff
         still_frozen = set(self._still_frozen_names()) if self.frozen is not None else set()
@@ -459,8 +456,7 @@ class FreezeBackbone(Callback):
         self._shown_as_training = []
         if self._holding and self.frozen is not None:
             self._holding = False
-            _unfreeze_restoring(pl_module, self.frozen, self._flags_before)
-        self._flags_before = None
+            unfreeze(pl_module, self.frozen, mode=None)
 
     def _record_probes(self, pl_module: pl.LightningModule) -> None:
         for name in [n for n, (_, store) in self._captures.items() if "args" in store]:
@@ -481,8 +477,7 @@ class FreezeBackbone(Callback):
 
     def _unfreeze(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         frozen = self._require_frozen()
-        params = unfreeze(pl_module, self._scheduled, mode=True)
-        _remove_module_guards(pl_module, self._scheduled)
+        params = unfreeze(pl_module, frozen.subset(self._scheduled), mode=True)
         self._unfrozen = True
         prefixes = tuple(f"{n}." for n in self._scheduled)
         self.frozen = dataclasses.replace(
@@ -613,42 +608,6 @@ def _check_modules(modules: str | Sequence[str]) -> list[str]:
 
 def _fingerprints_from_state(state: dict[str, Any]) -> dict[str, TensorFingerprint]:
     return {k: TensorFingerprint(digest, dtype, tuple(shape)) for k, (digest, dtype, shape) in state.items()}
-
-
-def _record_flags(root: nn.Module) -> tuple[dict[str, bool], dict[str, bool]]:
-    return (
-        {n: p.requires_grad for n, p in root.named_parameters(remove_duplicate=False)},
-        {n: m.training for n, m in root.named_modules(remove_duplicate=False)},
-    )
-
-
-def _remove_module_guards(root: nn.Module, names: Sequence[str]) -> None:
-    # TODO(h1 contract): core.unfreeze removes the module guard itself; drop this once it lands.
-    remove = getattr(importlib.import_module("lightning_freeze.core.freeze"), "_remove_guard", None)
-    if remove is not None:
-        for name in names:
-            remove(root.get_submodule(name))
-
-
-def _unfreeze_restoring(
-    root: nn.Module, frozen: FrozenModules, flags: tuple[dict[str, bool], dict[str, bool]] | None
-) -> None:
-    """``unfreeze(root, frozen, mode=None)``: every hook removed, flags as recorded before freeze."""
-    if hasattr(frozen, "requires_grad_before"):
-        unfreeze(root, frozen, mode=None)  # type: ignore[arg-type]
-        return
-    # TODO(h1 contract): fallback until core.unfreeze accepts a FrozenModules and restores the
-    # recorded flags itself; remove together with _record_flags/_remove_module_guards.
-    unfreeze(root, frozen.names, mode=True)
-    _remove_module_guards(root, frozen.names)
-    if flags is not None:
-        requires_grad, training = flags
-        for name, param in root.named_parameters(remove_duplicate=False):
-            if name in requires_grad:
-                param.requires_grad_(requires_grad[name])
-        for name, module in root.named_modules(remove_duplicate=False):
-            if name in training:
-                module.training = training[name]
 
 
 def _add_param_group(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], scale: float) -> None:
