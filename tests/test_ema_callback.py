@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -335,6 +336,7 @@ def _validate_info(caplog: pytest.LogCaptureFixture) -> list[str]:
 def test_validate_with_a_checkpoint_evaluates_its_weights_not_the_stale_ema_of_the_last_fit(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="lightning.pytorch")  # whatever an earlier test set
     ema = FrozenSafeEMA(decay=0.5)
     model, run, with_ema = _fit_and_save(tmp_path / "ema", [ema], seed=0)
     _, _, without_ema = _fit_and_save(tmp_path / "plain", [], seed=1)  # other weights, no EMA state
