@@ -26,7 +26,8 @@ from lightning_freeze.core.checkpoint import (
     ema_state_dict,
     load_checkpoint,
 )
-from lightning_freeze.core.freeze import check_choice
+from lightning_freeze.core.errors import UnknownBranchError
+from lightning_freeze.core.validation import check_choice
 from lightning_freeze.instantiate import instantiate
 from lightning_freeze.instantiate import is_config as _is_config
 
@@ -37,17 +38,6 @@ _CHECKPOINT_KEY = "multi_branch"
 # branch with one of these names could not be stored in it
 _RESERVED_NAMES = frozenset(dir(nn.ModuleDict)) | frozenset(vars(nn.ModuleDict()))
 _MAX_KEYS_SHOWN = 8
-
-
-class UnknownBranchError(KeyError):
-    """A branch name that is not one of the module's branches. ``str(err)`` is the full message."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
 
 
 Spec = Any  # an object, or a Hydra config (a mapping with "_target_") that builds it
