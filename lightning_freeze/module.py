@@ -6,7 +6,7 @@ import copy
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -27,11 +27,14 @@ from lightning_freeze.core.checkpoint import (
     load_checkpoint,
 )
 from lightning_freeze.core.errors import UnknownBranchError
-from lightning_freeze.core.validation import check_choice
+from lightning_freeze.core.validation import check_choice, choices_of
 from lightning_freeze.instantiate import instantiate
 from lightning_freeze.instantiate import is_config as _is_config
 
 __all__ = ["CheckpointMismatchError", "MultiBranchModule", "UnknownBranchError", "check_branch_name"]
+
+#: which weights :meth:`MultiBranchModule.init_from_checkpoint` loads
+InitWeights = Literal["raw", "ema"]
 
 _CHECKPOINT_KEY = "multi_branch"
 # attributes of an nn.ModuleDict, of its class and of an instance (``training``, ``_modules``...): a
@@ -484,7 +487,7 @@ class MultiBranchModule(pl.LightningModule):
         self,
         path: str | os.PathLike[str],
         *,
-        weights: str = "raw",
+        weights: InitWeights = "raw",
         ema_state_key: str | None = None,
         unsafe_load: bool = False,
     ) -> list[str]:
@@ -511,7 +514,7 @@ class MultiBranchModule(pl.LightningModule):
             CheckpointMismatchError: keys that do not fit, named (first few of each kind).
             lightning_freeze.core.checkpoint.CheckpointError: the file cannot be read as a checkpoint.
         """
-        check_choice("weights", weights, ("raw", "ema"))
+        check_choice("weights", weights, choices_of(InitWeights))
         label = os.fspath(path)
         checkpoint = load_checkpoint(path, unsafe_load=unsafe_load)
         if weights == "ema":

@@ -75,7 +75,12 @@ def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
 
 @overload
 def check_int(
-    name: str, value: object, minimum: int | None = ..., *, allow_none: Literal[False] = ..., valid: str | None = ...
+    name: str,
+    value: object,
+    minimum: int | None = ...,
+    *,
+    allow_none: Literal[False] = ...,
+    valid: str | None = ...,
 ) -> int: ...
 
 
@@ -86,7 +91,12 @@ def check_int(
 
 
 def check_int(
-    name: str, value: object, minimum: int | None = None, *, allow_none: bool = False, valid: str | None = None
+    name: str,
+    value: object,
+    minimum: int | None = None,
+    *,
+    allow_none: bool = False,
+    valid: str | None = None,
 ) -> int | None:
     """Return ``value`` if it is an integer (not a ``bool``) ``>= minimum``, or ``None`` with ``allow_none``.
 
@@ -176,7 +186,9 @@ def check_non_empty_str(name: str, value: object, valid: str = "a non-empty stri
     return value
 
 
-def check_str_list(name: str, value: object, valid: str = "a non-empty string or a non-empty list of them") -> list[str]:
+def check_str_list(
+    name: str, value: object, valid: str = "a non-empty string or a non-empty list of them"
+) -> list[str]:
     """Return ``value`` as a list of non-empty strings: one string, or a non-empty sequence of them.
 
     Args:
