@@ -42,13 +42,13 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from lightning_freeze.core import checkpoint_io, state_diff  # noqa: E402
+from lightning_freeze.core.bits import tensor_bits  # noqa: E402
 from lightning_freeze.core.checkpoint import (  # noqa: E402
     CheckpointError,
     diff_state_dicts,
     load_checkpoint,
     tensors_bitwise_equal,
 )
-from lightning_freeze.core.bits import tensor_bits  # noqa: E402
 from lightning_freeze.core.fingerprint import tensor_bytes  # noqa: E402
 
 

@@ -41,8 +41,8 @@ __all__ = [
     "DROPOUT_MODES",
     "NORM_MODES",
     "DropoutMode",
-    "NormMode",
     "FrozenModules",
+    "NormMode",
     "check_choice",  # re-exported from lightning_freeze.core.validation (its home)
     "freeze",
     "frozen_tensor_keys",
