@@ -36,6 +36,8 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from lightning_freeze.core.errors import ConfigInstantiationError, TargetNotAllowedError
+
 __all__ = [
     "ALLOWED_TARGETS_ENV",
     "DEFAULT_ALLOWED_TARGETS",
@@ -67,22 +69,6 @@ DEFAULT_ALLOWED_TARGETS: tuple[str, ...] = (
 ALLOWED_TARGETS_ENV = "LIGHTNING_FREEZE_ALLOWED_TARGETS"
 
 _EXTRA: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("lightning_freeze_allow", default=())
-
-
-class ConfigInstantiationError(ValueError):
-    """A config that cannot be instantiated; ``str(err)`` is one line naming the config and its target."""
-
-
-class TargetNotAllowedError(ConfigInstantiationError):
-    """A ``_target_`` outside the allow-list (see :func:`allowed_targets`).
-
-    Attributes:
-        target: the refused ``_target_`` string.
-    """
-
-    def __init__(self, message: str, target: str) -> None:
-        super().__init__(message)
-        self.target = target
 
 
 def is_config(obj: Any) -> bool:

@@ -6,7 +6,7 @@ import copy
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -26,28 +26,21 @@ from lightning_freeze.core.checkpoint import (
     ema_state_dict,
     load_checkpoint,
 )
-from lightning_freeze.core.freeze import check_choice
+from lightning_freeze.core.errors import UnknownBranchError
+from lightning_freeze.core.validation import check_choice, choices_of
 from lightning_freeze.instantiate import instantiate
 from lightning_freeze.instantiate import is_config as _is_config
 
 __all__ = ["CheckpointMismatchError", "MultiBranchModule", "UnknownBranchError", "check_branch_name"]
+
+#: which weights :meth:`MultiBranchModule.init_from_checkpoint` loads
+InitWeights = Literal["raw", "ema"]
 
 _CHECKPOINT_KEY = "multi_branch"
 # attributes of an nn.ModuleDict, of its class and of an instance (``training``, ``_modules``...): a
 # branch with one of these names could not be stored in it
 _RESERVED_NAMES = frozenset(dir(nn.ModuleDict)) | frozenset(vars(nn.ModuleDict()))
 _MAX_KEYS_SHOWN = 8
-
-
-class UnknownBranchError(KeyError):
-    """A branch name that is not one of the module's branches. ``str(err)`` is the full message."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
 
 
 Spec = Any  # an object, or a Hydra config (a mapping with "_target_") that builds it
@@ -494,7 +487,7 @@ class MultiBranchModule(pl.LightningModule):
         self,
         path: str | os.PathLike[str],
         *,
-        weights: str = "raw",
+        weights: InitWeights = "raw",
         ema_state_key: str | None = None,
         unsafe_load: bool = False,
     ) -> list[str]:
@@ -521,7 +514,7 @@ class MultiBranchModule(pl.LightningModule):
             CheckpointMismatchError: keys that do not fit, named (first few of each kind).
             lightning_freeze.core.checkpoint.CheckpointError: the file cannot be read as a checkpoint.
         """
-        check_choice("weights", weights, ("raw", "ema"))
+        check_choice("weights", weights, choices_of(InitWeights))
         label = os.fspath(path)
         checkpoint = load_checkpoint(path, unsafe_load=unsafe_load)
         if weights == "ema":

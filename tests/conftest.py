@@ -26,6 +26,17 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session")
+def multibranch_stage1(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One stage-1 training (backbone + branch "a", see ``helpers.multibranch.run_stage1``) per session.
+
+    Its checkpoint path; tests read it, never write it (copy it first to change it).
+    """
+    from helpers.multibranch import run_stage1
+
+    return run_stage1(tmp_path_factory.mktemp("multibranch_stage1"))
+
+
 def _run_ok(args: list[str], *, cwd: Path | None = None) -> str:
     result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, (

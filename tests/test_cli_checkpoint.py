@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _multibranch_utils import make_module
+from helpers.multibranch import make_module
 
 from lightning_freeze.cli.checkpoint_tools import main as cli
 from lightning_freeze.core import checkpoint_io

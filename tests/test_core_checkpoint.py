@@ -42,12 +42,14 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from lightning_freeze.core import checkpoint_io, state_diff  # noqa: E402
+from lightning_freeze.core.bits import tensor_bits  # noqa: E402
 from lightning_freeze.core.checkpoint import (  # noqa: E402
     CheckpointError,
     diff_state_dicts,
     load_checkpoint,
     tensors_bitwise_equal,
 )
+from lightning_freeze.core.fingerprint import tensor_bytes  # noqa: E402
 
 
 def _saved_and_loaded(tmp_path: Path, name: str, state: dict) -> dict:
@@ -229,3 +231,20 @@ def test_checkpoint_module_keeps_its_names_importable() -> None:
     assert checkpoint.ulp_distance is bits.ulp_distance
     assert checkpoint.BRANCH_PREFIX == keys.BRANCH_PREFIX == "branches."
     assert all(hasattr(checkpoint, name) for name in checkpoint.__all__)
+
+
+def test_bitwise_equality_reads_lazy_conjugate_and_negative_views() -> None:
+    # z.conj() and torch._neg_view(x) are lazy views (a flag, not new values): the byte view under
+    # tensor_bits resolves them, as tensor_bytes does for fingerprints, instead of raising
+    z = torch.tensor([1 + 2j, 3 - 4j])
+    assert tensors_bitwise_equal(z.conj(), z.conj().resolve_conj())
+    assert not tensors_bitwise_equal(z.conj(), z)
+    x = torch.tensor([1.0, -2.0])
+    negated = torch._neg_view(x)
+    assert negated.is_neg()
+    assert tensors_bitwise_equal(negated, -x)
+    assert not tensors_bitwise_equal(negated, x)
+    assert torch.equal(tensor_bits(negated), tensor_bits(-x))
+    # one byte view: the fingerprint's bytes are the comparison's bits
+    y = torch.randn(3, 4).t()
+    assert torch.equal(tensor_bytes(y), tensor_bits(y).view(torch.uint8))

@@ -235,7 +235,7 @@ def test_bad_algorithm_and_threads_are_named() -> None:
         fingerprint(nn.Linear(2, 2), algorithm="md5")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"algorithm 'md5'; valid choices"):
         tensor_fingerprint(torch.zeros(1), "md5")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"Invalid threads=0; valid choices: None or an int >= 1"):
+    with pytest.raises(ValueError, match=r"Invalid threads=0; valid choices: None or an integer >= 1\."):
         fingerprint(nn.Linear(2, 2), threads=0)
     future = {"weight": TensorFingerprint("sha3-256:00", "float32", (2, 2))}
     with pytest.raises(ValueError, match=r"reference digest for 'weight': 'sha3-256'; valid choices"):

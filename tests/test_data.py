@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import typing
+
 import pytest
 import torch
 from PIL import Image
 
+from lightning_freeze.core.validation import choices_of
 from lightning_freeze.data import DIGIT_TASKS, DigitsDataModule, ImageFolderDataModule, load_digits
+from lightning_freeze.data.digits import HALVES, DigitTask, Half
 
 
 def test_load_digits_is_the_uci_digits_set() -> None:
@@ -73,11 +77,24 @@ def test_channels_and_image_size() -> None:
         ({"half": "C"}, r"Invalid half='C'; valid choices: 'A', 'B', 'all'"),
         ({"channels": 2}, r"Invalid channels=2; valid choices: 1, 3"),
         ({"val_fraction": 0.6, "test_fraction": 0.5}, r"valid choices: fractions >= 0 whose sum is < 1"),
+        ({"channels": True}, r"Invalid channels=True; valid choices: 1, 3\."),
+        ({"batch_size": 0}, r"Invalid batch_size=0; valid choices: an integer >= 1\."),
+        ({"batch_size": True}, r"Invalid batch_size=True; valid choices: an integer >= 1\."),
+        ({"image_size": 0}, r"Invalid image_size=0; valid choices: an integer >= 1\."),
+        ({"num_workers": -1}, r"Invalid num_workers=-1; valid choices: an integer >= 0\."),
     ],
 )
 def test_bad_arguments_name_the_value_and_the_choices(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         DigitsDataModule(**kwargs)
+
+
+def test_task_and_half_choices_are_the_literal_types() -> None:
+    # the Literal types are what IDEs and LightningCLI/jsonargparse show: they list every task
+    assert choices_of(DigitTask) == tuple(DIGIT_TASKS)
+    assert choices_of(Half) == HALVES == ("A", "B", "all")
+    hints = typing.get_type_hints(DigitsDataModule.__init__)
+    assert (hints["task"], hints["half"]) == (DigitTask, Half)
 
 
 def _image_folder(root, classes=("cat", "dog"), per_class=5) -> None:
@@ -115,3 +132,11 @@ def test_image_folder_missing_or_empty_folder(tmp_path) -> None:
         ImageFolderDataModule(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match=r"has no class folders"):
         ImageFolderDataModule(tmp_path)
+
+
+def test_image_folder_bad_arguments_name_the_value_and_the_choices(tmp_path) -> None:
+    _image_folder(tmp_path, per_class=1)
+    with pytest.raises(ValueError, match=r"Invalid channels=2; valid choices: 1, 3\."):
+        ImageFolderDataModule(tmp_path, channels=2)
+    with pytest.raises(ValueError, match=r"Invalid image_size=0; valid choices: an integer >= 1\."):
+        ImageFolderDataModule(tmp_path, image_size=0)

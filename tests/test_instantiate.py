@@ -8,7 +8,7 @@ from typing import Any
 import lightning
 import pytest
 import torch
-from _multibranch_utils import IN_FEATURES, WIDTH, fixed_batch
+from helpers.multibranch import IN_FEATURES, WIDTH, fixed_batch
 
 from lightning_freeze import MultiBranchModule
 from lightning_freeze.instantiate import (
@@ -81,20 +81,20 @@ def test_nested_targets_and_paths_leaving_the_allowed_packages_are_refused(tmp_p
 def test_allow_list_is_extended_by_argument_context_and_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    own = {"_target_": "_multibranch_utils.make_backbone"}  # a package of the user's own
-    with pytest.raises(TargetNotAllowedError, match=r"_target_='_multibranch_utils.make_backbone'"):
+    own = {"_target_": "helpers.multibranch.make_backbone"}  # a package of the user's own
+    with pytest.raises(TargetNotAllowedError, match=r"_target_='helpers\.multibranch\.make_backbone'"):
         MultiBranchModule(**{**_configs(), "backbone": own})
-    with allow_targets(["_multibranch_utils"]):
+    with allow_targets(["helpers"]):
         path = _checkpoint(tmp_path / "own.ckpt", {}, MultiBranchModule(**{**_configs(), "backbone": own}))
-    with pytest.raises(TargetNotAllowedError, match=r"_target_='_multibranch_utils.make_backbone'"):
+    with pytest.raises(TargetNotAllowedError, match=r"_target_='helpers\.multibranch\.make_backbone'"):
         load_model(path)
-    model = load_model(path, allow_targets=["_multibranch_utils"])
+    model = load_model(path, allow_targets=["helpers"])
     x = fixed_batch()
     state = torch.load(path, weights_only=True)["state_dict"]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
-    with allow_targets("_multibranch_utils"):
+    with allow_targets("helpers"):
         assert torch.equal(MultiBranchModule.load_from_checkpoint(path).eval()(x), model(x))
-    monkeypatch.setenv(ALLOWED_TARGETS_ENV, "_multibranch_utils")
+    monkeypatch.setenv(ALLOWED_TARGETS_ENV, "helpers")
     assert torch.equal(load_model(path)(x), model(x))
 
 

@@ -75,6 +75,37 @@ def test_heads() -> None:
         linear_head(16, 0)
 
 
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (
+            lambda: mlp_head(16, 4, dropout="0.1"),
+            r"Invalid dropout='0.1'; valid choices: a probability in \[0, 1\)\.",
+        ),
+        (
+            lambda: mlp_head(16, 4, dropout=1.0),
+            r"Invalid dropout=1.0; valid choices: a probability in \[0, 1\)\.",
+        ),
+        (lambda: mlp_head(16, 4, hidden=True), r"Invalid hidden=True; valid choices: an integer >= 1\."),
+        (lambda: tiny_cnn(in_channels=0), r"Invalid in_channels=0; valid choices: an integer >= 1\."),
+        (lambda: tiny_cnn(width=2.5), r"Invalid width=2.5; valid choices: an integer >= 1\."),
+    ],
+)
+def test_bad_factory_arguments_name_the_value_and_the_choices(build, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_torchvision_backbone_names_are_the_literal_type() -> None:
+    import typing
+
+    from lightning_freeze.core.validation import choices_of
+    from lightning_freeze.models.backbones import TORCHVISION_BACKBONES, TorchvisionBackbone
+
+    assert choices_of(TorchvisionBackbone) == tuple(TORCHVISION_BACKBONES)
+    assert typing.get_type_hints(torchvision_backbone)["name"] == TorchvisionBackbone
+
+
 class _CreatesAFile:
     """Unpickling this calls ``builtins.open(path, "w")``: a file appears if the loader runs it."""
 

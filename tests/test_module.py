@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from _multibranch_utils import (
+from helpers.multibranch import (
     CLASSES,
     WIDTH,
     fixed_batch,

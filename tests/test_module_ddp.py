@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _ddp import run_ddp_script
-from _multibranch_utils import run_stage1
+from helpers.ddp import run_ddp_script
 
 from lightning_freeze.cli.checkpoint_tools import main as cli
 
@@ -15,8 +14,10 @@ SCRIPT = Path(__file__).parent / "scripts" / "module_ddp_stage2.py"
 
 
 @pytest.mark.distributed
-def test_ddp_stage2_trains_the_new_branch_and_leaves_the_rest_bitwise_identical(tmp_path) -> None:
-    stage1 = run_stage1(tmp_path)
+def test_ddp_stage2_trains_the_new_branch_and_leaves_the_rest_bitwise_identical(
+    tmp_path: Path, multibranch_stage1: Path
+) -> None:
+    stage1 = multibranch_stage1
     out = tmp_path / "ddp"
     out.mkdir()
     ranks = run_ddp_script(SCRIPT, stage1, out, out=out)

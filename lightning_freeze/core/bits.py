@@ -13,6 +13,7 @@ import torch
 
 __all__ = [
     "coalesced_sparse_parts",
+    "dense_cpu",
     "is_sparse",
     "quantization_equal",
     "tensor_bits",
@@ -23,16 +24,55 @@ __all__ = [
 _INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 
 
-def tensor_bits(tensor: torch.Tensor) -> torch.Tensor:
-    """The raw bits of a dense, non-quantized tensor as a flat integer tensor (CPU).
+def dense_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU tensor with the same elements: the tensor itself when it already is one.
 
-    Same element size, no copy for a contiguous CPU tensor (complex: real and imaginary parts as two
-    elements; bool as uint8).
+    Lazy conjugate/negative views are resolved and complex tensors become their (real, imag) pairs
+    (``torch.view_as_real``), so the result's raw bytes are the tensor's values. The one byte view
+    under :func:`tensor_bits` and :func:`~lightning_freeze.core.fingerprint.tensor_bytes`.
+
+    Raises:
+        TypeError: a sharded ``DTensor`` (pass its ``to_local()`` shard on each rank).
     """
     data = tensor.detach()
+    if type(data) is not torch.Tensor and _is_sharded(data):
+        raise TypeError(
+            f"Cannot read the bytes of a sharded {type(data).__name__} of global shape "
+            f"{tuple(data.shape)}: pass its local shard (tensor.to_local()) on each rank."
+        )
+    # cheap checks only: per-tensor Python overhead adds up on models with many small tensors
     if data.is_complex():
-        data = torch.view_as_real(data)
-    data = data.contiguous().cpu().reshape(-1)
+        data = torch.view_as_real(data.resolve_conj())
+    if data.is_neg():
+        data = data.resolve_neg()
+    if not data.is_contiguous():
+        data = data.contiguous()
+    if not data.is_cpu:
+        data = data.cpu()
+    return data
+
+
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    """A DTensor (FSDP2, tensor parallel): its bytes live on several ranks."""
+    return callable(getattr(tensor, "to_local", None))
+
+
+def tensor_bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a dense, non-quantized tensor as a flat integer tensor (CPU), in row-major order.
+
+    Same element size (bool and 1-byte floats as ``uint8``/``int8``), no copy for a contiguous CPU
+    tensor; complex tensors give their real and imaginary parts as two elements, and lazy
+    conjugate/negative views are resolved first (see :func:`dense_cpu`).
+
+    Raises:
+        TypeError: a sharded ``DTensor``.
+
+    Example::
+
+        >>> tensor_bits(torch.tensor([1.0, -0.0])).tolist()
+        [1065353216, -2147483648]
+    """
+    data = dense_cpu(tensor).reshape(-1)
     if data.dtype == torch.bool:
         return data.view(torch.uint8)
     return data.view(_INT_VIEW[data.element_size()])

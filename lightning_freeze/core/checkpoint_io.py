@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from lightning_freeze.core.errors import CheckpointError, CheckpointMismatchError
 from lightning_freeze.core.keys import EMA_STATE_PREFIX
 
 __all__ = [
@@ -30,17 +31,6 @@ __all__ = [
     "load_checkpoint",
     "save_checkpoint_atomic",
 ]
-
-
-class CheckpointError(ValueError):
-    """A file that cannot be read as a checkpoint (missing, not a checkpoint, corrupt, truncated).
-
-    ``str(err)`` is one line that names the file and what is wrong with it.
-    """
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint whose tensors do not fit a module (names the keys that do not fit)."""
 
 
 def load_checkpoint(

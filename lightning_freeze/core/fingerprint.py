@@ -42,6 +42,9 @@ import torch
 import xxhash
 from torch import nn
 
+from lightning_freeze.core.bits import dense_cpu, tensor_bits
+from lightning_freeze.core.validation import check_int
+
 __all__ = [
     "ALGORITHMS",
     "DEFAULT_ALGORITHM",
@@ -150,32 +153,7 @@ def tensor_bytes(tensor: torch.Tensor) -> torch.Tensor:
         >>> tensor_bytes(torch.tensor([1.0], dtype=torch.bfloat16)).tolist()
         [128, 63]
     """
-    return _dense_cpu(tensor).reshape(-1).view(torch.uint8)
-
-
-def _dense_cpu(tensor: torch.Tensor) -> torch.Tensor:
-    """A contiguous CPU tensor with the same elements: the tensor itself when it already is one."""
-    data = tensor.detach()
-    if type(data) is not torch.Tensor and _is_sharded(data):
-        raise TypeError(
-            f"Cannot read the bytes of a sharded {type(data).__name__} of global shape "
-            f"{tuple(data.shape)}: pass its local shard (tensor.to_local()) on each rank."
-        )
-    # cheap checks only: per-tensor Python overhead adds up on models with many small tensors
-    if data.is_complex():
-        data = torch.view_as_real(data.resolve_conj())
-    if data.is_neg():
-        data = data.resolve_neg()
-    if not data.is_contiguous():
-        data = data.contiguous()
-    if not data.is_cpu:
-        data = data.cpu()
-    return data
-
-
-def _is_sharded(tensor: torch.Tensor) -> bool:
-    """A DTensor (FSDP2, tensor parallel): its bytes live on several ranks."""
-    return callable(getattr(tensor, "to_local", None))
+    return tensor_bits(tensor).view(torch.uint8)
 
 
 # dtype -> does Tensor.numpy() support it (bf16 and fp8 have no numpy dtype: hashed via a uint8 view)
@@ -185,7 +163,7 @@ _DTYPE_NAMES: dict[torch.dtype, str] = {}
 
 def _host_buffer(tensor: torch.Tensor) -> Buffer:
     """The bytes of :func:`tensor_bytes` as a zero-copy numpy view, with fewer torch calls."""
-    data = _dense_cpu(tensor)
+    data = dense_cpu(tensor)
     supported = _NUMPY_DTYPES.get(data.dtype)
     if supported is None:
         try:
@@ -271,8 +249,7 @@ def fingerprint(
         TypeError: a sharded ``DTensor`` (fingerprint ``{key: t.to_local()}`` on each rank).
     """
     _check_algorithm(algorithm)
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"Invalid threads={threads!r}; valid choices: None or an int >= 1.")
+    check_int("threads", threads, minimum=1, allow_none=True)
     tensors = source.state_dict(keep_vars=True) if isinstance(source, nn.Module) else source
     if keys is None:
         selected = list(tensors)

@@ -13,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
@@ -34,12 +35,15 @@ from lightning_freeze.core.norm import (
     unpin_eval,
 )
 from lightning_freeze.core.selection import resolve_modules
+from lightning_freeze.core.validation import check_choice, choices_of
 
 __all__ = [
     "DROPOUT_MODES",
     "NORM_MODES",
+    "DropoutMode",
     "FrozenModules",
-    "check_choice",
+    "NormMode",
+    "check_choice",  # re-exported from lightning_freeze.core.validation (its home)
     "freeze",
     "frozen_tensor_keys",
     "guard_frozen_module",
@@ -48,15 +52,12 @@ __all__ = [
     "unfreeze",
 ]
 
-NORM_MODES: tuple[str, ...] = ("eval", "frozen", "train")
-DROPOUT_MODES: tuple[str, ...] = ("eval", "train")
-
-
-def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
-    """Return ``value`` if it is one of ``choices``, else raise a ``ValueError`` naming both."""
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"Invalid {name}={value!r}; valid choices: {', '.join(repr(c) for c in choices)}.")
-    return value
+#: how :func:`freeze` treats running-statistics norm layers (see :func:`freeze`)
+NormMode = Literal["eval", "frozen", "train"]
+#: how :func:`freeze` treats dropout-like layers (see :func:`freeze`)
+DropoutMode = Literal["eval", "train"]
+NORM_MODES: tuple[str, ...] = choices_of(NormMode)
+DROPOUT_MODES: tuple[str, ...] = choices_of(DropoutMode)
 
 
 @dataclass
@@ -84,8 +85,8 @@ class FrozenModules:
     """
 
     names: list[str]
-    norm: str = "eval"
-    dropout: str = "eval"
+    norm: NormMode = "eval"
+    dropout: DropoutMode = "eval"
     parameter_keys: list[str] = field(default_factory=list)
     tensor_keys: list[str] = field(default_factory=list)
     pinned: int = 0
@@ -132,14 +133,14 @@ def _set_submodule(root: nn.Module, dotted: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _forced_to_eval(layer: nn.Module, norm: str, dropout: str) -> bool:
+def _forced_to_eval(layer: nn.Module, norm: NormMode, dropout: DropoutMode) -> bool:
     # the rule: a frozen module runs entirely in eval mode, except the opted-out kinds of layer
     if is_running_stat_norm(layer):
         return norm != "train"
     return dropout == "eval"
 
 
-def pin_frozen_layers(root: nn.Module, names: Iterable[str], *, norm: str, dropout: str) -> int:
+def pin_frozen_layers(root: nn.Module, names: Iterable[str], *, norm: NormMode, dropout: DropoutMode) -> int:
     """(Re-)pin already frozen modules to eval mode, following the rule of :func:`freeze`.
 
     Every layer inside the modules is put in eval mode now, except running-statistics layers with
@@ -170,7 +171,7 @@ def _needs_layer_pin(layer: nn.Module) -> bool:
     return is_running_stat_norm(layer) and not isinstance(layer, (FrozenBatchNorm, FrozenInstanceNorm))
 
 
-def _repin_pre_hook(module: nn.Module, args: object, *, norm: str, dropout: str) -> None:
+def _repin_pre_hook(module: nn.Module, args: object, *, norm: NormMode, dropout: DropoutMode) -> None:
     # Runs before every forward of a frozen module: whatever called .train() since (Lightning,
     # LightningModule.unfreeze(), a .train() in training_step), the module computes in eval mode
     # (but for the opted-out layers); layers created or replaced inside it since the last pin (a
@@ -192,7 +193,7 @@ def _is_repin_hook(hook: object) -> bool:
     return isinstance(hook, functools.partial) and hook.func is _repin_pre_hook
 
 
-def guard_frozen_module(module: nn.Module, *, norm: str, dropout: str) -> None:
+def guard_frozen_module(module: nn.Module, *, norm: NormMode, dropout: DropoutMode) -> None:
     """Install (once) a forward pre-hook on a frozen module that re-applies the eval rule.
 
     Before every forward of ``module`` the hook puts every layer inside it in eval mode (except
@@ -212,7 +213,7 @@ def _remove_guard(module: nn.Module) -> None:
         del module._forward_pre_hooks[key]
 
 
-def frozen_tensor_keys(root: nn.Module, names: Iterable[str], *, norm: str = "eval") -> list[str]:
+def frozen_tensor_keys(root: nn.Module, names: Iterable[str], *, norm: NormMode = "eval") -> list[str]:
     """The ``state_dict`` keys of every tensor inside the modules ``names`` that must not change."""
     keys: list[str] = []
     for name in names:
@@ -243,7 +244,7 @@ def _warn_tied_parameters(root: nn.Module, selected: dict[str, nn.Module]) -> No
 
 
 def freeze(
-    root: nn.Module, modules: str | Iterable[str], *, norm: str = "eval", dropout: str = "eval"
+    root: nn.Module, modules: str | Iterable[str], *, norm: NormMode = "eval", dropout: DropoutMode = "eval"
 ) -> FrozenModules:
     """Freeze submodules of ``root``: no gradients, no running-statistics updates, eval-mode compute.
 
@@ -422,7 +423,7 @@ def _warn_if_inside_a_guarded_module(root: nn.Module, name: str) -> None:
 
 
 def likely_cause(
-    root: nn.Module, key: str, *, norm: str = "eval", optimizer_params: Iterable[torch.Tensor] = ()
+    root: nn.Module, key: str, *, norm: NormMode = "eval", optimizer_params: Iterable[torch.Tensor] = ()
 ) -> str:
     """A best guess, in words, at why the frozen tensor ``key`` of ``root`` changed."""
     module_name, _, tensor_name = key.rpartition(".")

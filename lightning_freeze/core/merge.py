@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lightning_freeze.core.checkpoint_io import checkpoint_state_dict, ema_state_dict
+from lightning_freeze.core.errors import MergeError
 from lightning_freeze.core.keys import (
     BRANCH_PREFIX,
     MULTI_BRANCH_KEY,
@@ -19,10 +20,6 @@ from lightning_freeze.core.keys import (
 from lightning_freeze.core.state_diff import TensorDiff, diff_state_dicts
 
 __all__ = ["MergeError", "MergeResult", "merge_checkpoints"]
-
-
-class MergeError(ValueError):
-    """Checkpoints that cannot be merged (different backbones, colliding branch names)."""
 
 
 @dataclass

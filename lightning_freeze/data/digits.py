@@ -16,15 +16,22 @@ from __future__ import annotations
 import gzip
 from collections.abc import Callable
 from importlib import resources
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 from typing_extensions import override
 
+from lightning_freeze.core.validation import check_choice, choices_of
 from lightning_freeze.data.splits import SplitDataModule, split_sizes
 
-__all__ = ["DIGIT_TASKS", "HALVES", "DigitsDataModule", "load_digits"]
+__all__ = ["DIGIT_TASKS", "HALVES", "DigitTask", "DigitsDataModule", "Half", "load_digits"]
+
+#: the labels :class:`DigitsDataModule` can learn (the keys of :data:`DIGIT_TASKS`)
+DigitTask = Literal["digit", "parity", "mod3", "high"]
+#: the halves of the digits :class:`DigitsDataModule` can use
+Half = Literal["A", "B", "all"]
 
 #: task name -> (number of classes, digit -> label)
 DIGIT_TASKS: dict[str, tuple[int, Callable[[torch.Tensor], torch.Tensor]]] = {
@@ -33,7 +40,7 @@ DIGIT_TASKS: dict[str, tuple[int, Callable[[torch.Tensor], torch.Tensor]]] = {
     "mod3": (3, lambda d: d % 3),
     "high": (2, lambda d: (d >= 5).long()),
 }
-HALVES: tuple[str, ...] = ("A", "B", "all")
+HALVES: tuple[str, ...] = choices_of(Half)
 NUM_DIGITS = 1797
 
 
@@ -55,12 +62,6 @@ def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
     table = torch.tensor([[int(v) for v in row] for row in rows], dtype=torch.int64)
     images = table[:, :64].to(torch.float32).div_(16.0).reshape(-1, 1, 8, 8)
     return images, table[:, 64].clone()
-
-
-def _check_choice(name: str, value: object, choices: tuple[str, ...] | list[str]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"Invalid {name}={value!r}; valid choices: {', '.join(repr(c) for c in choices)}.")
-    return value
 
 
 class DigitsDataModule(SplitDataModule):
@@ -91,8 +92,8 @@ class DigitsDataModule(SplitDataModule):
 
     def __init__(
         self,
-        task: str = "digit",
-        half: str = "A",
+        task: DigitTask = "digit",
+        half: Half = "A",
         batch_size: int = 64,
         val_fraction: float = 0.2,
         test_fraction: float = 0.2,
@@ -105,15 +106,13 @@ class DigitsDataModule(SplitDataModule):
             batch_size=batch_size,
             val_fraction=val_fraction,
             test_fraction=test_fraction,
+            channels=channels,
+            image_size=image_size,
             num_workers=num_workers,
             split_seed=split_seed,
         )
-        self.task = _check_choice("task", task, list(DIGIT_TASKS))
-        self.half = _check_choice("half", half, HALVES)
-        if channels not in (1, 3):
-            raise ValueError(f"Invalid channels={channels!r}; valid choices: 1, 3.")
-        self.channels = channels
-        self.image_size = int(image_size)
+        self.task = check_choice("task", task, choices_of(DigitTask))
+        self.half = check_choice("half", half, HALVES)
         self.num_classes = DIGIT_TASKS[task][0]
 
     def half_indices(self) -> torch.Tensor:

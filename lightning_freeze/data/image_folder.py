@@ -63,6 +63,8 @@ class ImageFolderDataModule(SplitDataModule):
             batch_size=batch_size,
             val_fraction=val_fraction,
             test_fraction=test_fraction,
+            channels=channels,
+            image_size=image_size,
             num_workers=num_workers,
             split_seed=split_seed,
         )
@@ -72,8 +74,6 @@ class ImageFolderDataModule(SplitDataModule):
                 f"data.root={str(root)!r} is not a folder: expected root/<class>/<image> "
                 "(or root/train/<class>/<image> and root/val/<class>/<image>)"
             )
-        if channels not in (1, 3):
-            raise ValueError(f"Invalid channels={channels!r}; valid choices: 1, 3.")
         self.split_layout = (self.root / "train").is_dir() and (self.root / "val").is_dir()
         class_root = self.root / "train" if self.split_layout else self.root
         self.classes = sorted(
@@ -85,8 +85,6 @@ class ImageFolderDataModule(SplitDataModule):
                 "(or root/train/<class>/<image> and root/val/<class>/<image>)"
             )
         self.num_classes = len(self.classes)
-        self.image_size = image_size
-        self.channels = channels
 
     def _transform(self) -> transforms.Compose:
         steps: list = [transforms.Resize(self.image_size), transforms.CenterCrop(self.image_size)]

@@ -6,6 +6,9 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
+from lightning_freeze.core.errors import InvalidArgumentError
+from lightning_freeze.core.validation import check_int
+
 __all__ = ["SplitDataModule", "split_sizes"]
 
 
@@ -19,12 +22,23 @@ def split_sizes(n: int, val_fraction: float, test_fraction: float) -> tuple[int,
 class SplitDataModule(L.LightningDataModule):
     """A data module whose ``setup`` fills ``train_set``/``val_set``/``test_set``.
 
-    Validates and stores the split and loader settings shared by the bundled data modules;
+    Validates and stores the split, image and loader settings shared by the bundled data modules;
     subclasses implement ``setup``.
+
+    Raises:
+        InvalidArgumentError: a bad setting (a ``ValueError`` naming the value and the valid choices).
     """
 
     def __init__(
-        self, *, batch_size: int, val_fraction: float, test_fraction: float, num_workers: int, split_seed: int
+        self,
+        *,
+        batch_size: int,
+        val_fraction: float,
+        test_fraction: float,
+        channels: int,
+        image_size: int,
+        num_workers: int,
+        split_seed: int,
     ) -> None:
         super().__init__()
         if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
@@ -32,13 +46,15 @@ class SplitDataModule(L.LightningDataModule):
                 f"Invalid val_fraction={val_fraction!r}, test_fraction={test_fraction!r}; valid choices: "
                 "fractions >= 0 whose sum is < 1."
             )
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"Invalid batch_size={batch_size!r}; valid choices: an integer >= 1.")
-        self.batch_size = batch_size
+        if isinstance(channels, bool) or channels not in (1, 3):
+            raise InvalidArgumentError("channels", channels, "1, 3")
+        self.batch_size = check_int("batch_size", batch_size, minimum=1)
         self.val_fraction = float(val_fraction)
         self.test_fraction = float(test_fraction)
-        self.num_workers = num_workers
-        self.split_seed = split_seed
+        self.channels = channels
+        self.image_size = check_int("image_size", image_size, minimum=1)
+        self.num_workers = check_int("num_workers", num_workers, minimum=0)
+        self.split_seed = check_int("split_seed", split_seed)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None

@@ -14,15 +14,27 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from lightning_freeze.core.checkpoint_io import load_checkpoint
+from lightning_freeze.core.validation import check_choice, check_int
 
-__all__ = ["TORCHVISION_BACKBONES", "TinyCNN", "load_backbone_weights", "tiny_cnn", "torchvision_backbone"]
+__all__ = [
+    "TORCHVISION_BACKBONES",
+    "TinyCNN",
+    "TorchvisionBackbone",
+    "load_backbone_weights",
+    "tiny_cnn",
+    "torchvision_backbone",
+]
 
+#: the torchvision models :func:`torchvision_backbone` can build (the keys of :data:`TORCHVISION_BACKBONES`)
+TorchvisionBackbone = Literal[
+    "resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0"
+]
 #: torchvision model name -> the name of its classifier attribute (replaced by ``nn.Identity``)
 TORCHVISION_BACKBONES: dict[str, str] = {
     "resnet18": "fc",
@@ -49,8 +61,8 @@ class TinyCNN(nn.Sequential):
     """
 
     def __init__(self, in_channels: int = 1, width: int = 32) -> None:
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ValueError(f"Invalid width={width!r}; valid choices: an integer >= 1.")
+        check_int("width", width, minimum=1)
+        check_int("in_channels", in_channels, minimum=1)
         super().__init__(
             nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
             nn.BatchNorm2d(width),
@@ -89,7 +101,10 @@ def tiny_cnn(
 
 
 def torchvision_backbone(
-    name: str, weights: str | Path | None = None, in_channels: int = 3, unsafe_load: bool = False
+    name: TorchvisionBackbone,
+    weights: str | Path | None = None,
+    in_channels: int = 3,
+    unsafe_load: bool = False,
 ) -> nn.Module:
     """A torchvision classification model without its classifier: images -> feature vector.
 
@@ -113,10 +128,7 @@ def torchvision_backbone(
     """
     import torchvision
 
-    if name not in TORCHVISION_BACKBONES:
-        raise ValueError(
-            f"Invalid name={name!r}; valid choices: {', '.join(map(repr, TORCHVISION_BACKBONES))}."
-        )
+    check_choice("name", name, tuple(TORCHVISION_BACKBONES))
     named_weights = None
     local_file: Path | None = None
     if weights is not None:

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from lightning_freeze.core.validation import check_int, check_number
+
 __all__ = ["linear_head", "mlp_head"]
-
-
-def _check_positive(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Invalid {name}={value!r}; valid choices: an integer >= 1.")
-    return value
 
 
 def linear_head(in_features: int, num_classes: int) -> nn.Linear:
@@ -23,7 +19,9 @@ def linear_head(in_features: int, num_classes: int) -> nn.Linear:
     Returns:
         ``nn.Linear(in_features, num_classes)``.
     """
-    return nn.Linear(_check_positive("in_features", in_features), _check_positive("num_classes", num_classes))
+    return nn.Linear(
+        check_int("in_features", in_features, minimum=1), check_int("num_classes", num_classes, minimum=1)
+    )
 
 
 def mlp_head(in_features: int, num_classes: int, hidden: int = 64, dropout: float = 0.0) -> nn.Sequential:
@@ -38,11 +36,12 @@ def mlp_head(in_features: int, num_classes: int, hidden: int = 64, dropout: floa
     Returns:
         ``Linear -> ReLU -> Dropout -> Linear``.
     """
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"Invalid dropout={dropout!r}; valid choices: a probability in [0, 1).")
+    dropout = check_number(
+        "dropout", dropout, low=0.0, high=1.0, high_inclusive=False, valid="a probability in [0, 1)"
+    )
     return nn.Sequential(
-        nn.Linear(_check_positive("in_features", in_features), _check_positive("hidden", hidden)),
+        nn.Linear(check_int("in_features", in_features, minimum=1), check_int("hidden", hidden, minimum=1)),
         nn.ReLU(),
         nn.Dropout(dropout),
-        nn.Linear(hidden, _check_positive("num_classes", num_classes)),
+        nn.Linear(hidden, check_int("num_classes", num_classes, minimum=1)),
     )
