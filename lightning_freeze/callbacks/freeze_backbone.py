@@ -10,9 +10,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.strategies import DDPStrategy, ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import lr_scheduler as torch_lr_scheduler
 from typing_extensions import override
 
@@ -129,8 +130,11 @@ class FreezeBackbone(Callback):
             moved into it). Applied wherever the run is, also when it resumes into that epoch or a
             later one. Learning-rate schedulers of that optimizer are extended to the new group
             (see :data:`SUPPORTED_SCHEDULERS`; any other scheduler is refused at fit start).
-            ``None`` (default): never. Refused under DDP-like strategies (DDP only synchronises
-            parameters that required grad when it wrapped the model): train a new stage instead.
+            ``None`` (default): never. Under DDP every rank unfreezes the same tensors and the
+            ``DistributedDataParallel`` wrapper is rebuilt (see :func:`_rewrap_ddp`;
+            ``find_unused_parameters`` stays off), so the ranks stay identical; crash-resume
+            across the unfreeze works too. Refused under sharded strategies (FSDP, model parallel,
+            DeepSpeed): train the unfrozen model as a new stage there.
         unfreeze_lr_scale: learning rate of the new param group, as a multiple of the first param
             group's (its current lr, and its scheduler's base/max/min lr). A finite number > 0.
             Default ``0.1``.
@@ -223,13 +227,14 @@ class FreezeBackbone(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if self.unfreeze_at_epoch is not None and isinstance(trainer.strategy, ParallelStrategy):
+        if self.unfreeze_at_epoch is not None and not _can_unfreeze_under(trainer.strategy):
             raise ValueError(
                 f"FreezeBackbone(unfreeze_at_epoch={self.unfreeze_at_epoch}) cannot unfreeze under "
-                f"{type(trainer.strategy).__name__}: DDP registers only the parameters that require grad "
-                "when it wraps the model, so parameters unfrozen later would never be synchronised. "
-                "Use unfreeze_at_epoch=None and train the unfrozen model as a new stage "
-                "(a new Trainer.fit without FreezeBackbone on these modules), or train on a single device."
+                f"{type(trainer.strategy).__name__}: a sharded or engine-managed strategy builds its "
+                "parameter groups (flat parameters, shards) once, from what requires grad at setup. "
+                "Supported: single device and DDPStrategy ('ddp', 'ddp_spawn', 'ddp_fork', "
+                "'ddp_notebook'). Otherwise use unfreeze_at_epoch=None and train the unfrozen model as a "
+                "new stage (a new Trainer.fit without FreezeBackbone on these modules)."
             )
         # a callback object reused for a second fit starts from scratch
         self.last_check, self.probes, self.last_probe_check = None, {}, []
@@ -267,7 +272,9 @@ class FreezeBackbone(Callback):
         if self.unfreeze_at_epoch is not None:
             self._check_schedulers(trainer)
         if restored is not None and restored.get("unfrozen"):
-            self._unfreeze(trainer, pl_module)
+            self._unfreeze(
+                trainer, pl_module, when="on resume (the checkpoint was written after the unfreeze)"
+            )
         frozen = self._require_frozen()
         # the strategy may have replaced layers since setup (e.g. a SyncBatchNorm conversion)
         pin_frozen_layers(pl_module, self._still_frozen_names(), norm=frozen.norm, dropout=frozen.dropout)
@@ -475,7 +482,7 @@ class FreezeBackbone(Callback):
         ):
             self._unfreeze(trainer, pl_module)
 
-    def _unfreeze(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _unfreeze(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str = "") -> None:
         frozen = self._require_frozen()
         params = unfreeze(pl_module, frozen.subset(self._scheduled), mode=True)
         self._unfrozen = True
@@ -498,14 +505,22 @@ class FreezeBackbone(Callback):
             raise RuntimeError(
                 "FreezeBackbone cannot unfreeze: the trainer has no optimizer to add parameters to."
             )
+        rewrapped = _rewrap_ddp(trainer)
         optimizer = trainer.optimizers[0]
         _add_param_group(optimizer, params, self.unfreeze_lr_scale)
         for config in trainer.lr_scheduler_configs:
             if getattr(config.scheduler, "optimizer", None) is optimizer:
                 _extend_scheduler(config.scheduler, optimizer, self.unfreeze_lr_scale)
+        when = when or f"at epoch {trainer.current_epoch}"
         rank_zero_info(
-            f"FreezeBackbone: unfroze {', '.join(self._scheduled)} at epoch {trainer.current_epoch}: "
+            f"FreezeBackbone: unfroze {', '.join(self._scheduled)} {when}: "
             f"{len(params)} parameters in a new param group with lr={optimizer.param_groups[-1]['lr']:g}"
+            + (
+                "; DistributedDataParallel rebuilt so it synchronises their gradients (parameters "
+                "broadcast from rank 0)"
+                if rewrapped
+                else ""
+            )
         )
 
     def _check_schedulers(self, trainer: pl.Trainer) -> None:
@@ -592,6 +607,39 @@ class FreezeBackbone(Callback):
                 f"FreezeBackbone: {len(ours)} of the {len(eval_modules)} modules in eval mode are pinned on "
                 f"purpose; these others are not: {', '.join(others[:10])}"
             )
+
+
+def _can_unfreeze_under(strategy: Any) -> bool:
+    """Single device, or plain DDP (whose wrapper :func:`_rewrap_ddp` can rebuild); not sharded/DeepSpeed."""
+    if not isinstance(strategy, ParallelStrategy):
+        return True
+    return isinstance(strategy, DDPStrategy) and "DeepSpeed" not in type(strategy).__name__
+
+
+def _rewrap_ddp(trainer: pl.Trainer) -> bool:
+    """Rebuild the strategy's ``DistributedDataParallel`` wrapper after parameters were unfrozen.
+
+    DDP registers the parameters that require grad when it wraps the model (its reducer's buckets
+    and autograd hooks): a parameter unfrozen later would get a local gradient only, and the ranks
+    would drift apart (Lightning's ``BackboneFinetuning``, their issue #20340). A new wrapper of the
+    same LightningModule, built by the strategy with its own arguments (``find_unused_parameters``,
+    ``static_graph``, communication hooks), broadcasts every parameter and buffer from rank 0 (so
+    the ranks start the new stage identical) and synchronises the new parameters from the next
+    backward on. The old wrapper's reducer is released with it (its autograd hooks go away).
+
+    Returns:
+        ``True`` when a wrapper was rebuilt, ``False`` when the model is not wrapped in DDP.
+    """
+    strategy = trainer.strategy
+    old = strategy.model
+    if not isinstance(old, DistributedDataParallel) or not isinstance(strategy, DDPStrategy):
+        return False
+    module = old.module
+    del old
+    strategy.model = None  # drop the last reference to the old reducer before the new one is built
+    strategy.model = strategy._setup_model(module)
+    strategy._register_ddp_hooks()
+    return True
 
 
 def _check_modules(modules: str | Sequence[str]) -> list[str]:
