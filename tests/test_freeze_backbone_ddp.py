@@ -54,3 +54,27 @@ def test_ddp_unfreeze_at_epoch_keeps_ranks_identical_trains_the_backbone_and_res
     weights = [k for k in backbone if k.endswith("weight")]  # (a conv bias before BatchNorm gets no gradient)
     for epoch in (1, 2):  # and really trained once unfrozen
         assert [k for k in weights if torch.equal(epochs[epoch][k], epochs[epoch - 1][k])] == [], epoch
+
+
+RANKS_SCRIPT = Path(__file__).parent / "scripts" / "ranks_ddp.py"
+
+
+@pytest.mark.distributed
+def test_ddp_a_rank_with_another_frozen_tensor_or_ema_shadow_is_named_on_every_rank(tmp_path) -> None:
+    ranks = run_ddp_script(RANKS_SCRIPT, tmp_path, out=tmp_path)
+    for result in ranks:  # both ranks raise the same error at the same point: no rank left waiting
+        frozen = result["freeze"]
+        assert frozen is not None and frozen["type"] == "FrozenStateError"
+        assert frozen["epoch"] == 0  # at the first check
+        assert "1 rank(s) differ" in frozen["message"]
+        assert "rank 1 differs on 1 tensor(s): 'backbone.0.weight'" in frozen["message"]
+        assert frozen["changed"] == ["backbone.0.weight"]
+        assert frozen["causes"] == {"backbone.0.weight": "differs on rank 1 from the other ranks"}
+        ema = result["ema"]
+        assert ema is not None and ema["type"] == "FrozenStateError" and ema["epoch"] == 0
+        assert ema["message"].startswith(
+            "FrozenSafeEMA: the EMA shadows of the parameters differ across ranks"
+        )
+        assert ema["message"].endswith("rank 1 differs on 1 tensor(s): 'head.0.weight'")
+        assert ema["changed"] == ["head.0.weight"]
+        assert ema["causes"] == {"head.0.weight": "EMA shadow differs on rank 1 from the other ranks"}

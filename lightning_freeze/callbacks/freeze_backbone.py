@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import lr_scheduler as torch_lr_scheduler
 from typing_extensions import override
 
+from lightning_freeze.core.distributed import compare_across_ranks, describe_rank_mismatch
 from lightning_freeze.core.errors import FrozenStateError
 from lightning_freeze.core.fingerprint import (
     FingerprintDiff,
@@ -154,6 +155,8 @@ class FreezeBackbone(Callback):
         probes: ``{module name: OutputProbe}`` recorded in the first training batch (modules that do
             not run in training, e.g. inactive branches, have none and are checked by fingerprint).
         last_probe_check: the probe mismatches of the latest verification (empty: all reproduced).
+        last_rank_check: ``{rank: [keys]}`` of the ranks whose frozen tensors differed from the
+            others' at the latest verification (empty: all ranks agree, or a single process).
 
     Example::
 
@@ -205,6 +208,7 @@ class FreezeBackbone(Callback):
         self.last_check: FingerprintDiff | None = None
         self.probes: dict[str, OutputProbe] = {}
         self.last_probe_check: list[ProbeMismatch] = []
+        self.last_rank_check: dict[int, list[str]] = {}
         self._unfrozen = False
         self._reference: dict[str, TensorFingerprint] | None = None
         self._restored: dict[str, Any] | None = None
@@ -237,7 +241,7 @@ class FreezeBackbone(Callback):
                 "new stage (a new Trainer.fit without FreezeBackbone on these modules)."
             )
         # a callback object reused for a second fit starts from scratch
-        self.last_check, self.probes, self.last_probe_check = None, {}, []
+        self.last_check, self.probes, self.last_probe_check, self.last_rank_check = None, {}, [], {}
         self._reference = None
         names, inactive = self._names_to_freeze(pl_module)
         self.frozen = freeze(pl_module, names + inactive, norm=self.norm, dropout=self.dropout)
@@ -379,22 +383,40 @@ class FreezeBackbone(Callback):
     # ------------------------------------------------------------------------------------------
     # public helpers
     # ------------------------------------------------------------------------------------------
-    def check(self, pl_module: torch.nn.Module, trainer: pl.Trainer | None = None) -> FingerprintDiff | None:
-        """Compare every frozen tensor with its fingerprint from fit start, and every probe output.
+    def check(
+        self, pl_module: torch.nn.Module, trainer: pl.Trainer | None = None, across_ranks: bool = True
+    ) -> FingerprintDiff | None:
+        """Compare every frozen tensor with its fingerprint from fit start, each probe output and each rank.
+
+        In a ``torch.distributed`` job (DDP and the like) the fingerprints of this rank's frozen
+        tensors are also compared with every other rank's
+        (:func:`~lightning_freeze.core.distributed.compare_across_ranks`: one 16-byte
+        ``all_gather`` per rank when they agree). That comparison is a collective: every rank must
+        call :meth:`check` at the same point (the callback's hooks do); pass ``across_ranks=False``
+        when calling it on one rank only.
+
+        Args:
+            pl_module: the LightningModule being trained.
+            trainer: the trainer (to name an optimizer holding a frozen tensor as the likely cause).
+            across_ranks: also compare with the other ranks (a collective). Default ``True``.
 
         Returns:
-            the :class:`~lightning_freeze.core.fingerprint.FingerprintDiff` (also kept as
-            :attr:`last_check`; probe mismatches are kept as :attr:`last_probe_check`), or ``None``
-            when ``verify="off"`` or before fit start.
+            the :class:`~lightning_freeze.core.fingerprint.FingerprintDiff` of this rank (also kept as
+            :attr:`last_check`; probe mismatches are kept as :attr:`last_probe_check`, ranks that
+            differ as :attr:`last_rank_check`), or ``None`` when ``verify="off"`` or before fit start.
 
         Raises:
-            FrozenStateError: with ``verify="raise"``, when any frozen tensor changed or a frozen
-                module no longer reproduces its output on the probe input.
+            FrozenStateError: with ``verify="raise"``, when any frozen tensor changed, a frozen module
+                no longer reproduces its output on the probe input, or a rank holds other frozen
+                tensors than the others (raised on every rank, naming the rank and the tensors).
         """
         if self.verify == "off" or self._reference is None:
             return None
         tensors = pl_module.state_dict(keep_vars=True)
         current = fingerprint(tensors, [k for k in self._reference if k in tensors], like=self._reference)
+        # a collective: every rank runs it before anything can raise, so no rank is left waiting
+        ranks = compare_across_ranks(current) if across_ranks else {}
+        self.last_rank_check = ranks
         diff = diff_fingerprints(self._reference, current)
         self.last_check = diff
         still_frozen = set(self._still_frozen_names()) if self.frozen is not None else set()
@@ -406,7 +428,7 @@ class FreezeBackbone(Callback):
             if m is not None
         ]
         self.last_probe_check = mismatches
-        if diff.changed or diff.missing or mismatches:
+        if diff.changed or diff.missing or mismatches or ranks:
             optimizers = trainer.optimizers if trainer is not None else []
             optimizer_params = [
                 p for opt in optimizers for group in opt.param_groups for p in group["params"]
@@ -420,9 +442,19 @@ class FreezeBackbone(Callback):
             for m in mismatches:
                 causes[m.module] = m.reason
                 lines.append(f"  - {m}")
+            for rank, keys in sorted(ranks.items()):
+                for key in keys:
+                    causes.setdefault(key, f"differs on rank {rank} from the other ranks")
+            if ranks:
+                lines.append(
+                    "  - the ranks disagree (frozen tensors must be identical on every rank):\n    "
+                    + describe_rank_mismatch(ranks).replace("\n", "\n    ")
+                )
             message = (
                 f"FreezeBackbone: {len(causes)} frozen tensor(s)/module(s) changed since fit start "
-                f"({diff.summary()}; {len(mismatches)} of {len(self.probes)} probe output(s) changed):\n"
+                f"({diff.summary()}; {len(mismatches)} of {len(self.probes)} probe output(s) changed"
+                + (f"; {len(ranks)} rank(s) differ" if ranks else "")
+                + "):\n"
                 + "\n".join(lines)
             )
             if self.verify == "raise":

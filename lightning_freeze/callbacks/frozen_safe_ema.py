@@ -14,7 +14,10 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from typing_extensions import override
 
+from lightning_freeze.core.distributed import compare_across_ranks, describe_rank_mismatch
 from lightning_freeze.core.ema import BUFFER_MODES, TrainableEMA, check_decay
+from lightning_freeze.core.errors import FrozenStateError
+from lightning_freeze.core.fingerprint import fingerprint
 from lightning_freeze.core.freeze import check_choice
 
 __all__ = ["FrozenSafeEMA", "load_ema_weights"]
@@ -68,6 +71,11 @@ class FrozenSafeEMA(Callback):
             ``"average"`` (floating-point buffers averaged like the weights) or ``"ignore"`` (raw
             buffers used with the EMA weights). Buffers of frozen modules are never read or written.
         validate_with_ema: run validation and test on the EMA weights. Default ``True``.
+        check_ranks: in a multi-process job (DDP), compare the parameter shadows of every rank
+            at every train epoch end (fingerprints, one 16-byte ``all_gather`` per rank when they
+            agree; see :meth:`check_ranks_now`) and raise
+            :class:`~lightning_freeze.FrozenStateError` naming the rank that differs. A no-op in a
+            single process. Default ``False``.
 
     Raises:
         ValueError: a bad argument, naming the value and the valid choices; at fit start, a model
@@ -93,6 +101,7 @@ class FrozenSafeEMA(Callback):
         start_step: int = 0,
         buffers: str = "copy",
         validate_with_ema: bool = True,
+        check_ranks: bool = False,
     ) -> None:
         super().__init__()
         self.decay = check_decay(decay)
@@ -101,6 +110,9 @@ class FrozenSafeEMA(Callback):
         self.start_step = _check_int("start_step", start_step, minimum=0)
         self.buffers = check_choice("buffers", buffers, BUFFER_MODES)
         self.validate_with_ema = bool(validate_with_ema)
+        self.check_ranks = bool(check_ranks)
+        #: ``{rank: [keys]}`` of the latest :meth:`check_ranks_now` (empty: all ranks agree)
+        self.last_rank_check: dict[int, list[str]] = {}
 
         self.ema: TrainableEMA | None = None
         self.step_count = 0  # optimizer steps really taken (restored on resume)
@@ -159,6 +171,39 @@ class FrozenSafeEMA(Callback):
                 "trainer.validate/test loads a checkpoint without EMA state)."
             )
         return self.ema.ema_state_dict()
+
+    def check_ranks_now(self) -> dict[int, list[str]]:
+        """Prove that every rank holds the same EMA of the parameters (a collective: call it on every rank).
+
+        Fingerprints :attr:`~lightning_freeze.core.TrainableEMA.parameter_shadow`
+        and compares with every rank
+        (:func:`~lightning_freeze.core.distributed.compare_across_ranks`). Buffers are left out:
+        plain BatchNorm statistics differ per rank by design.
+
+        Returns:
+            ``{}`` when every rank agrees (or in a single process); also kept as :attr:`last_rank_check`.
+
+        Raises:
+            FrozenStateError: a rank's shadow differs; the message names the rank and the tensors
+                (raised on every rank).
+        """
+        shadow = self.ema.parameter_shadow if self.ema is not None else {}
+        mismatch = compare_across_ranks(fingerprint(shadow))
+        self.last_rank_check = mismatch
+        if mismatch:
+            keys = list(dict.fromkeys(k for ks in mismatch.values() for k in ks))
+            causes = {
+                key: f"EMA shadow differs on rank {rank} from the other ranks"
+                for rank, ks in sorted(mismatch.items(), reverse=True)
+                for key in ks
+            }
+            raise FrozenStateError(
+                "FrozenSafeEMA: the EMA shadows of the parameters differ across ranks (they are updated "
+                "from identical parameters and must be identical):\n" + describe_rank_mismatch(mismatch),
+                changed=keys,
+                causes=causes,
+            )
+        return mismatch
 
     # ------------------------------------------------------------------------------------------
     # fit
@@ -237,6 +282,11 @@ class FrozenSafeEMA(Callback):
         if self.should_update(self.step_count):
             decay = self.ema.update(pl_module)
             pl_module.log("ema/decay", decay, on_step=True, on_epoch=False, batch_size=1)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.check_ranks and self.ema is not None:
+            self.check_ranks_now()
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -357,6 +357,15 @@ class TrainableEMA:
         return {key: entry.shadow for key, entry in self._entries.items()}
 
     @property
+    def parameter_shadow(self) -> dict[str, Tensor]:
+        """The shadows of parameters only (no buffer), keyed as in ``model.state_dict()``.
+
+        Under data parallelism these must be identical on every rank (the parameters are), while
+        the buffers of a trainable BatchNorm differ per rank without SyncBatchNorm.
+        """
+        return {key: e.shadow for key, e in self._entries.items() if isinstance(e.tensor, nn.Parameter)}
+
+    @property
     def nbytes(self) -> int:
         """Bytes held by the shadow."""
         return sum(entry.shadow.numel() * entry.shadow.element_size() for entry in self._entries.values())
