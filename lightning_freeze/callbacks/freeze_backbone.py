@@ -218,6 +218,8 @@ class FreezeBackbone(Callback):
         self._captures: dict[str, tuple[Any, dict[str, Any]]] = {}  # pending probe-input captures
         self._shown_as_training: list[nn.Module] = []
         self._holding = False  # between setup and the end of the fit: the model is ours to give back
+        self._grad_watch: list[nn.Parameter] = []  # unfrozen under torch.compile: must get gradients
+        self._dynamo_reset = False
 
     # ------------------------------------------------------------------------------------------
     # Lightning hooks
@@ -329,6 +331,13 @@ class FreezeBackbone(Callback):
         # Lightning skips on_train_epoch_start for the epoch a run resumes into when the checkpoint
         # was written at the last batch of the previous epoch: apply the schedule here too.
         self._unfreeze_if_due(trainer, pl_module)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._grad_watch:
+            self._check_compiled_gradients()
 
     @override
     def on_train_batch_end(
@@ -538,6 +547,14 @@ class FreezeBackbone(Callback):
                 "FreezeBackbone cannot unfreeze: the trainer has no optimizer to add parameters to."
             )
         rewrapped = _rewrap_ddp(trainer)
+        if _is_compiled(pl_module):
+            self._grad_watch, self._dynamo_reset = list(params), False
+            rank_zero_info(
+                "FreezeBackbone: the model is compiled (torch.compile): dynamo recompiles the graphs that "
+                "depend on requires_grad at the next step; the unfrozen parameters are checked to get "
+                "gradients at the first optimizer step (a stale compiled frame, PyTorch #139476, resets "
+                "dynamo once)."
+            )
         optimizer = trainer.optimizers[0]
         _add_param_group(optimizer, params, self.unfreeze_lr_scale)
         for config in trainer.lr_scheduler_configs:
@@ -553,6 +570,33 @@ class FreezeBackbone(Callback):
                 if rewrapped
                 else ""
             )
+        )
+
+    def _check_compiled_gradients(self) -> None:
+        """After an unfreeze under torch.compile: did every unfrozen parameter get a gradient?
+
+        A compiled frame traced while they were frozen and reused after (PyTorch #139476) computes
+        no gradient for them, and they would silently never train. First time: reset dynamo's
+        caches (everything recompiles at the next step, once). Still none after that: warn (the
+        parameters are not used in the forward at all).
+        """
+        missing = [p for p in self._grad_watch if p.grad is None]
+        if not missing:
+            self._grad_watch = []
+            return
+        if not self._dynamo_reset:
+            self._dynamo_reset = True
+            torch._dynamo.reset()
+            rank_zero_info(
+                f"FreezeBackbone: {len(missing)} of {len(self._grad_watch)} unfrozen parameters got no "
+                "gradient in a compiled step (a stale compiled frame, PyTorch #139476): "
+                "torch._dynamo.reset(), the model recompiles at the next step."
+            )
+            return
+        self._grad_watch = []
+        rank_zero_warn(
+            f"FreezeBackbone: {len(missing)} unfrozen parameters still got no gradient after recompiling: "
+            "they are not used in the forward (check the model), or the compiled model hides them."
         )
 
     def _check_schedulers(self, trainer: pl.Trainer) -> None:
@@ -646,6 +690,17 @@ def _can_unfreeze_under(strategy: Any) -> bool:
     if not isinstance(strategy, ParallelStrategy):
         return True
     return isinstance(strategy, DDPStrategy) and "DeepSpeed" not in type(strategy).__name__
+
+
+def _is_compiled(pl_module: nn.Module) -> bool:
+    """``trainer.fit(torch.compile(model))`` (Lightning keeps a ``_compiler_ctx``), ``module.compile()``
+    on the module or a submodule, or a ``torch.compile``-d submodule."""
+    if getattr(pl_module, "_compiler_ctx", None):
+        return True
+    return any(
+        getattr(m, "_compiled_call_impl", None) is not None or hasattr(m, "_orig_mod")
+        for m in pl_module.modules()
+    )
 
 
 def _rewrap_ddp(trainer: pl.Trainer) -> bool:
