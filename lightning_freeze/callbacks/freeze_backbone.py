@@ -17,7 +17,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import lr_scheduler as torch_lr_scheduler
 from typing_extensions import override
 
-from lightning_freeze.core.distributed import compare_across_ranks, describe_rank_mismatch
+from lightning_freeze.core.distributed import (
+    compare_across_ranks,
+    describe_rank_mismatch,
+    gather_changed,
+    local_shards,
+)
 from lightning_freeze.core.errors import FrozenStateError
 from lightning_freeze.core.fingerprint import (
     FingerprintDiff,
@@ -289,7 +294,10 @@ class FreezeBackbone(Callback):
                 # verify against the first run's fit start, not against what the checkpoint restored
                 self._reference = _fingerprints_from_state(restored["fingerprints"])
             else:
-                self._reference = fingerprint(pl_module, frozen.tensor_keys)
+                # a sharded (FSDP2) tensor: this rank's shard (each rank checks its own shards)
+                self._reference = fingerprint(
+                    local_shards(pl_module.state_dict(keep_vars=True))[0], frozen.tensor_keys
+                )
             if restored is not None:
                 self.probes = {
                     name: OutputProbe.from_state_dict(state)
@@ -421,13 +429,24 @@ class FreezeBackbone(Callback):
         """
         if self.verify == "off" or self._reference is None:
             return None
-        tensors = pl_module.state_dict(keep_vars=True)
+        tensors, sharded = local_shards(pl_module.state_dict(keep_vars=True))
         current = fingerprint(tensors, [k for k in self._reference if k in tensors], like=self._reference)
-        # a collective: every rank runs it before anything can raise, so no rank is left waiting
-        ranks = compare_across_ranks(current) if across_ranks else {}
-        self.last_rank_check = ranks
         diff = diff_fingerprints(self._reference, current)
         self.last_check = diff
+        # collectives: every rank runs them before anything can raise, so no rank is left waiting.
+        # Replicated tensors: every rank's fingerprints compared; sharded ones: each rank checked
+        # its own shards, and the verdicts are gathered.
+        ranks = (
+            compare_across_ranks({k: v for k, v in current.items() if k not in sharded})
+            if across_ranks
+            else {}
+        )
+        self.last_rank_check = ranks
+        shard_changes = (
+            gather_changed([k for k in diff.changed if k in sharded])
+            if across_ranks and any(k in sharded for k in current)
+            else {}
+        )
         still_frozen = set(self._still_frozen_names()) if self.frozen is not None else set()
         mismatches = [
             m
@@ -437,7 +456,7 @@ class FreezeBackbone(Callback):
             if m is not None
         ]
         self.last_probe_check = mismatches
-        if diff.changed or diff.missing or mismatches or ranks:
+        if diff.changed or diff.missing or mismatches or ranks or shard_changes:
             optimizers = trainer.optimizers if trainer is not None else []
             optimizer_params = [
                 p for opt in optimizers for group in opt.param_groups for p in group["params"]
@@ -454,6 +473,11 @@ class FreezeBackbone(Callback):
             for rank, keys in sorted(ranks.items()):
                 for key in keys:
                     causes.setdefault(key, f"differs on rank {rank} from the other ranks")
+            for rank, keys in sorted(shard_changes.items()):
+                for key in keys:
+                    if key not in causes:
+                        causes[key] = f"its shard on rank {rank} changed"
+                        lines.append(f"  - {key}: {causes[key]}")
             if ranks:
                 lines.append(
                     "  - the ranks disagree (frozen tensors must be identical on every rank):\n    "
@@ -463,6 +487,11 @@ class FreezeBackbone(Callback):
                 f"FreezeBackbone: {len(causes)} frozen tensor(s)/module(s) changed since fit start "
                 f"({diff.summary()}; {len(mismatches)} of {len(self.probes)} probe output(s) changed"
                 + (f"; {len(ranks)} rank(s) differ" if ranks else "")
+                + (
+                    f"; sharded tensors changed on rank(s) {', '.join(map(str, sorted(shard_changes)))}"
+                    if shard_changes
+                    else ""
+                )
                 + "):\n"
                 + "\n".join(lines)
             )

@@ -14,7 +14,12 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from typing_extensions import override
 
-from lightning_freeze.core.distributed import compare_across_ranks, describe_rank_mismatch
+from lightning_freeze.core.distributed import (
+    compare_across_ranks,
+    copy_full_into,
+    describe_rank_mismatch,
+    is_sharded,
+)
 from lightning_freeze.core.ema import BUFFER_MODES, TrainableEMA, check_decay
 from lightning_freeze.core.errors import FrozenStateError
 from lightning_freeze.core.fingerprint import fingerprint
@@ -159,18 +164,22 @@ class FrozenSafeEMA(Callback):
         """Whether to update after optimizer step ``step`` (counted from 1)."""
         return step > self.start_step and (step - self.start_step) % self.update_every_n_steps == 0
 
-    def ema_state_dict(self) -> dict[str, torch.Tensor]:
+    def ema_state_dict(self, full: bool = False) -> dict[str, torch.Tensor]:
         """The averaged weights, keyed as in ``pl_module.state_dict()`` (load it with ``load_state_dict``).
 
         Every key of the module's ``state_dict``: shadowed tensors hold their EMA (cast to the
         model's dtype), the others (frozen ones) are the module's own tensors.
+
+        Args:
+            full: on a sharded model (FSDP2 / ``ModelParallelStrategy``), gather full tensors
+                (a collective: call it on every rank); default: this rank's ``DTensor`` shards.
         """
         if self.ema is None:
             raise RuntimeError(
                 "FrozenSafeEMA has no EMA: it is built when Trainer.fit starts (and dropped when "
                 "trainer.validate/test loads a checkpoint without EMA state)."
             )
-        return self.ema.ema_state_dict()
+        return self.ema.ema_state_dict(full=full)
 
     def check_ranks_now(self) -> dict[int, list[str]]:
         """Prove that every rank holds the same EMA of the parameters (a collective: call it on every rank).
@@ -188,7 +197,8 @@ class FrozenSafeEMA(Callback):
                 (raised on every rank).
         """
         shadow = self.ema.parameter_shadow if self.ema is not None else {}
-        mismatch = compare_across_ranks(fingerprint(shadow))
+        # a sharded (FSDP2) shadow exists once, split over the ranks: nothing to compare it with
+        mismatch = compare_across_ranks(fingerprint({k: v for k, v in shadow.items() if not is_sharded(v)}))
         self.last_rank_check = mismatch
         if mismatch:
             keys = list(dict.fromkeys(k for ks in mismatch.values() for k in ks))
@@ -477,7 +487,15 @@ def load_ema_weights(
         ckpt, source = checkpoint, "checkpoint"
     else:
         ckpt, source = load_checkpoint(checkpoint, unsafe_load=unsafe_load), repr(os.fspath(checkpoint))
-    model.load_state_dict(ema_state_dict(ckpt, source, state_key=state_key), strict=strict)
+    weights = ema_state_dict(ckpt, source, state_key=state_key)
+    if any(is_sharded(p) for p in model.parameters()):
+        # a sharded (FSDP2) model takes full tensors through torch's distributed state-dict API:
+        # every rank holds the file and keeps its own slice, nothing is sent
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=strict))
+    else:
+        model.load_state_dict(weights, strict=strict)
     # again through the live tensors: a tensor shared under two keys takes the value of the last key
     # in load_state_dict, which may be the raw one
     callbacks = ckpt["callbacks"]  # ema_state_dict checked that the state exists and is unique
@@ -489,7 +507,7 @@ def load_ema_weights(
     with torch.no_grad():
         for key, value in shadow.items():
             if key in live:
-                live[key].copy_(value)
+                copy_full_into(live[key], value)
     return model
 
 
