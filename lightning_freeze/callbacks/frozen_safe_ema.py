@@ -59,8 +59,13 @@ class FrozenSafeEMA(Callback):
     steps skipped by a gradient scaler do not count).
 
     Under DDP every rank updates its own shadow from identical parameters, so the shadows are
-    identical without any communication. (Buffers are identical only when the model's buffers
-    are, e.g. with SyncBatchNorm; plain BatchNorm statistics differ per rank in the raw model too.)
+    identical without any communication (``check_ranks=True`` proves it every epoch). Under FSDP2
+    (``ModelParallelStrategy`` / ``fully_shard``) the shadow is a ``DTensor`` sharded like the
+    parameters: each rank averages its own shard, with no all-gather per update; it is saved with
+    the strategy's (distributed) checkpoint and :meth:`ema_state_dict` ``(full=True)`` gathers full
+    tensors. ``FSDPStrategy`` (FSDP1, flat parameters) is refused. (Under DDP, buffers are
+    identical only when the model's buffers are, e.g. with SyncBatchNorm; plain BatchNorm
+    statistics differ per rank in the raw model too.)
 
     Args:
         decay: target decay, strictly between 0 and 1. Default ``0.999``.
@@ -222,6 +227,13 @@ class FrozenSafeEMA(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # a state restored by an earlier trainer call must not leak into this one: Lightning restores
         # the checkpoint of this call (if any) after setup
+        if type(trainer.strategy).__name__ == "FSDPStrategy":
+            raise ValueError(
+                "FrozenSafeEMA does not support FSDPStrategy (FSDP1): it flattens parameters into shards "
+                "that are not tensors of the model's shapes. Valid: ModelParallelStrategy (FSDP2, "
+                "fully_shard: the shadow is sharded like the parameters, no communication per update), "
+                "DDP or a single device."
+            )
         self._restored = None
         self._loaded_checkpoint_pending = stage != "fit"
         swapping = [cb for cb in trainer.callbacks if isinstance(cb, FrozenSafeEMA) and cb.validate_with_ema]
