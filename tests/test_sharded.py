@@ -51,6 +51,8 @@ def test_fsdp2_ema_is_shard_local_exact_resumable_and_the_frozen_check_works_per
         assert got["full_equal"] == dict.fromkeys(got["full_equal"], True) and len(got["full_equal"]) == 6
         assert got["ema_moved"] is True
         assert got["dcp_resumed_equal"] is True and got["full_resumed_equal"] is True
+        # load_ema_weights of a consolidated checkpoint into a sharded model: the same full EMA weights
+        assert got["load_ema_weights_equal"] == dict.fromkeys(got["full_equal"], True)
         # fingerprints of this rank's shards: clean, then rank 1's shard changed, named on both ranks
         assert got["reference_keys"] == ["0.0.bias", "0.0.weight", "0.2.bias", "0.2.weight"]
         assert got["clean_check"] == "checked 4 frozen tensors: 0 changed"

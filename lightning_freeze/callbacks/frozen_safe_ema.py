@@ -475,7 +475,9 @@ def load_ema_weights(
 
     Args:
         model: the module the checkpoint was written from (a ``LightningModule`` or any
-            ``nn.Module`` with the same ``state_dict`` keys).
+            ``nn.Module`` with the same ``state_dict`` keys). A model sharded with FSDP2
+            (``fully_shard``) takes the full tensors of the file, each rank keeping its own slice
+            (``torch.distributed.checkpoint.state_dict.set_model_state_dict``; nothing is sent).
         checkpoint: path of the ``.ckpt`` file (read with
             :func:`~lightning_freeze.core.checkpoint.load_checkpoint`, integrity-checked), or the
             loaded checkpoint dict.

@@ -21,7 +21,7 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.debug import CommDebugMode
 
-from lightning_freeze import FreezeBackbone, FrozenStateError
+from lightning_freeze import FreezeBackbone, FrozenSafeEMA, FrozenStateError, load_ema_weights
 from lightning_freeze.core import freeze
 from lightning_freeze.core.distributed import local_shards
 from lightning_freeze.core.ema import TrainableEMA
@@ -98,6 +98,20 @@ def main(rank: int, world_size: int, init_file: str, out: Path) -> None:
     result["full_resumed_equal"] = all(
         torch.equal(from_full.shadow[k].to_local(), ema.shadow[k].to_local()) for k in ema.shadow
     )
+
+    # load_ema_weights: a (consolidated) Lightning checkpoint into a fresh sharded model
+    ckpt = {
+        "state_dict": dict(reference.state_dict()),
+        "callbacks": {FrozenSafeEMA(decay=0.8).state_key: {"ema": ema_ref.state_dict()}},
+    }
+    fresh = _model()
+    fully_shard(fresh[0])
+    fully_shard(fresh[1])
+    fully_shard(fresh)
+    load_ema_weights(fresh, ckpt)
+    result["load_ema_weights_equal"] = {
+        k: torch.equal(v.full_tensor(), expected[k]) for k, v in fresh.state_dict().items()
+    }
 
     # the frozen backbone stayed bitwise (per shard), and FreezeBackbone.check works shard by shard
     callback = FreezeBackbone("0")
