@@ -137,7 +137,7 @@ class FreezeBackbone(Callback):
             later one. Learning-rate schedulers of that optimizer are extended to the new group
             (see :data:`SUPPORTED_SCHEDULERS`; any other scheduler is refused at fit start).
             ``None`` (default): never. Under DDP every rank unfreezes the same tensors and the
-            ``DistributedDataParallel`` wrapper is rebuilt (see :func:`_rewrap_ddp`;
+            ``DistributedDataParallel`` wrapper is rebuilt (by the strategy, with its own arguments;
             ``find_unused_parameters`` stays off), so the ranks stay identical; crash-resume
             across the unfreeze works too. Refused under sharded strategies (FSDP, model parallel,
             DeepSpeed): train the unfrozen model as a new stage there.
