@@ -395,3 +395,15 @@ def test_two_emas_with_identical_settings_are_refused(tmp_path: Path) -> None:
     twins = [FrozenSafeEMA(decay=0.5), FrozenSafeEMA(decay=0.5, validate_with_ema=False)]
     with pytest.raises(RuntimeError, match=r"`callback.state_key` must be unique"):
         fit(tmp_path, twins)
+
+
+def test_fsdp1_strategy_is_refused_with_the_valid_choices() -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    trainer = SimpleNamespace(strategy=FSDPStrategy(), callbacks=[])
+    with pytest.raises(
+        ValueError, match=r"does not support FSDPStrategy \(FSDP1\).*Valid: ModelParallelStrategy"
+    ):
+        FrozenSafeEMA().setup(trainer, None, "fit")  # type: ignore[arg-type]

@@ -246,13 +246,23 @@ def test_bad_input_errors_name_the_value_and_the_choices(tmp_path) -> None:
         _fit(TinyNet(), tmp_path, [FreezeBackbone(["backbone", "head"])], max_epochs=1)
 
 
-def test_unfreeze_schedule_is_refused_under_ddp_with_what_to_do_instead(tmp_path) -> None:
-    t = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, default_root_dir=tmp_path)
+def test_unfreeze_schedule_is_refused_under_sharded_strategies_with_what_to_do_instead(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
     callback = FreezeBackbone(unfreeze_at_epoch=2)
-    with pytest.raises(
-        ValueError, match=r"cannot unfreeze under DDPStrategy: DDP registers only the parameters"
-    ):
-        callback.setup(t, TinyNet(), "fit")
+    for strategy in (FSDPStrategy(), ModelParallelStrategy()):
+        with pytest.raises(
+            ValueError,
+            match=rf"cannot unfreeze under {type(strategy).__name__}: a sharded or engine-managed strategy "
+            r"builds its parameter groups .*Supported: single device and DDPStrategy",
+        ):
+            callback.setup(SimpleNamespace(strategy=strategy), TinyNet(), "fit")  # type: ignore[arg-type]
+    # DDP is accepted (tests/test_freeze_backbone_ddp.py trains through the unfreeze)
+    t = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, default_root_dir=tmp_path)
+    callback.setup(t, TinyNet(), "fit")
+    assert callback.frozen is not None and callback.frozen.names == ["backbone"]
 
 
 def test_inactive_branches_of_a_multi_branch_module_are_frozen(tmp_path) -> None:

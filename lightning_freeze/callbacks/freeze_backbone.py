@@ -10,12 +10,19 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.strategies import DDPStrategy, ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import lr_scheduler as torch_lr_scheduler
 from typing_extensions import override
 
+from lightning_freeze.core.distributed import (
+    compare_across_ranks,
+    describe_rank_mismatch,
+    gather_changed,
+    local_shards,
+)
 from lightning_freeze.core.errors import FrozenStateError
 from lightning_freeze.core.fingerprint import (
     FingerprintDiff,
@@ -129,8 +136,11 @@ class FreezeBackbone(Callback):
             moved into it). Applied wherever the run is, also when it resumes into that epoch or a
             later one. Learning-rate schedulers of that optimizer are extended to the new group
             (see :data:`SUPPORTED_SCHEDULERS`; any other scheduler is refused at fit start).
-            ``None`` (default): never. Refused under DDP-like strategies (DDP only synchronises
-            parameters that required grad when it wrapped the model): train a new stage instead.
+            ``None`` (default): never. Under DDP every rank unfreezes the same tensors and the
+            ``DistributedDataParallel`` wrapper is rebuilt (by the strategy, with its own arguments;
+            ``find_unused_parameters`` stays off), so the ranks stay identical; crash-resume
+            across the unfreeze works too. Refused under sharded strategies (FSDP, model parallel,
+            DeepSpeed): train the unfrozen model as a new stage there.
         unfreeze_lr_scale: learning rate of the new param group, as a multiple of the first param
             group's (its current lr, and its scheduler's base/max/min lr). A finite number > 0.
             Default ``0.1``.
@@ -150,6 +160,8 @@ class FreezeBackbone(Callback):
         probes: ``{module name: OutputProbe}`` recorded in the first training batch (modules that do
             not run in training, e.g. inactive branches, have none and are checked by fingerprint).
         last_probe_check: the probe mismatches of the latest verification (empty: all reproduced).
+        last_rank_check: ``{rank: [keys]}`` of the ranks whose frozen tensors differed from the
+            others' at the latest verification (empty: all ranks agree, or a single process).
 
     Example::
 
@@ -201,6 +213,7 @@ class FreezeBackbone(Callback):
         self.last_check: FingerprintDiff | None = None
         self.probes: dict[str, OutputProbe] = {}
         self.last_probe_check: list[ProbeMismatch] = []
+        self.last_rank_check: dict[int, list[str]] = {}
         self._unfrozen = False
         self._reference: dict[str, TensorFingerprint] | None = None
         self._restored: dict[str, Any] | None = None
@@ -210,6 +223,8 @@ class FreezeBackbone(Callback):
         self._captures: dict[str, tuple[Any, dict[str, Any]]] = {}  # pending probe-input captures
         self._shown_as_training: list[nn.Module] = []
         self._holding = False  # between setup and the end of the fit: the model is ours to give back
+        self._grad_watch: list[nn.Parameter] = []  # unfrozen under torch.compile: must get gradients
+        self._dynamo_reset = False
 
     # ------------------------------------------------------------------------------------------
     # Lightning hooks
@@ -223,16 +238,17 @@ class FreezeBackbone(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if self.unfreeze_at_epoch is not None and isinstance(trainer.strategy, ParallelStrategy):
+        if self.unfreeze_at_epoch is not None and not _can_unfreeze_under(trainer.strategy):
             raise ValueError(
                 f"FreezeBackbone(unfreeze_at_epoch={self.unfreeze_at_epoch}) cannot unfreeze under "
-                f"{type(trainer.strategy).__name__}: DDP registers only the parameters that require grad "
-                "when it wraps the model, so parameters unfrozen later would never be synchronised. "
-                "Use unfreeze_at_epoch=None and train the unfrozen model as a new stage "
-                "(a new Trainer.fit without FreezeBackbone on these modules), or train on a single device."
+                f"{type(trainer.strategy).__name__}: a sharded or engine-managed strategy builds its "
+                "parameter groups (flat parameters, shards) once, from what requires grad at setup. "
+                "Supported: single device and DDPStrategy ('ddp', 'ddp_spawn', 'ddp_fork', "
+                "'ddp_notebook'). Otherwise use unfreeze_at_epoch=None and train the unfrozen model as a "
+                "new stage (a new Trainer.fit without FreezeBackbone on these modules)."
             )
         # a callback object reused for a second fit starts from scratch
-        self.last_check, self.probes, self.last_probe_check = None, {}, []
+        self.last_check, self.probes, self.last_probe_check, self.last_rank_check = None, {}, [], {}
         self._reference = None
         names, inactive = self._names_to_freeze(pl_module)
         self.frozen = freeze(pl_module, names + inactive, norm=self.norm, dropout=self.dropout)
@@ -267,7 +283,9 @@ class FreezeBackbone(Callback):
         if self.unfreeze_at_epoch is not None:
             self._check_schedulers(trainer)
         if restored is not None and restored.get("unfrozen"):
-            self._unfreeze(trainer, pl_module)
+            self._unfreeze(
+                trainer, pl_module, when="on resume (the checkpoint was written after the unfreeze)"
+            )
         frozen = self._require_frozen()
         # the strategy may have replaced layers since setup (e.g. a SyncBatchNorm conversion)
         pin_frozen_layers(pl_module, self._still_frozen_names(), norm=frozen.norm, dropout=frozen.dropout)
@@ -276,7 +294,10 @@ class FreezeBackbone(Callback):
                 # verify against the first run's fit start, not against what the checkpoint restored
                 self._reference = _fingerprints_from_state(restored["fingerprints"])
             else:
-                self._reference = fingerprint(pl_module, frozen.tensor_keys)
+                # a sharded (FSDP2) tensor: this rank's shard (each rank checks its own shards)
+                self._reference = fingerprint(
+                    local_shards(pl_module.state_dict(keep_vars=True))[0], frozen.tensor_keys
+                )
             if restored is not None:
                 self.probes = {
                     name: OutputProbe.from_state_dict(state)
@@ -318,6 +339,13 @@ class FreezeBackbone(Callback):
         # Lightning skips on_train_epoch_start for the epoch a run resumes into when the checkpoint
         # was written at the last batch of the previous epoch: apply the schedule here too.
         self._unfreeze_if_due(trainer, pl_module)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._grad_watch:
+            self._check_compiled_gradients()
 
     @override
     def on_train_batch_end(
@@ -372,24 +400,53 @@ class FreezeBackbone(Callback):
     # ------------------------------------------------------------------------------------------
     # public helpers
     # ------------------------------------------------------------------------------------------
-    def check(self, pl_module: torch.nn.Module, trainer: pl.Trainer | None = None) -> FingerprintDiff | None:
-        """Compare every frozen tensor with its fingerprint from fit start, and every probe output.
+    def check(
+        self, pl_module: torch.nn.Module, trainer: pl.Trainer | None = None, across_ranks: bool = True
+    ) -> FingerprintDiff | None:
+        """Compare every frozen tensor with its fingerprint from fit start, each probe output and each rank.
+
+        In a ``torch.distributed`` job (DDP and the like) the fingerprints of this rank's frozen
+        tensors are also compared with every other rank's
+        (:func:`~lightning_freeze.core.distributed.compare_across_ranks`: one 16-byte
+        ``all_gather`` per rank when they agree). That comparison is a collective: every rank must
+        call :meth:`check` at the same point (the callback's hooks do); pass ``across_ranks=False``
+        when calling it on one rank only.
+
+        Args:
+            pl_module: the LightningModule being trained.
+            trainer: the trainer (to name an optimizer holding a frozen tensor as the likely cause).
+            across_ranks: also compare with the other ranks (a collective). Default ``True``.
 
         Returns:
-            the :class:`~lightning_freeze.core.fingerprint.FingerprintDiff` (also kept as
-            :attr:`last_check`; probe mismatches are kept as :attr:`last_probe_check`), or ``None``
-            when ``verify="off"`` or before fit start.
+            the :class:`~lightning_freeze.core.fingerprint.FingerprintDiff` of this rank (also kept as
+            :attr:`last_check`; probe mismatches are kept as :attr:`last_probe_check`, ranks that
+            differ as :attr:`last_rank_check`), or ``None`` when ``verify="off"`` or before fit start.
 
         Raises:
-            FrozenStateError: with ``verify="raise"``, when any frozen tensor changed or a frozen
-                module no longer reproduces its output on the probe input.
+            FrozenStateError: with ``verify="raise"``, when any frozen tensor changed, a frozen module
+                no longer reproduces its output on the probe input, or a rank holds other frozen
+                tensors than the others (raised on every rank, naming the rank and the tensors).
         """
         if self.verify == "off" or self._reference is None:
             return None
-        tensors = pl_module.state_dict(keep_vars=True)
+        tensors, sharded = local_shards(pl_module.state_dict(keep_vars=True))
         current = fingerprint(tensors, [k for k in self._reference if k in tensors], like=self._reference)
         diff = diff_fingerprints(self._reference, current)
         self.last_check = diff
+        # collectives: every rank runs them before anything can raise, so no rank is left waiting.
+        # Replicated tensors: every rank's fingerprints compared; sharded ones: each rank checked
+        # its own shards, and the verdicts are gathered.
+        ranks = (
+            compare_across_ranks({k: v for k, v in current.items() if k not in sharded})
+            if across_ranks
+            else {}
+        )
+        self.last_rank_check = ranks
+        shard_changes = (
+            gather_changed([k for k in diff.changed if k in sharded])
+            if across_ranks and any(k in sharded for k in current)
+            else {}
+        )
         still_frozen = set(self._still_frozen_names()) if self.frozen is not None else set()
         mismatches = [
             m
@@ -399,7 +456,7 @@ class FreezeBackbone(Callback):
             if m is not None
         ]
         self.last_probe_check = mismatches
-        if diff.changed or diff.missing or mismatches:
+        if diff.changed or diff.missing or mismatches or ranks or shard_changes:
             optimizers = trainer.optimizers if trainer is not None else []
             optimizer_params = [
                 p for opt in optimizers for group in opt.param_groups for p in group["params"]
@@ -413,9 +470,29 @@ class FreezeBackbone(Callback):
             for m in mismatches:
                 causes[m.module] = m.reason
                 lines.append(f"  - {m}")
+            for rank, keys in sorted(ranks.items()):
+                for key in keys:
+                    causes.setdefault(key, f"differs on rank {rank} from the other ranks")
+            for rank, keys in sorted(shard_changes.items()):
+                for key in keys:
+                    if key not in causes:
+                        causes[key] = f"its shard on rank {rank} changed"
+                        lines.append(f"  - {key}: {causes[key]}")
+            if ranks:
+                lines.append(
+                    "  - the ranks disagree (frozen tensors must be identical on every rank):\n    "
+                    + describe_rank_mismatch(ranks).replace("\n", "\n    ")
+                )
             message = (
                 f"FreezeBackbone: {len(causes)} frozen tensor(s)/module(s) changed since fit start "
-                f"({diff.summary()}; {len(mismatches)} of {len(self.probes)} probe output(s) changed):\n"
+                f"({diff.summary()}; {len(mismatches)} of {len(self.probes)} probe output(s) changed"
+                + (f"; {len(ranks)} rank(s) differ" if ranks else "")
+                + (
+                    f"; sharded tensors changed on rank(s) {', '.join(map(str, sorted(shard_changes)))}"
+                    if shard_changes
+                    else ""
+                )
+                + "):\n"
                 + "\n".join(lines)
             )
             if self.verify == "raise":
@@ -475,7 +552,7 @@ class FreezeBackbone(Callback):
         ):
             self._unfreeze(trainer, pl_module)
 
-    def _unfreeze(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _unfreeze(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str = "") -> None:
         frozen = self._require_frozen()
         params = unfreeze(pl_module, frozen.subset(self._scheduled), mode=True)
         self._unfrozen = True
@@ -498,14 +575,57 @@ class FreezeBackbone(Callback):
             raise RuntimeError(
                 "FreezeBackbone cannot unfreeze: the trainer has no optimizer to add parameters to."
             )
+        rewrapped = _rewrap_ddp(trainer)
+        if _is_compiled(pl_module):
+            self._grad_watch, self._dynamo_reset = list(params), False
+            rank_zero_info(
+                "FreezeBackbone: the model is compiled (torch.compile): dynamo recompiles the graphs that "
+                "depend on requires_grad at the next step; the unfrozen parameters are checked to get "
+                "gradients at the first optimizer step (a stale compiled frame, PyTorch #139476, resets "
+                "dynamo once)."
+            )
         optimizer = trainer.optimizers[0]
         _add_param_group(optimizer, params, self.unfreeze_lr_scale)
         for config in trainer.lr_scheduler_configs:
             if getattr(config.scheduler, "optimizer", None) is optimizer:
                 _extend_scheduler(config.scheduler, optimizer, self.unfreeze_lr_scale)
+        when = when or f"at epoch {trainer.current_epoch}"
         rank_zero_info(
-            f"FreezeBackbone: unfroze {', '.join(self._scheduled)} at epoch {trainer.current_epoch}: "
+            f"FreezeBackbone: unfroze {', '.join(self._scheduled)} {when}: "
             f"{len(params)} parameters in a new param group with lr={optimizer.param_groups[-1]['lr']:g}"
+            + (
+                "; DistributedDataParallel rebuilt so it synchronises their gradients (parameters "
+                "broadcast from rank 0)"
+                if rewrapped
+                else ""
+            )
+        )
+
+    def _check_compiled_gradients(self) -> None:
+        """After an unfreeze under torch.compile: did every unfrozen parameter get a gradient?
+
+        A compiled frame traced while they were frozen and reused after (PyTorch #139476) computes
+        no gradient for them, and they would silently never train. First time: reset dynamo's
+        caches (everything recompiles at the next step, once). Still none after that: warn (the
+        parameters are not used in the forward at all).
+        """
+        missing = [p for p in self._grad_watch if p.grad is None]
+        if not missing:
+            self._grad_watch = []
+            return
+        if not self._dynamo_reset:
+            self._dynamo_reset = True
+            torch._dynamo.reset()
+            rank_zero_info(
+                f"FreezeBackbone: {len(missing)} of {len(self._grad_watch)} unfrozen parameters got no "
+                "gradient in a compiled step (a stale compiled frame, PyTorch #139476): "
+                "torch._dynamo.reset(), the model recompiles at the next step."
+            )
+            return
+        self._grad_watch = []
+        rank_zero_warn(
+            f"FreezeBackbone: {len(missing)} unfrozen parameters still got no gradient after recompiling: "
+            "they are not used in the forward (check the model), or the compiled model hides them."
         )
 
     def _check_schedulers(self, trainer: pl.Trainer) -> None:
@@ -592,6 +712,50 @@ class FreezeBackbone(Callback):
                 f"FreezeBackbone: {len(ours)} of the {len(eval_modules)} modules in eval mode are pinned on "
                 f"purpose; these others are not: {', '.join(others[:10])}"
             )
+
+
+def _can_unfreeze_under(strategy: Any) -> bool:
+    """Single device, or plain DDP (whose wrapper :func:`_rewrap_ddp` can rebuild); not sharded/DeepSpeed."""
+    if not isinstance(strategy, ParallelStrategy):
+        return True
+    return isinstance(strategy, DDPStrategy) and "DeepSpeed" not in type(strategy).__name__
+
+
+def _is_compiled(pl_module: nn.Module) -> bool:
+    """``trainer.fit(torch.compile(model))`` (Lightning keeps a ``_compiler_ctx``), ``module.compile()``
+    on the module or a submodule, or a ``torch.compile``-d submodule."""
+    if getattr(pl_module, "_compiler_ctx", None):
+        return True
+    return any(
+        getattr(m, "_compiled_call_impl", None) is not None or hasattr(m, "_orig_mod")
+        for m in pl_module.modules()
+    )
+
+
+def _rewrap_ddp(trainer: pl.Trainer) -> bool:
+    """Rebuild the strategy's ``DistributedDataParallel`` wrapper after parameters were unfrozen.
+
+    DDP registers the parameters that require grad when it wraps the model (its reducer's buckets
+    and autograd hooks): a parameter unfrozen later would get a local gradient only, and the ranks
+    would drift apart (Lightning's ``BackboneFinetuning``, their issue #20340). A new wrapper of the
+    same LightningModule, built by the strategy with its own arguments (``find_unused_parameters``,
+    ``static_graph``, communication hooks), broadcasts every parameter and buffer from rank 0 (so
+    the ranks start the new stage identical) and synchronises the new parameters from the next
+    backward on. The old wrapper's reducer is released with it (its autograd hooks go away).
+
+    Returns:
+        ``True`` when a wrapper was rebuilt, ``False`` when the model is not wrapped in DDP.
+    """
+    strategy = trainer.strategy
+    old = strategy.model
+    if not isinstance(old, DistributedDataParallel) or not isinstance(strategy, DDPStrategy):
+        return False
+    module = old.module
+    del old
+    strategy.model = None  # drop the last reference to the old reducer before the new one is built
+    strategy.model = strategy._setup_model(module)
+    strategy._register_ddp_hooks()
+    return True
 
 
 def _check_modules(modules: str | Sequence[str]) -> list[str]:

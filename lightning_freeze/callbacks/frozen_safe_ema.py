@@ -14,7 +14,15 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from typing_extensions import override
 
+from lightning_freeze.core.distributed import (
+    compare_across_ranks,
+    copy_full_into,
+    describe_rank_mismatch,
+    is_sharded,
+)
 from lightning_freeze.core.ema import BUFFER_MODES, TrainableEMA, check_decay
+from lightning_freeze.core.errors import FrozenStateError
+from lightning_freeze.core.fingerprint import fingerprint
 from lightning_freeze.core.freeze import check_choice
 
 __all__ = ["FrozenSafeEMA", "load_ema_weights"]
@@ -51,8 +59,13 @@ class FrozenSafeEMA(Callback):
     steps skipped by a gradient scaler do not count).
 
     Under DDP every rank updates its own shadow from identical parameters, so the shadows are
-    identical without any communication. (Buffers are identical only when the model's buffers
-    are, e.g. with SyncBatchNorm; plain BatchNorm statistics differ per rank in the raw model too.)
+    identical without any communication (``check_ranks=True`` proves it every epoch). Under FSDP2
+    (``ModelParallelStrategy`` / ``fully_shard``) the shadow is a ``DTensor`` sharded like the
+    parameters: each rank averages its own shard, with no all-gather per update; it is saved with
+    the strategy's (distributed) checkpoint and :meth:`ema_state_dict` ``(full=True)`` gathers full
+    tensors. ``FSDPStrategy`` (FSDP1, flat parameters) is refused. (Under DDP, buffers are
+    identical only when the model's buffers are, e.g. with SyncBatchNorm; plain BatchNorm
+    statistics differ per rank in the raw model too.)
 
     Args:
         decay: target decay, strictly between 0 and 1. Default ``0.999``.
@@ -68,6 +81,11 @@ class FrozenSafeEMA(Callback):
             ``"average"`` (floating-point buffers averaged like the weights) or ``"ignore"`` (raw
             buffers used with the EMA weights). Buffers of frozen modules are never read or written.
         validate_with_ema: run validation and test on the EMA weights. Default ``True``.
+        check_ranks: in a multi-process job (DDP), compare the parameter shadows of every rank
+            at every train epoch end (fingerprints, one 16-byte ``all_gather`` per rank when they
+            agree; see :meth:`check_ranks_now`) and raise
+            :class:`~lightning_freeze.FrozenStateError` naming the rank that differs. A no-op in a
+            single process. Default ``False``.
 
     Raises:
         ValueError: a bad argument, naming the value and the valid choices; at fit start, a model
@@ -93,6 +111,7 @@ class FrozenSafeEMA(Callback):
         start_step: int = 0,
         buffers: str = "copy",
         validate_with_ema: bool = True,
+        check_ranks: bool = False,
     ) -> None:
         super().__init__()
         self.decay = check_decay(decay)
@@ -101,6 +120,9 @@ class FrozenSafeEMA(Callback):
         self.start_step = _check_int("start_step", start_step, minimum=0)
         self.buffers = check_choice("buffers", buffers, BUFFER_MODES)
         self.validate_with_ema = bool(validate_with_ema)
+        self.check_ranks = bool(check_ranks)
+        #: ``{rank: [keys]}`` of the latest :meth:`check_ranks_now` (empty: all ranks agree)
+        self.last_rank_check: dict[int, list[str]] = {}
 
         self.ema: TrainableEMA | None = None
         self.step_count = 0  # optimizer steps really taken (restored on resume)
@@ -147,18 +169,56 @@ class FrozenSafeEMA(Callback):
         """Whether to update after optimizer step ``step`` (counted from 1)."""
         return step > self.start_step and (step - self.start_step) % self.update_every_n_steps == 0
 
-    def ema_state_dict(self) -> dict[str, torch.Tensor]:
+    def ema_state_dict(self, full: bool = False) -> dict[str, torch.Tensor]:
         """The averaged weights, keyed as in ``pl_module.state_dict()`` (load it with ``load_state_dict``).
 
         Every key of the module's ``state_dict``: shadowed tensors hold their EMA (cast to the
         model's dtype), the others (frozen ones) are the module's own tensors.
+
+        Args:
+            full: on a sharded model (FSDP2 / ``ModelParallelStrategy``), gather full tensors
+                (a collective: call it on every rank); default: this rank's ``DTensor`` shards.
         """
         if self.ema is None:
             raise RuntimeError(
                 "FrozenSafeEMA has no EMA: it is built when Trainer.fit starts (and dropped when "
                 "trainer.validate/test loads a checkpoint without EMA state)."
             )
-        return self.ema.ema_state_dict()
+        return self.ema.ema_state_dict(full=full)
+
+    def check_ranks_now(self) -> dict[int, list[str]]:
+        """Prove that every rank holds the same EMA of the parameters (a collective: call it on every rank).
+
+        Fingerprints :attr:`~lightning_freeze.core.TrainableEMA.parameter_shadow`
+        and compares with every rank
+        (:func:`~lightning_freeze.core.distributed.compare_across_ranks`). Buffers are left out:
+        plain BatchNorm statistics differ per rank by design.
+
+        Returns:
+            ``{}`` when every rank agrees (or in a single process); also kept as :attr:`last_rank_check`.
+
+        Raises:
+            FrozenStateError: a rank's shadow differs; the message names the rank and the tensors
+                (raised on every rank).
+        """
+        shadow = self.ema.parameter_shadow if self.ema is not None else {}
+        # a sharded (FSDP2) shadow exists once, split over the ranks: nothing to compare it with
+        mismatch = compare_across_ranks(fingerprint({k: v for k, v in shadow.items() if not is_sharded(v)}))
+        self.last_rank_check = mismatch
+        if mismatch:
+            keys = list(dict.fromkeys(k for ks in mismatch.values() for k in ks))
+            causes = {
+                key: f"EMA shadow differs on rank {rank} from the other ranks"
+                for rank, ks in sorted(mismatch.items(), reverse=True)
+                for key in ks
+            }
+            raise FrozenStateError(
+                "FrozenSafeEMA: the EMA shadows of the parameters differ across ranks (they are updated "
+                "from identical parameters and must be identical):\n" + describe_rank_mismatch(mismatch),
+                changed=keys,
+                causes=causes,
+            )
+        return mismatch
 
     # ------------------------------------------------------------------------------------------
     # fit
@@ -167,6 +227,13 @@ class FrozenSafeEMA(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # a state restored by an earlier trainer call must not leak into this one: Lightning restores
         # the checkpoint of this call (if any) after setup
+        if type(trainer.strategy).__name__ == "FSDPStrategy":
+            raise ValueError(
+                "FrozenSafeEMA does not support FSDPStrategy (FSDP1): it flattens parameters into shards "
+                "that are not tensors of the model's shapes. Valid: ModelParallelStrategy (FSDP2, "
+                "fully_shard: the shadow is sharded like the parameters, no communication per update), "
+                "DDP or a single device."
+            )
         self._restored = None
         self._loaded_checkpoint_pending = stage != "fit"
         swapping = [cb for cb in trainer.callbacks if isinstance(cb, FrozenSafeEMA) and cb.validate_with_ema]
@@ -237,6 +304,11 @@ class FrozenSafeEMA(Callback):
         if self.should_update(self.step_count):
             decay = self.ema.update(pl_module)
             pl_module.log("ema/decay", decay, on_step=True, on_epoch=False, batch_size=1)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.check_ranks and self.ema is not None:
+            self.check_ranks_now()
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -403,7 +475,9 @@ def load_ema_weights(
 
     Args:
         model: the module the checkpoint was written from (a ``LightningModule`` or any
-            ``nn.Module`` with the same ``state_dict`` keys).
+            ``nn.Module`` with the same ``state_dict`` keys). A model sharded with FSDP2
+            (``fully_shard``) takes the full tensors of the file, each rank keeping its own slice
+            (``torch.distributed.checkpoint.state_dict.set_model_state_dict``; nothing is sent).
         checkpoint: path of the ``.ckpt`` file (read with
             :func:`~lightning_freeze.core.checkpoint.load_checkpoint`, integrity-checked), or the
             loaded checkpoint dict.
@@ -427,7 +501,15 @@ def load_ema_weights(
         ckpt, source = checkpoint, "checkpoint"
     else:
         ckpt, source = load_checkpoint(checkpoint, unsafe_load=unsafe_load), repr(os.fspath(checkpoint))
-    model.load_state_dict(ema_state_dict(ckpt, source, state_key=state_key), strict=strict)
+    weights = ema_state_dict(ckpt, source, state_key=state_key)
+    if any(is_sharded(p) for p in model.parameters()):
+        # a sharded (FSDP2) model takes full tensors through torch's distributed state-dict API:
+        # every rank holds the file and keeps its own slice, nothing is sent
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=strict))
+    else:
+        model.load_state_dict(weights, strict=strict)
     # again through the live tensors: a tensor shared under two keys takes the value of the last key
     # in load_state_dict, which may be the raw one
     callbacks = ckpt["callbacks"]  # ema_state_dict checked that the state exists and is unique
@@ -439,7 +521,7 @@ def load_ema_weights(
     with torch.no_grad():
         for key, value in shadow.items():
             if key in live:
-                live[key].copy_(value)
+                copy_full_into(live[key], value)
     return model
 
 

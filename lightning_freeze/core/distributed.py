@@ -24,9 +24,18 @@ import torch
 import torch.distributed as dist
 import xxhash
 
-from lightning_freeze.core.fingerprint import TensorFingerprint
+from lightning_freeze.core.fingerprint import TensorFingerprint, _is_sharded
 
-__all__ = ["compare_across_ranks", "describe_rank_mismatch", "find_differing_ranks", "gather_fingerprints"]
+__all__ = [
+    "compare_across_ranks",
+    "copy_full_into",
+    "describe_rank_mismatch",
+    "find_differing_ranks",
+    "gather_changed",
+    "gather_fingerprints",
+    "is_sharded",
+    "local_shards",
+]
 
 _Fingerprints = Mapping[str, TensorFingerprint]
 _Plain = dict[str, tuple[str, str, tuple[int, ...]]]
@@ -184,3 +193,79 @@ def describe_rank_mismatch(mismatch: Mapping[int, Sequence[str]], max_keys: int 
         more = f" and {len(keys) - max_keys} more" if len(keys) > max_keys else ""
         lines.append(f"rank {rank} differs on {len(keys)} tensor(s): {shown}{more}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# sharded tensors (DTensor: FSDP2 ``fully_shard``, tensor parallel)
+# ----------------------------------------------------------------------------------------------
+def is_sharded(tensor: object) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (its elements live on several ranks)."""
+    return isinstance(tensor, torch.Tensor) and _is_sharded(tensor)
+
+
+def local_shards(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """Each tensor as this rank holds it, without communication.
+
+    Args:
+        tensors: e.g. ``model.state_dict(keep_vars=True)`` of an FSDP2 (``fully_shard``) model.
+
+    Returns:
+        ``({key: local tensor}, {keys that were sharded})``: a ``DTensor`` becomes its local shard
+        (``to_local()``, a view), any other tensor is returned as it is.
+
+    Example::
+
+        >>> local_shards({"w": torch.zeros(2)})
+        ({'w': tensor([0., 0.])}, set())
+    """
+    local: dict[str, torch.Tensor] = {}
+    sharded: set[str] = set()
+    for key, tensor in tensors.items():
+        if is_sharded(tensor):
+            local[key] = tensor.to_local()  # type: ignore[attr-defined]
+            sharded.add(key)
+        else:
+            local[key] = tensor
+    return local, sharded
+
+
+def gather_changed(keys: Sequence[str], group: dist.ProcessGroup | None = None) -> dict[int, list[str]]:
+    """Every rank's list of changed keys, on every rank (a collective: all ranks of ``group`` call it).
+
+    For sharded tensors each rank checks only its own shards; this gathers the verdicts (one
+    ``all_gather_object`` of the key lists) so that every rank raises the same error.
+
+    Args:
+        keys: the keys whose local shard changed on this rank (may be empty).
+        group: the process group (default: the whole job).
+
+    Returns:
+        ``{global rank: keys}`` for the ranks with changes; ``{0: keys}`` (or ``{}``) when not
+        distributed.
+    """
+    if not _is_distributed(group):
+        return {0: list(keys)} if keys else {}
+    gathered: list[list[str] | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, list(keys), group=group)
+    return {
+        rank: list(changed) for rank, changed in zip(_global_ranks(group), gathered, strict=True) if changed
+    }
+
+
+def copy_full_into(target: torch.Tensor, value: torch.Tensor) -> None:
+    """``target.copy_(value)`` where ``target`` may be sharded and ``value`` a full tensor.
+
+    A full ``value`` is sliced to this rank's shard locally (``distribute_tensor`` with
+    ``src_data_rank=None``: every rank holds ``value``, nothing is sent).
+    """
+    with torch.no_grad():
+        if is_sharded(target) and not is_sharded(value):
+            from torch.distributed.tensor import distribute_tensor
+
+            value = distribute_tensor(
+                value.to(device=target.device, dtype=target.dtype),
+                target.device_mesh,  # type: ignore[attr-defined]
+                target.placements,  # type: ignore[attr-defined]
+                src_data_rank=None,
+            )
+        target.copy_(value)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_freeze.core.distributed import copy_full_into, is_sharded
 from lightning_freeze.core.freeze import check_choice
 
 __all__ = ["BUFFER_MODES", "WARMUP_POWER", "TrainableEMA", "effective_decay", "trainable_tensors"]
@@ -357,6 +358,24 @@ class TrainableEMA:
         return {key: entry.shadow for key, entry in self._entries.items()}
 
     @property
+    def parameter_shadow(self) -> dict[str, Tensor]:
+        """The shadows of parameters only (no buffer), keyed as in ``model.state_dict()``.
+
+        Under data parallelism these must be identical on every rank (the parameters are), while
+        the buffers of a trainable BatchNorm differ per rank without SyncBatchNorm.
+        """
+        return {key: e.shadow for key, e in self._entries.items() if isinstance(e.tensor, nn.Parameter)}
+
+    @property
+    def sharded(self) -> bool:
+        """Whether any shadow is sharded (``DTensor``: the model was sharded with FSDP2 ``fully_shard``).
+
+        A sharded shadow holds only this rank's shard of each tensor (1/world of the memory) and is
+        updated without communication; :meth:`ema_state_dict` ``(full=True)`` gathers it.
+        """
+        return any(is_sharded(e.shadow) for e in self._entries.values())
+
+    @property
     def nbytes(self) -> int:
         """Bytes held by the shadow."""
         return sum(entry.shadow.numel() * entry.shadow.element_size() for entry in self._entries.values())
@@ -446,11 +465,19 @@ class TrainableEMA:
             _foreach_copy_([t for _, t, _ in pairs], [s for _, _, s in pairs])
         return [key for key, _, _ in pairs]
 
-    def ema_state_dict(self, model: nn.Module | None = None) -> dict[str, Tensor]:
+    def ema_state_dict(self, model: nn.Module | None = None, full: bool = False) -> dict[str, Tensor]:
         """The full ``model.state_dict()`` with every shadowed tensor replaced by its EMA.
 
         Averaged tensors are new tensors cast to the model's dtype; the others (frozen ones) are
         the model's own (detached) tensors, not copies. ``model.load_state_dict(...)`` accepts it.
+
+        On a sharded model (FSDP2 ``fully_shard``: ``DTensor`` parameters) the shadow is sharded
+        like the parameters and the values are ``DTensor`` s, unless ``full=True``.
+
+        Args:
+            model: the model (default: the bound one).
+            full: gather sharded values into full tensors (``DTensor.full_tensor()``, a collective:
+                call it on every rank). No effect on a model without sharded tensors.
         """
         model = _unwrap(model) if model is not None else self._model
         by_id = {id(entry.tensor): entry.shadow for entry in self._entries.values()}
@@ -461,6 +488,8 @@ class TrainableEMA:
                 out[key] = shadow.detach().to(dtype=value.dtype, copy=True)
             else:
                 out[key] = value.detach() if isinstance(value, Tensor) else value
+            if full and callable(getattr(out[key], "full_tensor", None)):
+                out[key] = out[key].full_tensor()  # type: ignore[operator]
         return out
 
     # ------------------------------------------------------------------------------------------
@@ -514,7 +543,7 @@ class TrainableEMA:
                     self.buffers == "average" and tensor.is_floating_point()
                 )
                 shadow = torch.empty_like(tensor, dtype=_shadow_dtype(tensor, lerp))
-                shadow.copy_(saved)
+                copy_full_into(shadow, saved)  # a full saved tensor into a sharded shadow: this rank's slice
                 entries[key] = _Entry(tensor, shadow, lerp, int(state["joined_at"].get(key, 0)))
         self._entries = entries
         self.num_updates = int(state["num_updates"])

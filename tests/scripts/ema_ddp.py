@@ -22,7 +22,7 @@ def main(out: Path) -> None:
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
     model = TinyNet()
-    ema = FrozenSafeEMA(decay=0.9)
+    ema = FrozenSafeEMA(decay=0.9, check_ranks=True)  # the shadows are compared at every epoch end
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
