@@ -14,8 +14,8 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from _freeze_utils import TinyNet, loaders
-from _multibranch_utils import fixed_batch, loader, make_module, outputs, trainer
+from helpers.freeze import TinyNet, loaders
+from helpers.multibranch import fixed_batch, loader, make_module, outputs, trainer
 from lightning.pytorch.callbacks import Callback
 from torch._dynamo.testing import CompileCounterWithBackend
 

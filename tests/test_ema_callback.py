@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from _freeze_utils import TinyNet, loaders, make_data, snapshot, trainer
+from helpers.freeze import TinyNet, loaders, make_data, snapshot, trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.precision import Precision
 from torch.utils.data import DataLoader

@@ -8,9 +8,9 @@ import warnings
 import lightning as L
 import pytest
 import torch
-from _freeze_utils import TinyNet, changed_keys, loaders, make_data, snapshot, trainer
-from _multibranch_utils import loader as branch_loader
-from _multibranch_utils import make_module
+from helpers.freeze import TinyNet, changed_keys, loaders, make_data, snapshot, trainer
+from helpers.multibranch import loader as branch_loader
+from helpers.multibranch import make_module
 from lightning.pytorch.callbacks import EMAWeightAveraging, LambdaCallback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader

@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from _freeze_utils import WIDTH, TinyNet, loaders, make_backbone, trainer
+from helpers.freeze import WIDTH, TinyNet, loaders, make_backbone, trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 

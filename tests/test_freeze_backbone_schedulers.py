@@ -7,7 +7,7 @@ from collections.abc import Callable
 import lightning as L
 import pytest
 import torch
-from _freeze_utils import TinyNet, changed_keys, loaders, snapshot, trainer
+from helpers.freeze import TinyNet, changed_keys, loaders, snapshot, trainer
 from lightning.pytorch.callbacks import LambdaCallback, LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
 from torch.optim import lr_scheduler as S

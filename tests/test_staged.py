@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _multibranch_utils import (
+from helpers.multibranch import (
     Stage,
     fixed_batch,
     loader,

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -33,18 +32,27 @@ from lightning_freeze.core.fingerprint import (
 from lightning_freeze.core.freeze import (
     DROPOUT_MODES,
     NORM_MODES,
+    DropoutMode,
     FrozenModules,
-    check_choice,
+    NormMode,
     freeze,
     likely_cause,
     pin_frozen_layers,
     unfreeze,
 )
 from lightning_freeze.core.probe import OutputProbe, ProbeMismatch, capture_probe_input
+from lightning_freeze.core.validation import (
+    check_choice,
+    check_int,
+    check_positive_finite,
+    check_str_list,
+    choices_of,
+)
 
 __all__ = ["SUPPORTED_SCHEDULERS", "VERIFY_MODES", "FreezeBackbone"]
 
-VERIFY_MODES: tuple[str, ...] = ("raise", "warn", "off")
+VerifyMode = Literal["raise", "warn", "off"]
+VERIFY_MODES: tuple[str, ...] = choices_of(VerifyMode)
 
 #: The ``torch.optim.lr_scheduler`` classes (and their subclasses) that ``unfreeze_at_epoch`` extends
 #: to the new param group. Any other scheduler on the first optimizer is refused at fit start.
@@ -175,39 +183,32 @@ class FreezeBackbone(Callback):
     def __init__(
         self,
         modules: str | Sequence[str] = "backbone",
-        norm: str = "eval",
+        norm: NormMode = "eval",
         freeze_inactive_branches: bool = True,
         unfreeze_at_epoch: int | None = None,
         unfreeze_lr_scale: float = 0.1,
-        verify: str = "raise",
-        dropout: str = "eval",
+        verify: VerifyMode = "raise",
+        dropout: DropoutMode = "eval",
     ) -> None:
         super().__init__()
-        self.modules = _check_modules(modules)
-        self.norm = check_choice("norm", norm, NORM_MODES)
-        self.dropout = check_choice("dropout", dropout, DROPOUT_MODES)
-        self.verify = check_choice("verify", verify, VERIFY_MODES)
-        if unfreeze_at_epoch is not None and (
-            isinstance(unfreeze_at_epoch, bool)
-            or not isinstance(unfreeze_at_epoch, int)
-            or unfreeze_at_epoch < 0
-        ):
-            raise ValueError(
-                f"Invalid unfreeze_at_epoch={unfreeze_at_epoch!r}; valid choices: None (never) or an epoch "
-                "number >= 0."
-            )
-        if (
-            not isinstance(unfreeze_lr_scale, (int, float))
-            or isinstance(unfreeze_lr_scale, bool)
-            or not math.isfinite(unfreeze_lr_scale)
-            or not (unfreeze_lr_scale > 0)
-        ):
-            raise ValueError(
-                f"Invalid unfreeze_lr_scale={unfreeze_lr_scale!r}; valid choices: a finite number > 0."
-            )
+        self.modules = check_str_list(
+            "modules",
+            modules,
+            valid="a dotted submodule name or fnmatch pattern (e.g. 'backbone' or 'backbone.layer[12]'), "
+            "or a non-empty list of them",
+        )
+        self.norm: NormMode = check_choice("norm", norm, NORM_MODES)  # type: ignore[assignment]
+        self.dropout: DropoutMode = check_choice("dropout", dropout, DROPOUT_MODES)  # type: ignore[assignment]
+        self.verify: VerifyMode = check_choice("verify", verify, VERIFY_MODES)  # type: ignore[assignment]
+        self.unfreeze_at_epoch = check_int(
+            "unfreeze_at_epoch",
+            unfreeze_at_epoch,
+            minimum=0,
+            allow_none=True,
+            valid="None (never) or an epoch number >= 0",
+        )
+        self.unfreeze_lr_scale = check_positive_finite("unfreeze_lr_scale", unfreeze_lr_scale)
         self.freeze_inactive_branches = bool(freeze_inactive_branches)
-        self.unfreeze_at_epoch = unfreeze_at_epoch
-        self.unfreeze_lr_scale = float(unfreeze_lr_scale)
 
         self.frozen: FrozenModules | None = None
         self.last_check: FingerprintDiff | None = None
@@ -756,18 +757,6 @@ def _rewrap_ddp(trainer: pl.Trainer) -> bool:
     strategy.model = strategy._setup_model(module)
     strategy._register_ddp_hooks()
     return True
-
-
-def _check_modules(modules: str | Sequence[str]) -> list[str]:
-    names = (
-        [modules] if isinstance(modules, str) else list(modules) if isinstance(modules, Sequence) else None
-    )
-    if not names or not all(isinstance(n, str) and n for n in names):
-        raise ValueError(
-            f"Invalid modules={modules!r}; valid choices: a dotted submodule name or fnmatch pattern "
-            "(e.g. 'backbone' or 'backbone.layer[12]'), or a non-empty list of them."
-        )
-    return names
 
 
 def _fingerprints_from_state(state: dict[str, Any]) -> dict[str, TensorFingerprint]:

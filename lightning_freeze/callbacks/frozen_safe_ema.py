@@ -20,10 +20,10 @@ from lightning_freeze.core.distributed import (
     describe_rank_mismatch,
     is_sharded,
 )
-from lightning_freeze.core.ema import BUFFER_MODES, TrainableEMA, check_decay
+from lightning_freeze.core.ema import BUFFER_MODES, BufferMode, TrainableEMA, check_decay
 from lightning_freeze.core.errors import FrozenStateError
 from lightning_freeze.core.fingerprint import fingerprint
-from lightning_freeze.core.freeze import check_choice
+from lightning_freeze.core.validation import check_choice, check_int
 
 __all__ = ["FrozenSafeEMA", "load_ema_weights"]
 
@@ -109,15 +109,15 @@ class FrozenSafeEMA(Callback):
         warmup: bool = True,
         update_every_n_steps: int = 1,
         start_step: int = 0,
-        buffers: str = "copy",
+        buffers: BufferMode = "copy",
         validate_with_ema: bool = True,
         check_ranks: bool = False,
     ) -> None:
         super().__init__()
         self.decay = check_decay(decay)
         self.warmup = bool(warmup)
-        self.update_every_n_steps = _check_int("update_every_n_steps", update_every_n_steps, minimum=1)
-        self.start_step = _check_int("start_step", start_step, minimum=0)
+        self.update_every_n_steps = check_int("update_every_n_steps", update_every_n_steps, minimum=1)
+        self.start_step = check_int("start_step", start_step, minimum=0)
         self.buffers = check_choice("buffers", buffers, BUFFER_MODES)
         self.validate_with_ema = bool(validate_with_ema)
         self.check_ranks = bool(check_ranks)
@@ -523,9 +523,3 @@ def load_ema_weights(
             if key in live:
                 copy_full_into(live[key], value)
     return model
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"Invalid {name}={value!r}; valid choices: an integer >= {minimum}.")
-    return value

@@ -14,6 +14,7 @@ import torch
 __all__ = [
     "coalesced_sparse_parts",
     "dense_cpu",
+    "is_sharded",
     "is_sparse",
     "quantization_equal",
     "tensor_bits",
@@ -35,7 +36,7 @@ def dense_cpu(tensor: torch.Tensor) -> torch.Tensor:
         TypeError: a sharded ``DTensor`` (pass its ``to_local()`` shard on each rank).
     """
     data = tensor.detach()
-    if type(data) is not torch.Tensor and _is_sharded(data):
+    if type(data) is not torch.Tensor and is_sharded(data):
         raise TypeError(
             f"Cannot read the bytes of a sharded {type(data).__name__} of global shape "
             f"{tuple(data.shape)}: pass its local shard (tensor.to_local()) on each rank."
@@ -52,9 +53,9 @@ def dense_cpu(tensor: torch.Tensor) -> torch.Tensor:
     return data
 
 
-def _is_sharded(tensor: torch.Tensor) -> bool:
-    """A DTensor (FSDP2, tensor parallel): its bytes live on several ranks."""
-    return callable(getattr(tensor, "to_local", None))
+def is_sharded(tensor: object) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (FSDP2, tensor parallel): its elements live on several ranks."""
+    return isinstance(tensor, torch.Tensor) and callable(getattr(tensor, "to_local", None))
 
 
 def tensor_bits(tensor: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 import xxhash
 
-from lightning_freeze.core.fingerprint import TensorFingerprint, _is_sharded
+from lightning_freeze.core.bits import is_sharded
+from lightning_freeze.core.fingerprint import TensorFingerprint
 
 __all__ = [
     "compare_across_ranks",
@@ -198,11 +199,6 @@ def describe_rank_mismatch(mismatch: Mapping[int, Sequence[str]], max_keys: int 
 # ----------------------------------------------------------------------------------------------
 # sharded tensors (DTensor: FSDP2 ``fully_shard``, tensor parallel)
 # ----------------------------------------------------------------------------------------------
-def is_sharded(tensor: object) -> bool:
-    """Whether ``tensor`` is a ``DTensor`` (its elements live on several ranks)."""
-    return isinstance(tensor, torch.Tensor) and _is_sharded(tensor)
-
-
 def local_shards(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], set[str]]:
     """Each tensor as this rank holds it, without communication.
 

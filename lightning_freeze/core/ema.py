@@ -21,18 +21,25 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from numbers import Real
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from lightning_freeze.core.distributed import copy_full_into, is_sharded
-from lightning_freeze.core.freeze import check_choice
+from lightning_freeze.core.validation import check_choice, check_number, choices_of
 
-__all__ = ["BUFFER_MODES", "WARMUP_POWER", "TrainableEMA", "effective_decay", "trainable_tensors"]
+__all__ = [
+    "BUFFER_MODES",
+    "WARMUP_POWER",
+    "BufferMode",
+    "TrainableEMA",
+    "effective_decay",
+    "trainable_tensors",
+]
 
-BUFFER_MODES: tuple[str, ...] = ("copy", "average", "ignore")
+BufferMode = Literal["copy", "average", "ignore"]
+BUFFER_MODES: tuple[str, ...] = choices_of(BufferMode)
 WARMUP_POWER = 0.75
 _STATE_FORMAT = 1
 
@@ -66,7 +73,7 @@ def effective_decay(decay: float, updates: int, warmup: bool = True) -> float:
     return min(decay, 1.0 - (1.0 + updates) ** -WARMUP_POWER)
 
 
-def trainable_tensors(model: nn.Module, buffers: str = "copy") -> dict[str, tuple[Tensor, bool]]:
+def trainable_tensors(model: nn.Module, buffers: BufferMode = "copy") -> dict[str, tuple[Tensor, bool]]:
     """The tensors a :class:`TrainableEMA` shadows, keyed as in ``model.state_dict()``.
 
     * every parameter with ``requires_grad=True``;
@@ -197,7 +204,7 @@ class TrainableEMA:
     """
 
     def __init__(
-        self, model: nn.Module, decay: float = 0.999, warmup: bool = True, buffers: str = "copy"
+        self, model: nn.Module, decay: float = 0.999, warmup: bool = True, buffers: BufferMode = "copy"
     ) -> None:
         self.decay = check_decay(decay)
         self.warmup = bool(warmup)
@@ -566,11 +573,15 @@ class TrainableEMA:
 
 def check_decay(decay: object) -> float:
     """Return ``decay`` as a float if it is a number strictly between 0 and 1, else raise ``ValueError``."""
-    if isinstance(decay, bool) or not isinstance(decay, Real) or not (0.0 < float(decay) < 1.0):
-        raise ValueError(
-            f"Invalid decay={decay!r}; valid choices: a number strictly between 0 and 1 (e.g. 0.999, 0.9999)."
-        )
-    return float(decay)
+    return check_number(
+        "decay",
+        decay,
+        low=0.0,
+        high=1.0,
+        low_inclusive=False,
+        high_inclusive=False,
+        valid="a number strictly between 0 and 1 (e.g. 0.999, 0.9999)",
+    )
 
 
 def _check_state(state: Mapping[str, Any]) -> None:

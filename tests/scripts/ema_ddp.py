@@ -13,7 +13,7 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _freeze_utils import TinyNet, loaders
+from helpers.freeze import TinyNet, loaders
 
 from lightning_freeze import FreezeBackbone, FrozenSafeEMA
 

@@ -14,7 +14,7 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _multibranch_utils import loader, make_module
+from helpers.multibranch import loader, make_module
 
 from lightning_freeze import FreezeBackbone
 

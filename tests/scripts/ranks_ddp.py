@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _freeze_utils import TinyNet, loaders
+from helpers.freeze import TinyNet, loaders
 
 from lightning_freeze import FreezeBackbone, FrozenSafeEMA
 
