@@ -234,7 +234,9 @@ def test_concurrent_disk_writers_never_corrupt_the_cache(tmp_path: Path) -> None
     with OutputCache(net, store="disk", directory=tmp_path) as reader:
         out = torch.cat([net(x[i : i + 4]) for i in range(0, 64, 4)])
     assert reader.stats["hits"] == 64 and reader.stats["corrupt"] == 0
-    assert torch.equal(out, torch.cat([type(net).forward(net, x[i : i + 4]) for i in range(0, 64, 4)]))
+    # a writer that found part of a batch stored computed the rest as a smaller batch: the same
+    # values up to the last bits of the batched kernel (sequential runs are bitwise, see above)
+    torch.testing.assert_close(out, torch.cat([net(x[i : i + 4]) for i in range(0, 64, 4)]))
     assert len(list(tmp_path.rglob("*.feat"))) == 64
 
 
