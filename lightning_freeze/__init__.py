@@ -14,6 +14,7 @@ from lightning_freeze.core.errors import FrozenStateError
 __version__ = "0.1.0.dev0"
 
 _LAZY = {
+    "FeatureCache": "lightning_freeze.callbacks.feature_cache",
     "FreezeBackbone": "lightning_freeze.callbacks.freeze_backbone",
     "FrozenSafeEMA": "lightning_freeze.callbacks.frozen_safe_ema",
     "load_ema_weights": "lightning_freeze.callbacks.frozen_safe_ema",
@@ -22,6 +23,7 @@ _LAZY = {
 
 # keep in sync with _LAZY
 __all__ = [
+    "FeatureCache",
     "FreezeBackbone",
     "FrozenSafeEMA",
     "FrozenStateError",
@@ -31,6 +33,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from lightning_freeze.callbacks.feature_cache import FeatureCache
     from lightning_freeze.callbacks.freeze_backbone import FreezeBackbone
     from lightning_freeze.callbacks.frozen_safe_ema import FrozenSafeEMA, load_ema_weights
     from lightning_freeze.module import MultiBranchModule

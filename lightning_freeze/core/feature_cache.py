@@ -69,6 +69,7 @@ __all__ = [
     "UncacheableModuleError",
     "module_state_key",
     "sample_keys",
+    "tensor_digest",
     "uncacheable_reasons",
 ]
 
@@ -167,14 +168,31 @@ def _context_flags(device_type: str) -> tuple[Any, ...]:
     )
 
 
-def module_state_key(module: nn.Module, device_type: str = "cpu", extra: bytes = b"") -> bytes:
+def tensor_digest(module: nn.Module) -> bytes:
+    """BLAKE2b-128 over the fingerprint (bits, dtype, shape) of every parameter and buffer of ``module``.
+
+    Non-persistent buffers count too (they change the output as much as the others).
+    """
+    h = hashlib.blake2b(_FORMAT, digest_size=KEY_BYTES)
+    tensors = dict(module.named_parameters(remove_duplicate=False))
+    tensors.update(module.named_buffers(remove_duplicate=False))
+    for key, fp in fingerprint(tensors).items():
+        h.update(f"{key}|{fp.digest}|{fp.dtype}|{fp.shape}\n".encode())
+    return h.digest()
+
+
+def module_state_key(module: nn.Module, device_type: str = "cpu", tensors: bytes | None = None) -> bytes:
     """16-byte key of everything about ``module`` that determines its output bits.
 
-    Covers every parameter and buffer (bits, dtype, shape, via
-    :func:`~lightning_freeze.core.fingerprint.fingerprint`), the type, ``extra_repr`` and mode of
-    every submodule, and the global state that changes results on ``device_type`` (autocast
-    enabled/dtype, float32 matmul precision, TF32 and cuDNN flags, deterministic algorithms, the
-    torch version).
+    Covers every parameter and buffer (bits, dtype, shape: :func:`tensor_digest`), the type,
+    ``extra_repr`` and mode of every submodule, and the global state that changes results on
+    ``device_type`` (autocast enabled/dtype, float32 matmul precision, TF32 and cuDNN flags,
+    deterministic algorithms, the torch version).
+
+    Args:
+        module: the module.
+        device_type: where it computes (``"cpu"``, ``"cuda"``, ...).
+        tensors: a :func:`tensor_digest` of ``module`` computed earlier (saves hashing the weights).
 
     Example::
 
@@ -185,11 +203,7 @@ def module_state_key(module: nn.Module, device_type: str = "cpu", extra: bytes =
         >>> before == module_state_key(net), before == module_state_key(net.eval())
         (False, False)
     """
-    h = hashlib.blake2b(_FORMAT + extra, digest_size=KEY_BYTES)
-    tensors = dict(module.named_parameters(remove_duplicate=False))
-    tensors.update(module.named_buffers(remove_duplicate=False))  # non-persistent buffers count too
-    for key, fp in fingerprint(tensors).items():
-        h.update(f"{key}|{fp.digest}|{fp.dtype}|{fp.shape}\n".encode())
+    h = hashlib.blake2b(tensors if tensors is not None else tensor_digest(module), digest_size=KEY_BYTES)
     for name, sub in module.named_modules():
         cls = type(sub)
         h.update(f"{name}|{cls.__module__}.{cls.__qualname__}|{sub.extra_repr()}|{sub.training}\n".encode())
@@ -197,7 +211,7 @@ def module_state_key(module: nn.Module, device_type: str = "cpu", extra: bytes =
     return h.digest()
 
 
-def uncacheable_reasons(module: nn.Module, prefix: str = "") -> list[str]:
+def uncacheable_reasons(module: nn.Module, prefix: str = "", check_grad: bool = True) -> list[str]:
     """Why ``module``'s output may change between two calls on the same input (empty: cacheable).
 
     Checks that no parameter requires grad (it would be trained, and its output would need a
@@ -205,23 +219,36 @@ def uncacheable_reasons(module: nn.Module, prefix: str = "") -> list[str]:
     running-statistics norm layers, dropout, ``DropPath``/``StochasticDepth``/``DropBlock``,
     ``nn.MultiheadAttention`` with dropout. A custom layer that branches on ``self.training`` is
     not detected: put the module in eval mode (or freeze it with ``FreezeBackbone``) to be safe.
+
+    Args:
+        module: the module.
+        prefix: its name, used in the messages.
+        check_grad: also refuse parameters that require grad (``False`` under ``torch.no_grad()``,
+            where a trainable module is as constant as a frozen one).
     """
     name = prefix or type(module).__name__
     reasons = []
-    trainable = [n for n, p in module.named_parameters(prefix=prefix) if p.requires_grad]
+    trainable = (
+        [n for n, p in module.named_parameters(prefix=prefix) if p.requires_grad] if check_grad else []
+    )
     if trainable:
         shown = ", ".join(trainable[:3]) + (", ..." if len(trainable) > 3 else "")
         reasons.append(f"{name} is trainable ({len(trainable)} parameter(s) require grad: {shown})")
-    in_train = [n for n, m in find_running_stat_norms(module, prefix=prefix).items() if m.training]
-    in_train += [n for n, m in find_dropout_layers(module, prefix=prefix).items() if m.training and m.p > 0]
+    norms = find_running_stat_norms(module, prefix=prefix)
+    dropouts = find_dropout_layers(module, prefix=prefix)
+    in_train = []
     for n, m in module.named_modules(prefix=prefix):
         if not m.training:
             continue
-        if type(m).__name__ in _STOCHASTIC_LAYER_NAMES and (
-            float(getattr(m, "drop_prob", getattr(m, "p", 1.0)) or 0.0) > 0
+        if (
+            n in norms
+            or (n in dropouts and m.p > 0)
+            or (isinstance(m, nn.MultiheadAttention) and m.dropout > 0)
+            or (
+                type(m).__name__ in _STOCHASTIC_LAYER_NAMES
+                and float(getattr(m, "drop_prob", getattr(m, "p", 1.0)) or 0.0) > 0
+            )
         ):
-            in_train.append(n)
-        elif isinstance(m, nn.MultiheadAttention) and m.dropout > 0:
             in_train.append(n)
     if in_train:
         shown = ", ".join(n or name for n in in_train[:3]) + (", ..." if len(in_train) > 3 else "")
@@ -547,6 +574,7 @@ class OutputCache:
             module becomes uncacheable (e.g. unfrozen); ``"disable"`` switches the cache off for
             good and calls ``on_disable`` with the reason.
         on_disable: called once with a message when the cache switches itself off.
+        name: the module's name in messages and parameter names (default: its class name).
 
     Attributes:
         stats: ``hits``, ``misses`` (samples), ``bypassed`` (calls not cacheable), ``stored``,
@@ -571,6 +599,7 @@ class OutputCache:
         device: Literal["cpu", "output"] = "cpu",
         on_uncacheable: Literal["raise", "disable"] = "raise",
         on_disable: Callable[[str], None] | None = None,
+        name: str | None = None,
     ) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(f"OutputCache caches an nn.Module, got {type(module).__name__}.")
@@ -581,12 +610,15 @@ class OutputCache:
         )
         self.on_uncacheable = check_choice("on_uncacheable", on_uncacheable, ("raise", "disable"))
         self.on_disable = on_disable
-        self.name = type(module).__name__
+        self.name = name or type(module).__name__
+        self._prefix = name or ""
         self.enabled = True
         self.lookup = True
         self.storing = True
         self.disabled_reason: str | None = None
         self._token: tuple[Any, ...] | None = None
+        self._tensor_token: tuple[Any, ...] | None = None
+        self._tensors: bytes | None = None
         self._state: bytes | None = None
         self._compute_samples = 0
         self.stats: dict[str, Any] = {}
@@ -616,8 +648,12 @@ class OutputCache:
         fwd = self.module.__dict__.get("forward")
         return isinstance(fwd, _CachedForward) and fwd.cache is self
 
-    def attach(self) -> OutputCache:
-        """Route ``module(...)`` through the cache (checks the module is cacheable first).
+    def attach(self, check: bool = True) -> OutputCache:
+        """Route ``module(...)`` through the cache.
+
+        Args:
+            check: first check that the module is cacheable now (:meth:`check`). Every call
+                checks again whenever the module changed.
 
         Raises:
             UncacheableModuleError: the module is trainable or has stochastic layers in train mode.
@@ -628,7 +664,8 @@ class OutputCache:
             raise RuntimeError(
                 f"{self.name} already has an instance-level forward (another OutputCache?): detach it first."
             )
-        self.check()
+        if check:
+            self.check()
         self.module.forward = _CachedForward(self)  # type: ignore[method-assign]
         return self
 
@@ -643,9 +680,14 @@ class OutputCache:
     def __exit__(self, *exc: object) -> None:
         self.detach()
 
-    def check(self, name: str | None = None) -> None:
-        """Raise :class:`UncacheableModuleError` if the module cannot be cached now."""
-        reasons = uncacheable_reasons(self.module, prefix=name or "")
+    def check(self, name: str | None = None, check_grad: bool = True) -> None:
+        """Raise :class:`UncacheableModuleError` if the module cannot be cached now.
+
+        Args:
+            name: the module's name for the message (default: its class name).
+            check_grad: also refuse parameters that require grad (see :func:`uncacheable_reasons`).
+        """
+        reasons = uncacheable_reasons(self.module, prefix=name or "", check_grad=check_grad)
         if reasons:
             raise UncacheableModuleError(
                 f"Cannot cache {name or self.name}: " + "; ".join(reasons) + ". Freeze it first "
@@ -656,6 +698,7 @@ class OutputCache:
     def refresh(self) -> None:
         """Recompute the module key at the next call (sees even writes through ``tensor.data``)."""
         self._token = None
+        self._tensor_token = None
 
     def disable(self, reason: str) -> None:
         """Switch the cache off for good: calls run the plain module; ``on_disable(reason)`` once."""
@@ -677,20 +720,27 @@ class OutputCache:
     def _current_state(self, device_type: str) -> bytes | None:
         module = self.module
         tensors = [*module.parameters(), *module.buffers()]
+        tensor_token = tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        grad = torch.is_grad_enabled()
         token = (
-            tuple((id(t), t.data_ptr(), t._version, t.requires_grad, t.dtype, t.device) for t in tensors),
+            tensor_token,
+            tuple(t.requires_grad for t in tensors),
+            grad,
             _modes(module),
             _context_flags(device_type),
         )
         if token != self._token:
-            reasons = uncacheable_reasons(module)
+            reasons = uncacheable_reasons(module, prefix=self._prefix, check_grad=grad)
             if reasons:
                 message = f"{self.name} is no longer cacheable: " + "; ".join(reasons)
                 if self.on_uncacheable == "raise":
                     raise UncacheableModuleError(message)
                 self.disable(message + "; the cache is off from now on")
                 return None
-            self._state = module_state_key(module, device_type)
+            if self._tensor_token != tensor_token:  # hash the weights only when a tensor changed
+                self._tensors = tensor_digest(module)
+                self._tensor_token = tensor_token
+            self._state = module_state_key(module, device_type, tensors=self._tensors)
             self._token = token
             self.store.held_bytes(self._state)  # the disk store scans what other runs stored
             self.stats["bytes"] = self.store.bytes
