@@ -83,7 +83,8 @@ class FeatureCache(Callback):
     Attributes:
         stats: ``hits``, ``misses`` (samples), ``bytes`` (held by the store), ``hit_rate``,
             ``time_saved_s`` (estimate: hits x mean compute time per missed sample) and more, summed
-            over the modules, for this process and this fit; per module under ``"modules"``.
+            over the modules, for this process since the start of the latest fit (``validate``/
+            ``test``/``predict`` calls on the same model add to it); per module under ``"modules"``.
 
     Raises:
         ValueError: unknown ``store``/``device``, ``max_bytes <= 0``, ``store="disk"`` without a
@@ -148,8 +149,11 @@ class FeatureCache(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         selected = resolve_modules(pl_module, self.modules)
-        self.caches = {}
+        previous, self.caches = self.caches, {}
         for name, module in selected.items():
+            if name in previous and previous[name].module is module:  # e.g. trainer.test after fit
+                self.caches[name] = previous[name].attach(check=False)
+                continue
             cache = OutputCache(
                 module,
                 store=self.store,
@@ -160,8 +164,9 @@ class FeatureCache(Callback):
             )
             # checked at fit start: FreezeBackbone may come later in the callback list
             self.caches[name] = cache.attach(check=False)
-        self.random_inputs = False
-        self._first_epoch = None
+        if stage == "fit":
+            self.random_inputs = False
+            self._first_epoch = None
         self._update_stats()
 
     @override
