@@ -102,10 +102,12 @@ def test_shuffled_run_matches_the_uncached_run_closely() -> None:
 
 
 def test_refuses_a_trainable_or_train_mode_module_at_fit_start() -> None:
+    model = TinyNet()
     with pytest.raises(
         UncacheableModuleError, match=r"cannot cache backbone: backbone is trainable \(8 param"
     ):
-        fit([FeatureCache("backbone")], epochs=1)
+        fit([FeatureCache("backbone")], epochs=1, model=model)
+    assert "forward" not in model.backbone.__dict__  # the model is left as it was
     with pytest.raises(
         UncacheableModuleError,
         match=r"backbone has 2 norm/dropout layer\(s\) in train mode \(backbone.1, backbone.5\)",
@@ -196,6 +198,16 @@ def test_validate_test_predict_use_the_cache_and_plain_inference_is_unaffected()
     model.eval()
     with torch.no_grad():
         assert torch.equal(predictions, model(make_data(N_VAL, 1).tensors[0]))
+
+
+def test_budget_full_is_reported_and_stored_samples_keep_hitting(caplog: pytest.LogCaptureFixture) -> None:
+    cache = FeatureCache("backbone", max_bytes=40 * 8 * 4)  # room for 40 of the 96 samples
+    with caplog.at_level(logging.INFO):
+        fit([FreezeBackbone("backbone"), cache], epochs=2)
+    assert cache.stats["bytes"] == 40 * 8 * 4 and cache.stats["stored"] == 40
+    assert cache.stats["hits"] == 40 and cache.stats["misses"] == 2 * (N_TRAIN + N_VAL) - 40
+    report = next(r.getMessage() for r in caplog.records if "hits (" in r.getMessage())
+    assert f"max_bytes={40 * 8 * 4} reached" in report
 
 
 def test_bad_arguments_fail_with_the_value_and_the_choices(tmp_path: Path) -> None:

@@ -133,6 +133,17 @@ def test_writes_through_data_are_seen_after_refresh() -> None:
     assert torch.equal(out, net(x))
 
 
+def test_a_trainable_module_is_cached_under_no_grad_only() -> None:
+    net = nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    cache = OutputCache(net, on_uncacheable="disable").attach(check=False)
+    with torch.no_grad():  # e.g. validation: the weights cannot change during the call
+        net(x)
+        assert torch.equal(net(x), type(net).forward(net, x))
+    assert cache.stats["hits"] == 4 and cache.enabled
+    assert net(x).requires_grad and not cache.enabled  # with grad it would cut the graph: off
+
+
 def test_refuses_trainable_and_train_mode_modules_with_a_clear_error() -> None:
     trainable = nn.Linear(3, 3)
     with pytest.raises(

@@ -294,6 +294,13 @@ class FeatureCache(Callback):
         for cache in self.caches.values():
             cache.detach()
 
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        # Lightning does not call teardown after an exception: leave the model as it was
+        self.teardown(trainer, pl_module, "fit")
+
     # ------------------------------------------------------------------------------------------
     # public helpers
     # ------------------------------------------------------------------------------------------

@@ -465,19 +465,18 @@ def _decode(data: bytes, state: bytes, key: bytes) -> Entry | None:
     try:
         header = json.loads(body[:header_len])
         leaves = []
-        offset = header_len
-        buffer = bytearray(body)  # writable, so the tensors own their memory
+        offset = _PREAMBLE.size + header_len
+        buffer = bytearray(data)  # torch.frombuffer needs a writable buffer
         for dtype_name, shape in header["leaves"]:
-            dtype = getattr(torch, dtype_name.removeprefix("torch."))
-            count = 1
-            for s in shape:
-                count *= s
-            size = count * torch.empty((), dtype=dtype).element_size()
-            leaf = torch.frombuffer(buffer, dtype=torch.uint8, count=size, offset=offset) if size else None
-            leaves.append(
-                leaf.view(dtype).reshape(shape) if leaf is not None else torch.empty(shape, dtype=dtype)
-            )
+            leaf = torch.empty(shape, dtype=getattr(torch, dtype_name.removeprefix("torch.")))
+            size = leaf.numel() * leaf.element_size()
+            if size:  # copied byte-wise into a fresh, aligned tensor
+                raw = torch.frombuffer(buffer, dtype=torch.uint8, count=size, offset=offset)
+                leaf.reshape(-1).view(torch.uint8).copy_(raw)
+            leaves.append(leaf)
             offset += size
+        if offset != len(data):
+            return None
         return header["structure"], leaves
     except (ValueError, KeyError, TypeError, AttributeError, RuntimeError):
         return None
