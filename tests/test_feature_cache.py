@@ -70,6 +70,23 @@ def test_fixed_order_run_is_bitwise_the_uncached_run(uncached: dict[str, torch.T
     assert "forward" not in model.backbone.__dict__  # detached at teardown
 
 
+def test_frozen_norm_conversion_after_the_cache_is_set_up() -> None:
+    class NormBackbone(TinyNet):  # the cached module is itself a BatchNorm: norm="frozen" replaces it
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = self.backbone
+            self.backbone = torch.nn.BatchNorm1d(8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.backbone(self.stem(x)))
+
+    cache = FeatureCache("backbone")
+    model, _ = fit([cache, FreezeBackbone(["stem", "backbone"], norm="frozen")], model=NormBackbone())
+    assert type(model.backbone).__name__ == "FrozenBatchNorm"
+    assert cache.caches["backbone"].module is model.backbone
+    assert cache.stats["hits"] == 2 * N_TRAIN + 2 * N_VAL
+
+
 def test_multibranch_with_ema_is_bitwise_the_uncached_run(tmp_path: Path) -> None:
     def build() -> MultiBranchModule:
         torch.manual_seed(0)

@@ -148,22 +148,7 @@ class FeatureCache(Callback):
     # ------------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        selected = resolve_modules(pl_module, self.modules)
-        previous, self.caches = self.caches, {}
-        for name, module in selected.items():
-            if name in previous and previous[name].module is module:  # e.g. trainer.test after fit
-                self.caches[name] = previous[name].attach(check=False)
-                continue
-            cache = OutputCache(
-                module,
-                store=self.store,
-                max_bytes=self.max_bytes,
-                on_uncacheable="disable",
-                on_disable=lambda reason: rank_zero_info(f"FeatureCache: {reason}."),
-                name=name,
-            )
-            # checked at fit start: FreezeBackbone may come later in the callback list
-            self.caches[name] = cache.attach(check=False)
+        self._attach(pl_module)
         if stage == "fit":
             self.random_inputs = False
             self._first_epoch = None
@@ -171,6 +156,7 @@ class FeatureCache(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._attach(pl_module)  # a module replaced since setup (e.g. a norm layer converted) is caught
         for name, cache in self.caches.items():
             reasons = _reasons_during_training(cache.module, name)
             if reasons:
@@ -333,6 +319,28 @@ class FeatureCache(Callback):
     # ------------------------------------------------------------------------------------------
     # internals
     # ------------------------------------------------------------------------------------------
+    def _attach(self, pl_module: pl.LightningModule) -> None:
+        """One attached OutputCache per selected module (kept while the module object is the same)."""
+        selected = resolve_modules(pl_module, self.modules)
+        previous, self.caches = self.caches, {}
+        for name, module in selected.items():
+            cache = previous.pop(name, None)
+            if cache is None or cache.module is not module:
+                if cache is not None:
+                    cache.detach()
+                cache = OutputCache(
+                    module,
+                    store=self.store,
+                    max_bytes=self.max_bytes,
+                    on_uncacheable="disable",
+                    on_disable=lambda reason: rank_zero_info(f"FeatureCache: {reason}."),
+                    name=name,
+                )
+            # checked at fit start: FreezeBackbone may come later in the callback list
+            self.caches[name] = cache if cache.attached else cache.attach(check=False)
+        for cache in previous.values():
+            cache.detach()
+
     def _lookup_on(self) -> None:
         for cache in self.caches.values():
             cache.lookup = True
