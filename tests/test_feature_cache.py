@@ -12,7 +12,7 @@ import torch
 from _freeze_utils import TinyNet, make_data
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_freeze import FeatureCache, FreezeBackbone, FrozenSafeEMA, MultiBranchModule
+from lightning_freeze import FeatureCache, FreezeBackbone, FrozenSafeEMA, FrozenStateError, MultiBranchModule
 from lightning_freeze.core import ModuleSelectionError
 from lightning_freeze.core.feature_cache import UncacheableModuleError
 
@@ -85,6 +85,23 @@ def test_frozen_norm_conversion_after_the_cache_is_set_up() -> None:
     assert type(model.backbone).__name__ == "FrozenBatchNorm"
     assert cache.caches["backbone"].module is model.backbone
     assert cache.stats["hits"] == 2 * N_TRAIN + 2 * N_VAL
+
+
+class WriteThroughData(L.Callback):
+    """Changes a frozen weight through ``.data`` (no version-counter bump) at the start of epoch 1."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == 1:
+            pl_module.backbone[0].weight.data.mul_(2)
+
+
+def test_writes_through_data_never_serve_stale_features() -> None:
+    cache = FeatureCache("backbone")  # FreezeBackbone does not verify: the cache re-hashes each epoch
+    fit([cache, FreezeBackbone("backbone", verify="off"), WriteThroughData()], epochs=2)
+    assert cache.stats["hits"] == 0 and cache.stats["misses"] == 2 * (N_TRAIN + N_VAL)
+    # with verify="raise", FreezeBackbone fails the run at the end of that epoch instead
+    with pytest.raises(FrozenStateError, match=r"backbone\.0\.weight"):
+        fit([FeatureCache("backbone"), FreezeBackbone("backbone"), WriteThroughData()], epochs=2)
 
 
 def test_multibranch_with_ema_is_bitwise_the_uncached_run(tmp_path: Path) -> None:

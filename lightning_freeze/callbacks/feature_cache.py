@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
+from lightning_freeze.callbacks.freeze_backbone import FreezeBackbone
 from lightning_freeze.core.feature_cache import (
     MEMORY_DEVICES,
     STORES,
@@ -178,8 +179,11 @@ class FeatureCache(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._first_epoch is None:
             self._first_epoch = trainer.current_epoch
+        verified = _verified_by_freeze_backbone(trainer)
         for name, cache in self.caches.items():
-            cache.refresh()  # once per epoch, also see writes that bypass version counters
+            if not any(name == v or name.startswith(v + ".") for v in verified):
+                # once per epoch, also see writes that bypass version counters (tensor.data)
+                cache.refresh()
             self._epoch_start[name] = cache.stats["hits"] + cache.stats["misses"]
         self._epoch_hits = {name: 0 for name in self.caches}
         self._epoch_lookups = {name: 0 for name in self.caches}
@@ -386,6 +390,23 @@ class FeatureCache(Callback):
             "random_inputs": self.random_inputs,
             "modules": per_module,
         }
+
+
+def _verified_by_freeze_backbone(trainer: pl.Trainer) -> list[str]:
+    """Modules whose tensors a FreezeBackbone(verify="raise") fingerprints at every epoch end.
+
+    Any change to them fails the run at that epoch's end, so re-hashing them at every epoch start
+    (to catch writes through ``tensor.data``) would only repeat that work.
+    """
+    names: list[str] = []
+    for callback in trainer.callbacks:
+        if (
+            isinstance(callback, FreezeBackbone)
+            and callback.verify == "raise"
+            and callback.frozen is not None
+        ):
+            names += callback._still_frozen_names()
+    return names
 
 
 def _reasons_during_training(module: nn.Module, name: str) -> list[str]:
