@@ -136,8 +136,10 @@ class FeatureCache(Callback):
         self.stats: dict[str, Any] = {}
         self.random_inputs = False
         self._first_epoch: int | None = None
-        self._epoch_start: dict[str, int] = {}
-        self._batch_start: dict[str, int] = {}
+        # training samples looked up / hit in the current epoch, per module (augmentation detection)
+        self._epoch_hits: dict[str, int] = {}
+        self._epoch_lookups: dict[str, int] = {}
+        self._batch_start: dict[str, tuple[int, int]] = {}
 
     @property
     @override
@@ -184,7 +186,6 @@ class FeatureCache(Callback):
             if not any(name == v or name.startswith(v + ".") for v in verified):
                 # once per epoch, also see writes that bypass version counters (tensor.data)
                 cache.refresh()
-            self._epoch_start[name] = cache.stats["hits"] + cache.stats["misses"]
         self._epoch_hits = {name: 0 for name in self.caches}
         self._epoch_lookups = {name: 0 for name in self.caches}
 
@@ -192,6 +193,8 @@ class FeatureCache(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if self._first_epoch is None:  # resumed into an epoch whose start hook Lightning skipped
+            self._first_epoch = trainer.current_epoch
         for name, cache in self.caches.items():
             cache.lookup = not self.random_inputs
             self._batch_start[name] = (cache.stats["hits"], cache.stats["misses"])
@@ -200,17 +203,20 @@ class FeatureCache(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.random_inputs or not hasattr(self, "_epoch_hits"):
+        if self.random_inputs:
             return
         for name, cache in self.caches.items():
             hits0, misses0 = self._batch_start.get(name, (0, 0))
-            self._epoch_hits[name] += cache.stats["hits"] - hits0
-            self._epoch_lookups[name] += cache.stats["hits"] - hits0 + cache.stats["misses"] - misses0
+            hits = cache.stats["hits"] - hits0
+            self._epoch_hits[name] = self._epoch_hits.get(name, 0) + hits
+            self._epoch_lookups[name] = (
+                self._epoch_lookups.get(name, 0) + hits + cache.stats["misses"] - misses0
+            )
         if trainer.current_epoch == self._first_epoch:
             return
         for name, cache in self.caches.items():
             lookups = self._epoch_lookups[name]
-            if cache.enabled and self._epoch_hits[name] == 0 and lookups >= _RANDOM_INPUT_SAMPLES:
+            if _never_hits(cache, self._epoch_hits[name], lookups) and lookups >= _RANDOM_INPUT_SAMPLES:
                 self._stop_caching_training(name, lookups, trainer.current_epoch)
                 break
 
@@ -223,7 +229,7 @@ class FeatureCache(Callback):
         ):
             for name, cache in self.caches.items():
                 lookups = self._epoch_lookups.get(name, 0)
-                if cache.enabled and lookups and self._epoch_hits.get(name, 0) == 0:
+                if lookups and _never_hits(cache, self._epoch_hits.get(name, 0), lookups):
                     self._stop_caching_training(name, lookups, trainer.current_epoch)
                     break
         self._update_stats()
@@ -390,6 +396,11 @@ class FeatureCache(Callback):
             "random_inputs": self.random_inputs,
             "modules": per_module,
         }
+
+
+def _never_hits(cache: OutputCache, hits: int, lookups: int) -> bool:
+    """No hit in ``lookups`` samples, although the cache was on and admitting entries."""
+    return cache.enabled and hits == 0 and lookups > 0 and not cache.stats["full"]
 
 
 def _verified_by_freeze_backbone(trainer: pl.Trainer) -> list[str]:
