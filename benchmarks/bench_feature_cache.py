@@ -151,7 +151,9 @@ def miss_overhead(args: argparse.Namespace, repeats: int = 15) -> dict[str, floa
     """First-epoch overhead, isolated: one batch through the frozen trunk, plain vs all-miss cached.
 
     Interleaved (plain, cached, plain, ...) in one process, medians: a loaded machine slows both.
-    The cached call hashes the 32 inputs, runs the trunk, copies and stores the features.
+    The cached call hashes the inputs, runs the trunk, copies and stores the features; the module
+    key is computed before the first timed call (once per fit in a real run, about as long as
+    FreezeBackbone's fingerprint check).
     """
     from lightning_freeze.core import OutputCache, freeze
 
@@ -159,25 +161,26 @@ def miss_overhead(args: argparse.Namespace, repeats: int = 15) -> dict[str, floa
     freeze(model, "backbone")
     trunk = model.backbone
     x = torch.randn(args.batch_size, 3, args.size, args.size)
-    plain, cached = [], []
+    plain, cached, hits = [], [], []
+    cache = OutputCache(trunk)
     with torch.no_grad():
         trunk(x)  # warm-up
+        with cache:
+            trunk(x)  # computes the module key (once per fit in a real run)
         for _ in range(repeats):
             t0 = time.perf_counter()
             trunk(x)
             plain.append(time.perf_counter() - t0)
-            with OutputCache(trunk):  # a fresh store: every sample misses
+            with cache:
+                cache.store.clear()  # every sample misses (the module key is computed once, as in a fit)
                 t0 = time.perf_counter()
                 trunk(x)
                 cached.append(time.perf_counter() - t0)
-            hit_cache = OutputCache(trunk).attach()
-            trunk(x)
-            t0 = time.perf_counter()
-            trunk(x)  # every sample hits
-            hit = time.perf_counter() - t0
-            hit_cache.detach()
+                t0 = time.perf_counter()
+                trunk(x)  # every sample hits
+                hits.append(time.perf_counter() - t0)
     p, c = statistics.median(plain), statistics.median(cached)
-    return {"plain_s": p, "miss_s": c, "overhead": c / p - 1, "hit_s": hit}
+    return {"plain_s": p, "miss_s": c, "overhead": c / p - 1, "hit_s": statistics.median(hits)}
 
 
 def _median(runs: list[dict[str, Any]], epoch: int) -> float:

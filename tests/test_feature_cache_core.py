@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import multiprocessing
+import multiprocessing.queues
 import pickle
 from pathlib import Path
 
@@ -259,6 +260,27 @@ def test_sample_keys_depend_on_bits_dtype_and_shape() -> None:
     assert keys[0] != sample_keys([torch.zeros(1, 2, 2)])[0]
     assert keys[0] != sample_keys([torch.zeros(1, 4, dtype=torch.float16)])[0]
     assert len(keys[0]) == 16
+
+
+def _keys_in_child(x: torch.Tensor, queue: multiprocessing.queues.Queue) -> None:
+    queue.put(sample_keys([x]))
+
+
+def test_large_batches_are_hashed_on_threads_with_the_same_keys_also_after_fork() -> None:
+    x = torch.randn(8, 3, 128, 128)  # 1.5 MiB: hashed on torch's intra-op threads
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        parallel = sample_keys([x])
+        context = multiprocessing.get_context("fork")
+        queue = context.Queue()
+        child = context.Process(target=_keys_in_child, args=(x, queue))
+        child.start()
+        in_child = queue.get(timeout=60)  # a pool inherited from the parent would hang here
+        child.join(timeout=60)
+    finally:
+        torch.set_num_threads(threads)
+    assert parallel == [sample_keys([x[i : i + 1]])[0] for i in range(8)] == in_child
 
 
 def test_bad_arguments_name_the_value_and_the_choices(tmp_path: Path) -> None:

@@ -50,6 +50,7 @@ import struct
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -137,13 +138,30 @@ def sample_keys(tensors: Sequence[torch.Tensor], context: bytes = b"") -> list[b
         prefix.update(f"{t.dtype}|{tuple(t.shape[1:])}|".encode())
         raw = _host_bytes(t)
         views.append((raw, len(raw) // batch if batch else 0))
-    keys = []
-    for i in range(batch):
+
+    def key(i: int) -> bytes:
         h = prefix.copy()
         for raw, row in views:
             h.update(raw[i * row : (i + 1) * row])
-        keys.append(h.digest())
-    return keys
+        return h.digest()
+
+    workers = min(torch.get_num_threads(), batch)
+    if workers > 1 and sum(len(raw) for raw, _ in views) >= _PARALLEL_HASH_BYTES:
+        # hashlib releases the GIL on large buffers: hash the samples on torch's intra-op threads
+        return list(_hash_pool(workers).map(key, range(batch)))
+    return [key(i) for i in range(batch)]
+
+
+_PARALLEL_HASH_BYTES = 1 << 20
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+
+
+def _hash_pool(workers: int) -> ThreadPoolExecutor:
+    # keyed by process id too: a forked child (DataLoader worker, multiprocessing) has no threads
+    key = (os.getpid(), workers)
+    if key not in _POOLS:
+        _POOLS[key] = ThreadPoolExecutor(workers, thread_name_prefix="lightning_freeze_hash")
+    return _POOLS[key]
 
 
 def _modes(module: nn.Module) -> tuple[bool, ...]:
