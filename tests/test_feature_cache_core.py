@@ -274,7 +274,7 @@ def test_large_batches_are_hashed_on_threads_with_the_same_keys_also_after_fork(
         parallel = sample_keys([x])
         context = multiprocessing.get_context("fork")
         queue = context.Queue()
-        child = context.Process(target=_keys_in_child, args=(x, queue))
+        child = context.Process(target=_keys_in_child, args=(x, queue), daemon=True)
         child.start()
         in_child = queue.get(timeout=60)  # a pool inherited from the parent would hang here
         child.join(timeout=60)
