@@ -16,6 +16,7 @@ __version__ = "0.1.0.dev0"
 
 # public name -> module that defines it
 _LAZY = {
+    "FeatureCache": "lightning_freeze.callbacks.feature_cache",
     "FreezeBackbone": "lightning_freeze.callbacks.freeze_backbone",
     "FrozenSafeEMA": "lightning_freeze.callbacks.frozen_safe_ema",
     "FrozenStateError": "lightning_freeze.core.errors",
@@ -25,6 +26,7 @@ _LAZY = {
 
 # the same names as _LAZY, plus __version__ (tests/test_packaging.py checks this)
 __all__ = [
+    "FeatureCache",
     "FreezeBackbone",
     "FrozenSafeEMA",
     "FrozenStateError",
@@ -34,6 +36,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from lightning_freeze.callbacks.feature_cache import FeatureCache
     from lightning_freeze.callbacks.freeze_backbone import FreezeBackbone
     from lightning_freeze.callbacks.frozen_safe_ema import FrozenSafeEMA, load_ema_weights
     from lightning_freeze.core.errors import FrozenStateError

@@ -2,6 +2,7 @@
 
 from lightning_freeze.core.ema import TrainableEMA, effective_decay, trainable_tensors
 from lightning_freeze.core.errors import FrozenStateError, ModuleSelectionError
+from lightning_freeze.core.feature_cache import OutputCache, UncacheableModuleError
 from lightning_freeze.core.fingerprint import (
     FingerprintDiff,
     TensorFingerprint,
@@ -29,8 +30,10 @@ __all__ = [
     "FrozenModules",
     "FrozenStateError",
     "ModuleSelectionError",
+    "OutputCache",
     "TensorFingerprint",
     "TrainableEMA",
+    "UncacheableModuleError",
     "convert_from_frozen_norm",
     "convert_to_frozen_norm",
     "diff_fingerprints",

@@ -1,0 +1,289 @@
+"""FeatureCache speed-up on a frozen torchvision ResNet-18 + linear head, measured side by side.
+
+Rows, each a full Lightning fit of ``--epochs`` epochs on the same in-memory samples:
+
+* ``uncached``: FreezeBackbone only (the backbone runs every epoch);
+* ``cached (memory)``: FreezeBackbone + FeatureCache(store="memory");
+* ``precomputed``: the hand-written alternative: features computed once in a plain loop, then the
+  head trained on a TensorDataset of (feature, target) pairs (its "epoch 1" includes the
+  precompute);
+* ``disk, 2nd process``: FeatureCache(store="disk") in a fresh process after a first process
+  filled the directory (every sample hits from its first epoch).
+
+Uncached and cached runs are interleaved (U, C, U, C, ...) so that a shared, loaded machine slows
+both alike; the medians per epoch are reported with the load average.
+
+Run by hand:  python benchmarks/bench_feature_cache.py [--size 128] [--samples 256] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_freeze import FeatureCache, FreezeBackbone
+
+FEATURES = 512  # ResNet-18 without its fc
+
+
+class Classifier(L.LightningModule):
+    """Frozen ResNet-18 trunk (fc removed) + a trainable linear head."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = torchvision.models.resnet18(weights=None)
+        self.backbone.fc = nn.Identity()
+        self.head = nn.Linear(FEATURES, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.01)
+
+
+class HeadOnly(L.LightningModule):
+    """The head alone, trained on precomputed features."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.head(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.head.parameters(), lr=0.01)
+
+
+class EpochTimer(L.Callback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.times.append(time.perf_counter() - self._t0)
+
+
+def dataset(samples: int, size: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(
+        torch.randn(samples, 3, size, size, generator=g), torch.randint(0, 10, (samples,), generator=g)
+    )
+
+
+def _trainer(epochs: int, callbacks: list[Any]) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+
+
+def run(mode: str, args: argparse.Namespace, directory: str | None = None) -> dict[str, Any]:
+    """One fit; returns per-epoch seconds and the cache's stats."""
+    data = dataset(args.samples, args.size)
+    timer = EpochTimer()
+    callbacks: list[Any] = [FreezeBackbone("backbone"), timer]
+    cache = None
+    if mode == "cached":
+        cache = FeatureCache("backbone", store="memory")
+    elif mode == "disk":
+        cache = FeatureCache("backbone", store="disk", directory=directory)
+    if cache is not None:
+        callbacks.append(cache)
+    model = Classifier()
+    _trainer(args.epochs, callbacks).fit(model, DataLoader(data, batch_size=args.batch_size, shuffle=True))
+    return {
+        "epochs": timer.times,
+        "stats": {k: v for k, v in (cache.stats if cache else {}).items() if k != "modules"},
+    }
+
+
+def precomputed(args: argparse.Namespace) -> dict[str, Any]:
+    """The hand-written script: features once (no_grad, eval), then the head on a TensorDataset."""
+    data = dataset(args.samples, args.size)
+    model = Classifier().eval()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        feats = torch.cat([model.backbone(x) for x, _ in DataLoader(data, batch_size=args.batch_size)])
+    precompute = time.perf_counter() - t0
+    timer = EpochTimer()
+    _trainer(args.epochs, [timer]).fit(
+        HeadOnly(model.head),
+        DataLoader(TensorDataset(feats, data.tensors[1]), batch_size=args.batch_size, shuffle=True),
+    )
+    times = list(timer.times)
+    times[0] += precompute
+    return {"epochs": times, "stats": {"bytes": feats.numel() * feats.element_size()}}
+
+
+def miss_overhead(args: argparse.Namespace, repeats: int = 15) -> dict[str, float]:
+    """First-epoch overhead, isolated: one batch through the frozen trunk, plain vs all-miss cached.
+
+    Interleaved (plain, cached, plain, ...) in one process, medians: a loaded machine slows both.
+    The cached call hashes the inputs, runs the trunk, copies and stores the features; the module
+    key is computed before the first timed call (once per fit in a real run, about as long as
+    FreezeBackbone's fingerprint check).
+    """
+    from lightning_freeze.core import OutputCache, freeze
+
+    model = Classifier()
+    freeze(model, "backbone")
+    trunk = model.backbone
+    x = torch.randn(args.batch_size, 3, args.size, args.size)
+    plain, cached, hits = [], [], []
+    cache = OutputCache(trunk)
+    with torch.no_grad():
+        trunk(x)  # warm-up
+        with cache:
+            trunk(x)  # computes the module key (once per fit in a real run)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            trunk(x)
+            plain.append(time.perf_counter() - t0)
+            with cache:
+                cache.store.clear()  # every sample misses (the module key is computed once, as in a fit)
+                t0 = time.perf_counter()
+                trunk(x)
+                cached.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                trunk(x)  # every sample hits
+                hits.append(time.perf_counter() - t0)
+    p, c = statistics.median(plain), statistics.median(cached)
+    return {"plain_s": p, "miss_s": c, "overhead": c / p - 1, "hit_s": statistics.median(hits)}
+
+
+def _median(runs: list[dict[str, Any]], epoch: int) -> float:
+    return statistics.median(r["epochs"][epoch] for r in runs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=128, help="image side in pixels")
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved uncached/cached pairs")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--worker", choices=["disk"], help=argparse.SUPPRESS)
+    parser.add_argument("--directory", help=argparse.SUPPRESS)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--overhead-only", action="store_true", help="only the isolated miss-path overhead")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    L.seed_everything(0, verbose=False)
+
+    if args.worker == "disk":  # the second process of the disk row
+        print(json.dumps(run("disk", args, args.directory)))
+        return
+
+    overhead = miss_overhead(args)
+    print(
+        f"isolated miss path, batch {args.batch_size} at {args.size} px: plain trunk "
+        f"{1000 * overhead['plain_s']:.0f} ms, cached (all miss) {1000 * overhead['miss_s']:.0f} ms: "
+        f"{100 * overhead['overhead']:+.1f}% (medians of 15 interleaved); all hit "
+        f"{1000 * overhead['hit_s']:.0f} ms; load average {os.getloadavg()[0]:.1f}"
+    )
+    if args.overhead_only:
+        return
+    load_before = os.getloadavg()
+    runs: dict[str, list[dict[str, Any]]] = {"uncached": [], "cached (memory)": []}
+    for _ in range(args.repeats):
+        runs["uncached"].append(run("uncached", args))
+        runs["cached (memory)"].append(run("cached", args))
+    runs["precomputed (hand-written)"] = [precomputed(args)]
+    with tempfile.TemporaryDirectory() as directory:
+        runs["disk, 1st process"] = [run("disk", args, directory)]
+        command = [sys.executable, __file__, "--worker", "disk", "--directory", directory]
+        command += [
+            f"--{k.replace('_', '-')}={getattr(args, k)}"
+            for k in ("size", "samples", "batch_size", "epochs", "threads")
+        ]
+        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        runs["disk, 2nd process"] = [json.loads(out.strip().splitlines()[-1])]
+    load_after = os.getloadavg()
+
+    base = [_median(runs["uncached"], e) for e in range(args.epochs)]
+    print(
+        f"\nResNet-18 (weights=None, frozen) + linear head, {args.samples} samples of "
+        f"3x{args.size}x{args.size}, "
+        f"batch {args.batch_size}, {args.epochs} epochs, CPU {platform.processor() or platform.machine()}, "
+        f"{args.threads} threads, torch {torch.__version__}; load average "
+        f"{load_before[0]:.1f} before, {load_after[0]:.1f} after (1 min); "
+        f"medians of {args.repeats} interleaved runs\n"
+    )
+    header = "| run | " + " | ".join(f"epoch {e + 1} (s)" for e in range(args.epochs))
+    header += " | later epochs vs uncached | hit rate | cache bytes |"
+    print(header)
+    print("|" + "---|" * (args.epochs + 4))
+    results = {}
+    for name, rs in runs.items():
+        per_epoch = [_median(rs, e) for e in range(args.epochs)]
+        later = (
+            statistics.mean(base[1:]) / statistics.mean(per_epoch[1:]) if args.epochs > 1 else float("nan")
+        )
+        stats = rs[-1]["stats"]
+        lookups = stats.get("hits", 0) + stats.get("misses", 0)
+        rate = f"{100 * stats['hits'] / lookups:.1f}%" if lookups else "-"
+        print(
+            f"| {name} | "
+            + " | ".join(f"{t:.2f}" for t in per_epoch)
+            + f" | {later:.1f}x | {rate} | {stats.get('bytes', 0):,} |"
+        )
+        results[name] = {"per_epoch_s": per_epoch, "stats": stats, "all": [r["epochs"] for r in rs]}
+    cached = results["cached (memory)"]["per_epoch_s"]
+    print(
+        f"\nfirst-epoch overhead of the cache: {100 * (cached[0] / base[0] - 1):+.1f}% "
+        f"(uncached epoch 1 runs: {[round(r['epochs'][0], 2) for r in runs['uncached']]}, "
+        f"cached: {[round(r['epochs'][0], 2) for r in runs['cached (memory)']]})"
+    )
+    print(
+        f"memory cache bytes {results['cached (memory)']['stats']['bytes']:,} = samples x feature bytes "
+        f"{args.samples} x {FEATURES * 4} = {args.samples * FEATURES * 4:,}"
+    )
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "args": vars(args) | {"json": str(args.json)},
+                    "load": [load_before, load_after],
+                    "miss_overhead": overhead,
+                    "results": results,
+                },
+                indent=2,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

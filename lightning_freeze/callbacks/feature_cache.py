@@ -1,0 +1,442 @@
+"""FeatureCache: compute a frozen module once per sample; later epochs train only what follows it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from typing_extensions import override
+
+from lightning_freeze.callbacks.freeze_backbone import FreezeBackbone
+from lightning_freeze.core.feature_cache import (
+    MEMORY_DEVICES,
+    STORES,
+    DiskStore,
+    MemoryStore,
+    OutputCache,
+    UncacheableModuleError,
+    check_max_bytes,
+    make_store,
+    uncacheable_reasons,
+)
+from lightning_freeze.core.freeze import check_choice
+from lightning_freeze.core.norm import is_pinned
+from lightning_freeze.core.selection import resolve_modules
+
+__all__ = ["FeatureCache"]
+
+# random-augmentation detection: after the first epoch of a fit, this many training samples with
+# not a single hit (or a whole epoch) mean the inputs never repeat
+_RANDOM_INPUT_SAMPLES = 64
+
+
+class FeatureCache(Callback):
+    r"""Cache the outputs of frozen submodules: each sample's features are computed once, then reused.
+
+    From stage 2 on, the backbone is frozen and bitwise constant, yet every epoch recomputes its
+    forward pass, most of a training step. With this callback the first epoch computes and stores
+    the output of each named module per sample; later epochs (and validation/test/predict) serve
+    it from the store, so only what follows the module (the branches) runs.
+
+    **Exact.** An entry is keyed by the sample's input bits (BLAKE2b-128 of the raw bytes, dtype
+    and shape) *and* the module's key (BLAKE2b-128 over the bits of every parameter and buffer,
+    the mode of every submodule, device type, autocast state/dtype, matmul/cuDNN flags and the
+    torch version): another checkpoint, a changed buffer, another mode or precision never hits.
+    A served output is bitwise what the module produced for that sample; with a fixed batch
+    order (``shuffle=False``) a run ends with bitwise the same weights as without the cache.
+    With shuffling a sample may be served from another batch composition than it would be computed
+    in now, so results match an uncached run closely (batched kernels can differ in the last bit).
+    See :mod:`lightning_freeze.core.feature_cache` for the collision bound.
+
+    **Refuses what it cannot cache.** At fit start, a module with a parameter that requires grad,
+    or with a norm/dropout layer that will run in train mode (``FreezeBackbone(norm="train")`` or
+    ``dropout="train"``), raises :class:`~lightning_freeze.core.feature_cache.UncacheableModuleError`.
+    Freeze the module with :class:`~lightning_freeze.FreezeBackbone` (any callback order).
+    When ``FreezeBackbone(unfreeze_at_epoch=...)`` unfreezes it, the cache switches itself off
+    (one info line). When the inputs never repeat (random augmentation before the module: no hit
+    in the first ``64`` training samples after the first epoch), training batches stop being cached
+    (one info line); use deterministic transforms for cached stages, or augment in feature space
+    after the frozen module.
+
+    The module's forward is replaced on the instance during ``fit``/``validate``/``test``/
+    ``predict`` only and restored at teardown: ``state_dict`` keys, checkpoints and inference outside
+    the Trainer are unchanged. Nothing of the cache goes into checkpoints.
+
+    Args:
+        modules: dotted name(s) of the frozen submodules whose outputs are cached (``fnmatch``
+            patterns allowed). Default ``"backbone"``.
+        store: ``"memory"`` (default): host RAM (or device memory with ``device="output"``),
+            kept by this callback across ``fit``/``test`` calls (free it with :meth:`clear`);
+            ``"disk"``: one checksummed file per sample under ``directory``, reused by later runs,
+            resumed runs and parallel jobs (atomic writes; corrupt or foreign files are rebuilt).
+            Under DDP use ``"disk"``: every rank then hits the samples the other ranks computed.
+        directory: cache folder, required for ``store="disk"`` (created if missing).
+        max_bytes: optional budget in bytes; when full, no new entries are admitted (stored ones
+            keep hitting, the others are computed every epoch) and the fit-end report says so.
+        device: memory store only: ``"cpu"`` (default) or ``"output"`` (where the module computed,
+            e.g. GPU memory: no host transfer on a hit).
+
+    Attributes:
+        stats: ``hits``, ``misses`` (samples), ``bytes`` (held by the store), ``hit_rate``,
+            ``time_saved_s`` (estimate: hits x mean compute time per missed sample) and more, summed
+            over the modules, for this process since the start of the latest fit (``validate``/
+            ``test``/``predict`` calls on the same model add to it); per module under ``"modules"``.
+
+    Raises:
+        ValueError: unknown ``store``/``device``, ``max_bytes <= 0``, ``store="disk"`` without a
+            writable ``directory``, or invalid ``modules``.
+        ModuleSelectionError: (at setup) a module name that is not a submodule.
+        UncacheableModuleError: (at fit start) a module that is trainable or random in train mode.
+
+    Example::
+
+        import lightning as L
+        from lightning_freeze import FeatureCache, FreezeBackbone
+
+        trainer = L.Trainer(
+            max_epochs=10,
+            callbacks=[
+                FreezeBackbone("backbone"),
+                FeatureCache("backbone", store="disk", directory="cache/"),
+            ],
+        )
+        trainer.fit(model)  # epoch 1 computes the backbone once per sample, epochs 2-10 reuse it
+        print(trainer.callbacks[-1].stats)  # {"hits": ..., "misses": ..., "bytes": ..., ...}
+    """
+
+    def __init__(
+        self,
+        modules: str | Sequence[str] = "backbone",
+        store: Literal["memory", "disk"] = "memory",
+        directory: str | os.PathLike[str] | None = None,
+        max_bytes: int | None = None,
+        device: Literal["cpu", "output"] = "cpu",
+    ) -> None:
+        super().__init__()
+        names = (
+            [modules] if isinstance(modules, str) else list(modules) if isinstance(modules, Sequence) else []
+        )
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(
+                f"Invalid modules={modules!r}; valid choices: a dotted submodule name or fnmatch pattern "
+                "(e.g. 'backbone'), or a non-empty list of them."
+            )
+        self.modules = names
+        self.store_kind = check_choice("store", store, STORES)
+        self.device = check_choice("device", device, MEMORY_DEVICES)
+        self.max_bytes = check_max_bytes(max_bytes)
+        self.directory = directory
+        self.store: MemoryStore | DiskStore = make_store(store, directory, device)
+        self.caches: dict[str, OutputCache] = {}
+        self.stats: dict[str, Any] = {}
+        self.random_inputs = False
+        self._first_epoch: int | None = None
+        # training samples looked up / hit in the current epoch, per module (augmentation detection)
+        self._epoch_hits: dict[str, int] = {}
+        self._epoch_lookups: dict[str, int] = {}
+        self._batch_start: dict[str, tuple[int, int]] = {}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(modules=self.modules)
+
+    # ------------------------------------------------------------------------------------------
+    # Lightning hooks
+    # ------------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._attach(pl_module)
+        if stage == "fit":
+            self.random_inputs = False
+            self._first_epoch = None
+        self._update_stats()
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._attach(pl_module)  # a module replaced since setup (e.g. a norm layer converted) is caught
+        for name, cache in self.caches.items():
+            reasons = _reasons_during_training(cache.module, name)
+            if reasons:
+                raise UncacheableModuleError(
+                    f"FeatureCache cannot cache {name}: " + "; ".join(reasons) + ". Freeze it with "
+                    "FreezeBackbone (norm='eval' or 'frozen', dropout='eval'; any callback order), or "
+                    f"remove {name!r} from FeatureCache(modules=...)."
+                )
+            cache.reset_stats()
+        if trainer.world_size > 1 and isinstance(self.store, MemoryStore):
+            rank_zero_info(
+                "FeatureCache: store='memory' under multi-process training keeps one cache per rank; "
+                "the sampler gives each rank other samples every epoch, so later epochs hit less often. "
+                "store='disk' with a shared directory lets every rank hit what the others computed."
+            )
+        self._update_stats()
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._first_epoch is None:
+            self._first_epoch = trainer.current_epoch
+        verified = _verified_by_freeze_backbone(trainer)
+        for name, cache in self.caches.items():
+            if not any(name == v or name.startswith(v + ".") for v in verified):
+                # once per epoch, also see writes that bypass version counters (tensor.data)
+                cache.refresh()
+        self._epoch_hits = {name: 0 for name in self.caches}
+        self._epoch_lookups = {name: 0 for name in self.caches}
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._first_epoch is None:  # resumed into an epoch whose start hook Lightning skipped
+            self._first_epoch = trainer.current_epoch
+        for name, cache in self.caches.items():
+            cache.lookup = not self.random_inputs
+            self._batch_start[name] = (cache.stats["hits"], cache.stats["misses"])
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.random_inputs:
+            return
+        for name, cache in self.caches.items():
+            hits0, misses0 = self._batch_start.get(name, (0, 0))
+            hits = cache.stats["hits"] - hits0
+            self._epoch_hits[name] = self._epoch_hits.get(name, 0) + hits
+            self._epoch_lookups[name] = (
+                self._epoch_lookups.get(name, 0) + hits + cache.stats["misses"] - misses0
+            )
+        if trainer.current_epoch == self._first_epoch:
+            return
+        for name, cache in self.caches.items():
+            lookups = self._epoch_lookups[name]
+            if _never_hits(cache, self._epoch_hits[name], lookups) and lookups >= _RANDOM_INPUT_SAMPLES:
+                self._stop_caching_training(name, lookups, trainer.current_epoch)
+                break
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (
+            not self.random_inputs
+            and self._first_epoch is not None
+            and trainer.current_epoch > self._first_epoch
+        ):
+            for name, cache in self.caches.items():
+                lookups = self._epoch_lookups.get(name, 0)
+                if lookups and _never_hits(cache, self._epoch_hits.get(name, 0), lookups):
+                    self._stop_caching_training(name, lookups, trainer.current_epoch)
+                    break
+        self._update_stats()
+
+    @override
+    def on_validation_batch_start(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._lookup_on()
+
+    @override
+    def on_test_batch_start(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._lookup_on()
+
+    @override
+    def on_predict_batch_start(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._lookup_on()
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._update_stats()
+        rank_zero_info(self.report())
+
+    @override
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._update_stats()
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._update_stats()
+
+    @override
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._update_stats()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._update_stats()
+        for cache in self.caches.values():
+            cache.detach()
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        # Lightning does not call teardown after an exception: leave the model as it was
+        self.teardown(trainer, pl_module, "fit")
+
+    # ------------------------------------------------------------------------------------------
+    # public helpers
+    # ------------------------------------------------------------------------------------------
+    def report(self) -> str:
+        """One line per module: hit rate, hits/misses, bytes and store, estimated time saved."""
+        lines = []
+        for name, s in self.stats.get("modules", {}).items():
+            line = (
+                f"FeatureCache: {name}: {100 * s['hit_rate']:.1f}% hits "
+                f"({s['hits']} hits, {s['misses']} misses), "
+                f"{_human_bytes(s['bytes'])} in the {self.store_kind} store, ~{s['time_saved_s']:.1f} s saved"
+            )
+            if s["full"]:
+                line += f"; max_bytes={self.max_bytes} reached: {s['rejected']} sample(s) not admitted"
+            if s["corrupt"]:
+                line += f"; {s['corrupt']} corrupt/foreign file(s) rebuilt"
+            if s["disabled"]:
+                line += f"; switched off: {s['disabled']}"
+            lines.append(line)
+        if self.random_inputs:
+            lines.append("FeatureCache: training batches were not cached (inputs never repeat).")
+        return "\n".join(lines) or "FeatureCache: no module cached."
+
+    def clear(self) -> None:
+        """Drop every entry of the memory store (the disk store's files are left in place)."""
+        if isinstance(self.store, MemoryStore):
+            self.store.clear()
+        self._update_stats()
+
+    # ------------------------------------------------------------------------------------------
+    # internals
+    # ------------------------------------------------------------------------------------------
+    def _attach(self, pl_module: pl.LightningModule) -> None:
+        """One attached OutputCache per selected module (kept while the module object is the same)."""
+        selected = resolve_modules(pl_module, self.modules)
+        previous, self.caches = self.caches, {}
+        for name, module in selected.items():
+            cache = previous.pop(name, None)
+            if cache is None or cache.module is not module:
+                if cache is not None:
+                    cache.detach()
+                cache = OutputCache(
+                    module,
+                    store=self.store,
+                    max_bytes=self.max_bytes,
+                    on_uncacheable="disable",
+                    on_disable=lambda reason: rank_zero_info(f"FeatureCache: {reason}."),
+                    name=name,
+                )
+            # checked at fit start: FreezeBackbone may come later in the callback list
+            self.caches[name] = cache if cache.attached else cache.attach(check=False)
+        for cache in previous.values():
+            cache.detach()
+
+    def _lookup_on(self) -> None:
+        for cache in self.caches.values():
+            cache.lookup = True
+
+    def _stop_caching_training(self, name: str, lookups: int, epoch: int) -> None:
+        self.random_inputs = True
+        for cache in self.caches.values():
+            cache.lookup = False
+        rank_zero_info(
+            f"FeatureCache: {name} got {lookups} training samples in epoch {epoch} and none had been seen "
+            "before: its inputs never repeat (random augmentation before the module?). Training batches "
+            "are no longer cached (validation/test still are). To cache, use deterministic transforms for "
+            "this stage, or augment in feature space (after the frozen module)."
+        )
+
+    def _update_stats(self) -> None:
+        per_module = {}
+        for name, cache in self.caches.items():
+            s = dict(cache.stats)
+            lookups = s["hits"] + s["misses"]
+            s["hit_rate"] = s["hits"] / lookups if lookups else 0.0
+            s["disabled"] = cache.disabled_reason
+            per_module[name] = s
+        totals = {
+            key: sum(s[key] for s in per_module.values())
+            for key in (
+                "hits",
+                "misses",
+                "bypassed",
+                "stored",
+                "rejected",
+                "corrupt",
+                "time_saved_s",
+                "compute_s",
+            )
+        }
+        lookups = totals["hits"] + totals["misses"]
+        self.stats = {
+            **totals,
+            "bytes": self.store.bytes,
+            "hit_rate": totals["hits"] / lookups if lookups else 0.0,
+            "store": self.store_kind,
+            "random_inputs": self.random_inputs,
+            "modules": per_module,
+        }
+
+
+def _never_hits(cache: OutputCache, hits: int, lookups: int) -> bool:
+    """No hit in ``lookups`` samples, although the cache was on and admitting entries."""
+    return cache.enabled and hits == 0 and lookups > 0 and not cache.stats["full"]
+
+
+def _verified_by_freeze_backbone(trainer: pl.Trainer) -> list[str]:
+    """Modules whose tensors a FreezeBackbone(verify="raise") fingerprints at every epoch end.
+
+    Any change to them fails the run at that epoch's end, so re-hashing them at every epoch start
+    (to catch writes through ``tensor.data``) would only repeat that work.
+    """
+    names: list[str] = []
+    for callback in trainer.callbacks:
+        if (
+            isinstance(callback, FreezeBackbone)
+            and callback.verify == "raise"
+            and callback.frozen is not None
+        ):
+            names += callback._still_frozen_names()
+    return names
+
+
+def _reasons_during_training(module: nn.Module, name: str) -> list[str]:
+    """What :func:`uncacheable_reasons` will say once the Trainer puts the model in train mode."""
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        module.train()
+        for m in module.modules():
+            if is_pinned(m):
+                m.train(False)  # pinned layers are put back in eval before every forward
+        return uncacheable_reasons(module, prefix=name)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
