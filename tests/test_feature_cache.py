@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from _freeze_utils import TinyNet, make_data
+from helpers.freeze import TinyNet, make_data
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_freeze import FeatureCache, FreezeBackbone, FrozenSafeEMA, FrozenStateError, MultiBranchModule
@@ -80,10 +80,18 @@ def test_frozen_norm_conversion_after_the_cache_is_set_up() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.head(self.backbone(self.stem(x)))
 
+    seen: list[bool] = []
+
+    class CachedModuleIsTheConverted(L.Callback):
+        def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            converted = type(pl_module.backbone).__name__ == "FrozenBatchNorm"
+            seen.append(converted and cache.caches["backbone"].module is pl_module.backbone)
+
     cache = FeatureCache("backbone")
-    model, _ = fit([cache, FreezeBackbone(["stem", "backbone"], norm="frozen")], model=NormBackbone())
-    assert type(model.backbone).__name__ == "FrozenBatchNorm"
-    assert cache.caches["backbone"].module is model.backbone
+    callbacks = [cache, FreezeBackbone(["stem", "backbone"], norm="frozen"), CachedModuleIsTheConverted()]
+    model, _ = fit(callbacks, model=NormBackbone())
+    assert seen == [True, True, True]
+    assert type(model.backbone) is torch.nn.BatchNorm1d  # given back after the fit
     assert cache.stats["hits"] == 2 * N_TRAIN + 2 * N_VAL
 
 
@@ -260,3 +268,19 @@ def test_bad_arguments_fail_with_the_value_and_the_choices(tmp_path: Path) -> No
         ModuleSelectionError, match=r"TinyNet has no submodule 'backbon'; closest valid names: 'backbone'"
     ):
         fit([FreezeBackbone("backbone"), FeatureCache("backbon")], epochs=1)
+
+
+class ReplaceInnerForward(L.Callback):
+    """Mid-fit, a layer inside the cached frozen module computes something else (no tensor changes)."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == 1:
+            layer = pl_module.backbone[0]
+            layer.forward = lambda x: type(layer).forward(layer, x) * 2  # type: ignore[method-assign]
+
+
+def test_the_function_proof_is_never_served_from_the_cache() -> None:
+    # the cache key covers tensors, modes and types, not a patched forward inside the module; the
+    # probe must still see the change (a probe served from the cache would prove nothing)
+    with pytest.raises(FrozenStateError, match="backbone: output on the probe input changed"):
+        fit([FeatureCache("backbone"), FreezeBackbone("backbone"), ReplaceInnerForward()])

@@ -117,7 +117,8 @@ def test_other_weights_buffers_modes_and_precisions_never_hit() -> None:
         assert torch.equal(low, type(net).forward(net, x))
     assert low.dtype == torch.bfloat16 and cache.stats["hits"] == 4
 
-    net[0].train(False)  # another mode of a submodule (not a stochastic one: still cacheable)
+    assert net[2].training  # not frozen: still in train mode
+    net[2].train(False)  # another mode of a submodule (not a stochastic one: still cacheable)
     net(x)
     assert cache.stats["hits"] == 4 and cache.stats["misses"] == 20
 

@@ -10,15 +10,17 @@ from typing import TYPE_CHECKING, Any
 
 # public name -> module that defines it
 _LAZY = {
+    "FeatureCache": "lightning_freeze.callbacks.feature_cache",
     "FreezeBackbone": "lightning_freeze.callbacks.freeze_backbone",
     "FrozenSafeEMA": "lightning_freeze.callbacks.frozen_safe_ema",
     "load_ema_weights": "lightning_freeze.callbacks.frozen_safe_ema",
 }
 
 # the same names as _LAZY (tests/test_packaging.py checks this)
-__all__ = ["FreezeBackbone", "FrozenSafeEMA", "load_ema_weights"]
+__all__ = ["FeatureCache", "FreezeBackbone", "FrozenSafeEMA", "load_ema_weights"]
 
 if TYPE_CHECKING:
+    from lightning_freeze.callbacks.feature_cache import FeatureCache
     from lightning_freeze.callbacks.freeze_backbone import FreezeBackbone
     from lightning_freeze.callbacks.frozen_safe_ema import FrozenSafeEMA, load_ema_weights
 

@@ -24,9 +24,9 @@ from lightning_freeze.core.feature_cache import (
     make_store,
     uncacheable_reasons,
 )
-from lightning_freeze.core.freeze import check_choice
 from lightning_freeze.core.norm import is_pinned
 from lightning_freeze.core.selection import resolve_modules
+from lightning_freeze.core.validation import check_choice
 
 __all__ = ["FeatureCache"]
 

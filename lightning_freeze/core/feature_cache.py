@@ -43,13 +43,15 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 import os
 import struct
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
@@ -58,8 +60,8 @@ import torch
 from torch import nn
 
 from lightning_freeze.core.fingerprint import fingerprint
-from lightning_freeze.core.freeze import check_choice
 from lightning_freeze.core.norm import find_dropout_layers, find_running_stat_norms
+from lightning_freeze.core.validation import check_choice, check_int, choices_of
 
 __all__ = [
     "MEMORY_DEVICES",
@@ -68,14 +70,17 @@ __all__ = [
     "MemoryStore",
     "OutputCache",
     "UncacheableModuleError",
+    "bypass_output_caches",
     "module_state_key",
     "sample_keys",
     "tensor_digest",
     "uncacheable_reasons",
 ]
 
-STORES: tuple[str, ...] = ("memory", "disk")
-MEMORY_DEVICES: tuple[str, ...] = ("cpu", "output")
+StoreKind = Literal["memory", "disk"]
+MemoryDevice = Literal["cpu", "output"]
+STORES: tuple[str, ...] = choices_of(StoreKind)
+MEMORY_DEVICES: tuple[str, ...] = choices_of(MemoryDevice)
 KEY_BYTES = 16  # BLAKE2b-128
 _FORMAT = b"lightning_freeze.feature_cache.v1"
 _MAGIC = b"LFFCACHE1\n"
@@ -520,13 +525,9 @@ def check_writable_directory(directory: Path) -> None:
 
 def check_max_bytes(max_bytes: Any) -> int | None:
     """Validate a byte budget: ``None`` (no limit) or an integer > 0."""
-    if max_bytes is None:
-        return None
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
-        raise ValueError(
-            f"Invalid max_bytes={max_bytes!r}; valid choices: None (no limit) or an integer > 0."
-        )
-    return max_bytes
+    return check_int(
+        "max_bytes", max_bytes, minimum=1, allow_none=True, valid="None (no limit) or an integer > 0"
+    )
 
 
 def make_store(
@@ -547,6 +548,25 @@ def make_store(
 # ---------------------------------------------------------------------------------------------
 # the cache
 # ---------------------------------------------------------------------------------------------
+_BYPASS: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "lightning_freeze_bypass_caches", default=False
+)
+
+
+@contextlib.contextmanager
+def bypass_output_caches() -> Iterator[None]:
+    """Inside this block every attached :class:`OutputCache` computes (and neither reads nor stores).
+
+    For calls that must see the module's real function, such as ``FreezeBackbone``'s output probe:
+    a cached output would only prove that the cache is consistent with itself.
+    """
+    token = _BYPASS.set(True)
+    try:
+        yield
+    finally:
+        _BYPASS.reset(token)
+
+
 class _CachedForward:
     """What :meth:`OutputCache.attach` puts in ``module.forward``.
 
@@ -764,7 +784,7 @@ class OutputCache:
         return self._state
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
-        if not (self.enabled and self.lookup):
+        if not (self.enabled and self.lookup) or _BYPASS.get():
             return self._plain(*args, **kwargs)
         batched = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         batch = batched[0].shape[0] if batched and batched[0].dim() > 0 else None

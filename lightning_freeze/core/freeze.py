@@ -160,6 +160,9 @@ def pin_frozen_layers(root: nn.Module, names: Iterable[str], *, norm: NormMode, 
     for name in names:
         module = root.get_submodule(name)
         guard_frozen_module(module, norm=norm, dropout=dropout)
+        # the rule now, not only at the next forward: the modes read true from the start (a cache
+        # keyed by the modes, Lightning's eval-mode check, the user inspecting the model)
+        _repin_pre_hook(module, (), norm=norm, dropout=dropout)
         if norm != "train":
             count += pin_eval([m for m in module.modules() if _needs_layer_pin(m)])
         if dropout == "eval":

@@ -38,6 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_freeze.core.feature_cache import bypass_output_caches
+
 __all__ = [
     "DEVICE_ATOL",
     "DEVICE_RTOL",
@@ -148,6 +150,7 @@ def run_module(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] 
         stack.enter_context(torch.no_grad())
         stack.enter_context(torch.autocast(device_type=device.type, enabled=False))
         stack.enter_context(_buffers_restored(module))
+        stack.enter_context(bypass_output_caches())  # the module's real function, not a cached output
         return module(*args, **(kwargs or {}))
 
 

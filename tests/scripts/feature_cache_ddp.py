@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _freeze_utils import TinyNet, make_data
+from helpers.freeze import TinyNet, make_data
 
 from lightning_freeze import FeatureCache, FreezeBackbone
 
