@@ -52,6 +52,9 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/bench_freeze.py
 	$(BIN)/python benchmarks/bench_ema.py
 	$(BIN)/python benchmarks/bench_fingerprint.py
+	$(BIN)/python benchmarks/bench_diff.py
+	$(BIN)/python benchmarks/bench_distributed.py
+	$(BIN)/python benchmarks/bench_feature_cache.py
 
 gpu-check: $(VENV)/.installed-dev
 	bash scripts/gpu_check.sh
