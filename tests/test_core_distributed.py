@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import sys
 from pathlib import Path
 
@@ -55,10 +54,9 @@ def test_describe_rank_mismatch() -> None:
 
 
 @pytest.mark.distributed
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="forks the two ranks (no second torch import)")
 def test_two_gloo_ranks_name_the_rank_and_key_that_differ(tmp_path: Path) -> None:
-    # fork, not spawn: the ranks reuse this process's imported torch (a fresh import costs seconds)
-    context = multiprocessing.get_context("fork")
+    # spawn, not fork: forking a process that already ran autograd threads fails (torch refuses it)
+    context = multiprocessing.get_context("spawn")
     init_file = tmp_path / "store"
     procs = [
         context.Process(target=fingerprint_ranks.main, args=(rank, 2, str(init_file), tmp_path))

@@ -7,7 +7,6 @@ package adds are tested here. The Lightning strategies themselves run in scripts
 from __future__ import annotations
 
 import multiprocessing
-import os
 import sys
 from pathlib import Path
 
@@ -19,11 +18,10 @@ import fsdp2_core
 
 
 @pytest.mark.distributed
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="forks the two ranks (no second torch import)")
 def test_fsdp2_ema_is_shard_local_exact_resumable_and_the_frozen_check_works_per_shard(
     tmp_path: Path,
 ) -> None:
-    context = multiprocessing.get_context("fork")
+    context = multiprocessing.get_context("spawn")
     procs = [
         context.Process(target=fsdp2_core.main, args=(rank, 2, str(tmp_path / "store"), tmp_path))
         for rank in (0, 1)

@@ -1,6 +1,6 @@
 """One rank of a 2-process gloo job that checks fingerprints across ranks.
 
-tests/test_core_distributed.py forks both ranks and calls :func:`main` in each; by hand:
+tests/test_core_distributed.py spawns both ranks and calls :func:`main` in each; by hand:
 ``python fingerprint_ranks.py RANK 2 INIT_FILE OUT_DIR`` once per rank.
 Writes OUT_DIR/rank{RANK}.json: what compare_across_ranks / gather_fingerprints returned in each
 scenario, and how many full gathers (all_gather_object) each scenario needed.

@@ -1,6 +1,6 @@
 """One rank of a 2-process gloo job with an FSDP2 (``fully_shard``) model on CPU (tests/test_sharded.py).
 
-tests/test_sharded.py forks both ranks and calls :func:`main` in each; by hand:
+tests/test_sharded.py spawns both ranks and calls :func:`main` in each; by hand:
 ``python fsdp2_core.py RANK 2 INIT_FILE OUT_DIR`` once per rank.
 Frozen backbone and trainable head, each wrapped by its own ``fully_shard`` (frozen and trainable
 parameters never share an all-gather group), trained side by side with an unsharded copy that sees
