@@ -97,7 +97,9 @@ def test_init_weights_ema_starts_the_next_stage_from_the_averaged_weights(tmp_pa
     raw = load_checkpoint(s1.checkpoint)["state_dict"]
     assert not torch.equal(averaged["backbone.0.weight"], raw["backbone.0.weight"])
     for weights, expected in (("ema", averaged), ("raw", raw)):
-        cfg = compose_app([*STAGE2, f"init_from={s1.checkpoint}", f"init_weights={weights}"], tmp_path / weights)
+        cfg = compose_app(
+            [*STAGE2, f"init_from={s1.checkpoint}", f"init_weights={weights}"], tmp_path / weights
+        )
         s2 = app.train(cfg)
         state = load_checkpoint(s2.checkpoint)["state_dict"]
         frozen = [k for k in raw if k.startswith(("backbone.", "branches.digit."))]

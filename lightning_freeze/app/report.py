@@ -141,7 +141,7 @@ def run_test(
     if not path:
         raise AppInputError(
             "test=true needs a checkpoint to test: keep callbacks.model_checkpoint "
-            "(and no trainer.fast_dev_run)"
+            "(callbacks=[default,...])"
         )
     results = trainer.test(model, datamodule=datamodule, ckpt_path=path, verbose=False)
     return (results[0] if results else {}), which, str(Path(path).absolute())
