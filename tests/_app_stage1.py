@@ -17,7 +17,7 @@ TINY = ["quiet=true", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "
 
 
 def compose_app(overrides: list[str], run_dir: Path | None = None) -> DictConfig:
-    """The app's config as ``lightning-freeze-train <overrides>`` composes it (``run_dir``: its output dir)."""
+    """The config ``lightning-freeze-train <overrides>`` composes (``run_dir``: its output directory)."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     if run_dir is not None:

@@ -1,4 +1,4 @@
-"""Resume (ckpt_path, SLURM requeue), the test phase, optimized_metric and the checkpoint the summary names."""
+"""Resume (ckpt_path, SLURM requeue), the test phase, optimized_metric, the checkpoint the summary names."""
 
 from __future__ import annotations
 

@@ -213,7 +213,8 @@ def test_every_target_node_matches_its_signature() -> None:
 # ------------------------------------------------------------------------------------------------
 def _cases() -> list[Any]:
     cases = []
-    for group in ("model", "branch", "data", "callbacks", "logger", "trainer", "trainer/precision", "launcher"):
+    groups = ("model", "branch", "data", "callbacks", "logger", "trainer", "trainer/precision", "launcher")
+    for group in groups:
         cases += [pytest.param(group, option, id=f"{group}={option}") for option in options(group)]
     cases += [pytest.param("experiment", option, id=f"experiment={option}") for option in EXPERIMENTS]
     cases += [pytest.param("debug", option, id=f"debug={option}") for option in options("debug")]
@@ -223,10 +224,13 @@ def _cases() -> list[Any]:
 
 def _skip_reason(group: str, option: str) -> str | None:
     gpu = torch.cuda.is_available()
-    if (group, option) in {("trainer", "gpu"), ("trainer", "ddp"), ("trainer/precision", "16_mixed")} and not gpu:
+    needs_gpu = {("trainer", "gpu"), ("trainer", "ddp"), ("trainer/precision", "16_mixed")}
+    if (group, option) in needs_gpu and not gpu:
         return "needs a GPU (composition is tested above)"
     if (group, option) == ("trainer", "ddp_cpu"):
-        return "DDP relaunches the command line: run from the CLI in test_train_app.py::test_ddp_cpu_from_the_command_line"
+        return (
+            "DDP relaunches the command line: test_train_app.py::test_ddp_cpu_from_the_command_line runs it"
+        )
     if (group, option) == ("logger", "tensorboard"):
         for module in ("tensorboard", "tensorboardX"):
             if importlib.util.find_spec(module) is not None:
@@ -259,7 +263,8 @@ def test_every_option_of_every_group_runs(
     cfg = _compose(overrides, tmp_path)
     if group == "hparams_search":
         assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
-        assert cfg.hydra.sweeper.direction == "maximize" and cfg.optimized_metric == f"{cfg.branch.name}/val_acc"
+        assert cfg.hydra.sweeper.direction == "maximize"
+        assert cfg.optimized_metric == f"{cfg.branch.name}/val_acc"
     summary = app.train(cfg)
     rows = {row["name"]: row for row in summary.branches}
     trained = rows[cfg.branch.name]

@@ -272,7 +272,8 @@ def test_bad_input_is_one_clear_line(
         # Hydra refuses the command line: its multi-line message, as one line
         (
             ["foo=1"],
-            "Error: Could not override 'foo'; To append to your config use +foo=1; Key 'foo' is not in struct",
+            "Error: Could not override 'foo'; To append to your config use +foo=1; "
+            "Key 'foo' is not in struct",
         ),
         (["model=nope"], "Error: In 'train': Could not find 'model/nope'"),
         # a package check that fails inside fit: one line, not a 30-line traceback

@@ -140,8 +140,7 @@ def run_test(
     which, path = ("best", best) if best else ("last", last)
     if not path:
         raise AppInputError(
-            "test=true needs a checkpoint to test: keep callbacks.model_checkpoint "
-            "(callbacks=[default,...])"
+            "test=true needs a checkpoint to test: keep callbacks.model_checkpoint (callbacks=[default,...])"
         )
     results = trainer.test(model, datamodule=datamodule, ckpt_path=path, verbose=False)
     return (results[0] if results else {}), which, str(Path(path).absolute())
