@@ -83,6 +83,7 @@ def train(cfg: DictConfig) -> StageSummary:
     import lightning as L
 
     from lightning_freeze.app import build, report, settings
+    from lightning_freeze.app.progress import EpochProgress
     from lightning_freeze.stages import read_previous_stage
 
     stage, init_from, init_weights = settings.check_stage(cfg)
@@ -99,7 +100,11 @@ def train(cfg: DictConfig) -> StageSummary:
     )
 
     loggers = build.build_loggers(cfg)
-    callbacks = [*build.build_callbacks(cfg, has_logger=bool(loggers), quiet=quiet), record]
+    callbacks = [
+        *build.build_callbacks(cfg, has_logger=bool(loggers), quiet=quiet),
+        record,
+        EpochProgress(stage, name),
+    ]
     freezer = build.freeze_callback(callbacks, stage)
     trainer = build.build_trainer(cfg, callbacks, loggers, quiet=quiet)
 
