@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             f"hydra.sweep.dir={stage3}",
             # two jobs side by side: one log line per epoch each (naming its branch), no progress bars
             "~callbacks.progress_bar",
+            "+trainer.enable_progress_bar=false",
             "+trainer.enable_model_summary=false",
             *extra,
         ],

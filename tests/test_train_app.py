@@ -313,3 +313,18 @@ def test_package_and_lightning_logs_and_the_summary_reach_train_log(stages: dict
     # quiet=true keeps the console short, not the log file; and nothing is printed twice
     out = (stages["root"] / "s2_stdout.txt").read_text()
     assert "MultiBranchModule: loaded" not in out and out.count("summary (trained branch: parity)") == 1
+
+
+def test_help_imports_neither_torch_nor_lightning(tmp_path: Path) -> None:
+    # --help composes the configs (Hydra) and needs nothing of the training stack: it answers fast
+    probe = (
+        "import sys\n"
+        "sys.argv = ['lightning-freeze-train', '--help']\n"
+        "from lightning_freeze.train import main\n"
+        "try:\n    main()\nexcept SystemExit as exit_:\n    assert exit_.code in (0, None), exit_.code\n"
+        "print('loaded:', sorted(m for m in ('torch', 'lightning', 'timm') if m in sys.modules))\n"
+    )
+    result = _ok(subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=_env(), capture_output=True,
+                                text=True, timeout=120, check=False))  # fmt: skip
+    assert "== Config ==" in result.stdout and "hparams_search: optuna" in result.stdout
+    assert result.stdout.rstrip().endswith("loaded: []")
