@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -328,3 +329,18 @@ def test_help_imports_neither_torch_nor_lightning(tmp_path: Path) -> None:
                                 text=True, timeout=120, check=False))  # fmt: skip
     assert "== Config ==" in result.stdout and "hparams_search: optuna" in result.stdout
     assert result.stdout.rstrip().endswith("loaded: []")
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None,
+    reason="needs the optuna extra: pip install hydra-optuna-sweeper",
+)
+def test_hparams_search_optuna_sweeps_on_optimized_metric(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    args = ["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2"]
+    args.append("hydra.sweeper.sampler.n_startup_trials=2")
+    result = _ok(_app([*args, f"hydra.sweep.dir={sweep}", *FAST], tmp_path))
+    trials = [json.loads((sweep / job / "summary.json").read_text()) for job in ("0_digit", "1_digit")]
+    best = max(t["branches"][0]["val_acc"] for t in trials)  # the objective: digit/val_acc, maximised
+    assert f"Best value: {best}" in result.stdout
+    assert "best_value: " in (sweep / "optimization_results.yaml").read_text()
