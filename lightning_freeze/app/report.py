@@ -113,7 +113,13 @@ def checkpoints(callbacks: list[Callback]) -> tuple[str | None, str | None]:
     if callback is None:
         return None, None
     best = callback.best_model_path or None
-    last = callback.last_model_path or (best if callback.monitor is None else None)
+    last = callback.last_model_path or None
+    if last is None and callback.save_last and callback.dirpath:
+        # ddp_spawn: only best_model_path comes back from the workers; last.ckpt is on disk
+        on_disk = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+        last = str(on_disk) if on_disk.is_file() else None
+    if last is None and callback.monitor is None:
+        last = best
     return last, (best if callback.monitor is not None else None)
 
 
