@@ -106,3 +106,36 @@ def test_init_weights_ema_starts_the_next_stage_from_the_averaged_weights(tmp_pa
         assert all(torch.equal(state[k], expected[k]) for k in frozen), weights
     with pytest.raises(app.AppInputError, match=r"Invalid init_weights='best'; valid choices: 'raw', 'ema'"):
         app.train(compose_app([*STAGE2, f"init_from={s1.checkpoint}", "init_weights=best"], tmp_path / "bad"))
+
+
+def test_any_module_factory_plugs_in_through_allow_targets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning_freeze.app.settings import allowed_targets
+    from lightning_freeze.instantiate import allow_targets
+
+    package = tmp_path / "h9nets"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "from torch import nn\n\n"
+        "def make(in_channels: int = 1, width: int = 4) -> nn.Module:\n"
+        "    net = nn.Sequential(nn.Conv2d(in_channels, width, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())\n"
+        "    net.out_features = width  # or num_features: the size the heads read\n"
+        "    return net\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    swap = ["~model.backbone", "+model.backbone={_target_: h9nets.make, in_channels: 1, width: 6}"]
+    cfg = compose_app(["experiment=stage1", *swap, *TINY], tmp_path / "refused")
+    with pytest.raises(
+        app.AppInputError, match=r"Refused to instantiate model.backbone with _target_='h9nets.make'"
+    ):
+        app.train(cfg)
+    cfg = compose_app(["experiment=stage1", *swap, "allow_targets=[h9nets]", *TINY], tmp_path / "s1")
+    with allow_targets(allowed_targets(cfg)):  # what the app does with the config key allow_targets
+        s1 = app.train(cfg)
+        s2 = app.train(compose_app([*STAGE2, f"init_from={s1.checkpoint}"], tmp_path / "s2"))
+    assert s2.frozen_changed == 0
+    assert (
+        torch.load(s2.checkpoint, weights_only=True)["hyper_parameters"]["branches"]["parity"]["in_features"]
+        == 6
+    )
