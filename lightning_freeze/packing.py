@@ -44,6 +44,7 @@ __all__ = [
     "BRANCH_LEVEL_KEYS",
     "JobBuild",
     "PackedRun",
+    "adopt",
     "build_job",
     "train_packed",
     "why_not_packable",
@@ -152,12 +153,21 @@ class PackedCapture(Callback):
     Inserted as the first callback of each job by :func:`build_job`; not for direct use.
     """
 
-    def __init__(self) -> None:
-        # callbacks are instantiated after the module: this is the random state Trainer.fit starts with
-        self.rng = _rng_state()
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # the random state at the first callback hook of the fit; the packed fit restores it at the
+        # same hook, so its batches come in the job's order
+        raise _Captured(JobBuild(model=pl_module, trainer=trainer, rng=_rng_state()))
+
+
+class _RestoreRandomState(Callback):
+    """First callback of the packed fit: the jobs' random state at the same hook."""
+
+    def __init__(self, state: Mapping[str, Any]) -> None:
+        self.state = state
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        raise _Captured(JobBuild(model=pl_module, trainer=trainer, rng=self.rng))
+        if stage == "fit":
+            _set_rng_state(self.state)
 
 
 @dataclass
@@ -167,7 +177,7 @@ class JobBuild:
     Attributes:
         model: the job's :class:`~lightning_freeze.MultiBranchModule` (trains ``model.active_branch``).
         trainer: the job's trainer (its callbacks, loggers and datamodule).
-        rng: the random state (torch, Python, NumPy) at the start of the job's ``Trainer.fit``.
+        rng: the random state (torch, Python, NumPy) at the first callback hook of the job's fit.
         cfg: the job's composed config (set by :func:`build_job`).
         output_dir: the job's output directory.
     """
@@ -267,25 +277,34 @@ def _shared_state(model: Any, branch: str) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not k.startswith(prefix)}
 
 
-def check_packable_builds(builds: Sequence[JobBuild]) -> str | None:
-    """Why the built jobs cannot share one packed fit (``None``: they can)."""
-    first = builds[0]
+def adopt(first: JobBuild, build: JobBuild, index: int) -> str | None:
+    """Check that ``build`` can share one packed fit with ``first``, and share ``first``'s modules.
+
+    On success ``build.model`` holds ``first``'s backbone and earlier branches (bitwise equal, so
+    one copy in memory for the whole sweep) and only its own branch.
+
+    Returns:
+        why the job cannot be packed with ``first``, or ``None``.
+    """
+    if build.branch != first.branch:
+        return f"job {index} trains branch {build.branch!r}, the first job {first.branch!r}"
     shared = _shared_state(first.model, first.branch)
-    for index, build in enumerate(builds[1:], start=1):
-        if build.branch != first.branch:
-            return f"job {index} trains branch {build.branch!r}, job 0 {first.branch!r}"
-        other = _shared_state(build.model, build.branch)
-        differ = [k for k in shared if k not in other or not torch.equal(shared[k], other[k])]
-        if differ or set(other) != set(shared):
-            return (
-                f"job {index} does not start from bitwise the same backbone and earlier branches as job 0 "
-                f"(e.g. {(differ or sorted(set(other) ^ set(shared)))[0]})"
-            )
-        if not _same_rng_state(first.rng, build.rng):
-            return (
-                f"job {index} reaches Trainer.fit with another random state than job 0 (e.g. a head of"
-                " another size draws more random numbers), so its batches would come in another order"
-            )
+    other = _shared_state(build.model, build.branch)
+    differ = [k for k in shared if k not in other or not torch.equal(shared[k], other[k])]
+    if differ or set(other) != set(shared):
+        return (
+            f"job {index} does not start from bitwise the same backbone and earlier branches as the first "
+            f"job (e.g. {(differ or sorted(set(other) ^ set(shared)))[0]})"
+        )
+    if not _same_rng_state(first.rng, build.rng):
+        return (
+            f"job {index} reaches Trainer.fit with another random state than the first job (e.g. a head of"
+            " another size draws more random numbers), so its batches would come in another order"
+        )
+    build.model.backbone = first.model.backbone
+    for name in first.model.branch_names:
+        if name != first.branch:
+            build.model.branches[name] = first.model.branches[name]
     return None
 
 
@@ -300,24 +319,25 @@ def train_packed(builds: Sequence[JobBuild], root: str | Path) -> PackedRun:
     """Train every job's branch as one packed variant, on one backbone pass per batch.
 
     Args:
-        builds: the jobs, from :func:`build_job` (checked with :func:`check_packable_builds`).
+        builds: the jobs, from :func:`build_job` (each checked with :func:`adopt`).
         root: directory for the packed fit's own logs (``<root>/csv`` with a variant per column).
 
     Returns:
-        the :class:`PackedRun`; each job's module (``builds[k].model``) now holds its trained branch.
+        the :class:`PackedRun`; each job's module (``builds[k].model``) now holds its trained branch
+        (the packed module trains the jobs' own branch modules).
+
+    Raises:
+        ValueError: the jobs cannot share one fit (see :func:`adopt`).
     """
     from lightning_freeze.module import MultiBranchModule
 
     first = builds[0]
     name = first.branch
     base = first.model
-    # every job shares job 0's (bitwise equal) backbone and earlier branches: one copy in memory, and
-    # each job's module holds the trained variant afterwards
-    for build in builds[1:]:
-        build.model.backbone = base.backbone
-        for other in base.branch_names:
-            if other != name:
-                build.model.branches[other] = base.branches[other]
+    for index, build in enumerate(builds[1:], start=1):
+        reason = adopt(first, build, index) if build.model.backbone is not base.backbone else None
+        if reason is not None:
+            raise ValueError(f"cannot pack these jobs: {reason}")
     variants = _variant_names(name, base.branch_names, len(builds))
     earlier = [b for b in base.branch_names if b != name]
     branches = {b: base.branches[b] for b in earlier}
@@ -351,8 +371,7 @@ def train_packed(builds: Sequence[JobBuild], root: str | Path) -> PackedRun:
 
         logger = CSVLogger(str(root), name="csv")
     loops = _LoopState()
-    trainer = _trainer_like(first.cfg, [*callbacks, loops], logger, root)
-    _set_rng_state(first.rng)
+    trainer = _trainer_like(first.cfg, [_RestoreRandomState(first.rng), *callbacks, loops], logger, root)
     trainer.fit(packed, datamodule=job_trainer.datamodule)
     after_fit = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
@@ -71,8 +71,17 @@ class PackedLauncher(Launcher):
         if reason is None:
             from lightning_freeze import packing
 
-            builds = [self._run(packing.build_job, cfg).return_value for cfg in configs]
-            reason = packing.check_packable_builds(builds)
+            builds: list[Any] = []
+            for index, cfg in enumerate(configs):
+                result = self._run(packing.build_job, cfg)
+                if result.status != JobStatus.COMPLETED:
+                    reason = f"job {index} could not be built ({result._return_value})"
+                    break
+                builds.append(result.return_value)
+                # one backbone in memory for the whole sweep, as each job is built
+                reason = packing.adopt(builds[0], builds[-1], index) if index else None
+                if reason is not None:
+                    break
             if reason is None:
                 log.info(f"launcher=packed: training {len(configs)} jobs as packed variants in one process")
                 run = packing.train_packed(builds, sweep_dir / f"packed_{initial_job_idx}")
