@@ -8,6 +8,7 @@ import functools
 import pytest
 import torch
 from _multibranch_utils import CLASSES, IN_FEATURES, WIDTH, loader, make_backbone, make_data, trainer
+from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -293,3 +294,12 @@ def test_input_features_and_ddp_contract_one_backbone_pass_per_batch(tmp_path) -
     assert len(calls) == 2 + 1  # two training batches, one validation batch: one backbone pass each
     x = torch.zeros(2, IN_FEATURES)
     assert model(x).shape == (2, 3)
+
+
+def test_a_gradient_scaler_is_refused_because_one_overflow_would_skip_every_branch(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"cannot train with a gradient scaler \(precision='16-mixed'\)"):
+        # (on CPU, Trainer(precision="16-mixed") falls back to bf16: give the fp16 plugin explicitly)
+        plugin = MixedPrecision("16-mixed", "cpu")
+        trainer(tmp_path, callbacks=[FreezeBackbone()], plugins=[plugin], limit_train_batches=1).fit(
+            _packed(), loader("a")
+        )
