@@ -286,6 +286,11 @@ def adopt(first: JobBuild, build: JobBuild, index: int) -> str | None:
     Returns:
         why the job cannot be packed with ``first``, or ``None``.
     """
+    reason = _unsupported_checkpointing(build)
+    if reason is not None:
+        return f"job {index}: {reason}"
+    if build is first:
+        return None
     if build.branch != first.branch:
         return f"job {index} trains branch {build.branch!r}, the first job {first.branch!r}"
     shared = _shared_state(first.model, first.branch)
@@ -305,6 +310,23 @@ def adopt(first: JobBuild, build: JobBuild, index: int) -> str | None:
     for name in first.model.branch_names:
         if name != first.branch:
             build.model.branches[name] = first.model.branches[name]
+    return None
+
+
+def _unsupported_checkpointing(build: JobBuild) -> str | None:
+    """Packed jobs write one checkpoint each, at the end: refuse ModelCheckpoints that do more."""
+    for cb in build.trainer.callbacks:
+        if isinstance(cb, ModelCheckpoint) and (
+            cb.monitor is not None
+            or cb.save_last
+            or getattr(cb, "_every_n_train_steps", 0)
+            or getattr(cb, "_train_time_interval", None) is not None
+            or getattr(cb, "_every_n_epochs", 1) != 1
+        ):
+            return (
+                "its ModelCheckpoint saves by a monitored metric, by steps or time, or a last.ckpt besides; "
+                "packed jobs write one checkpoint each, after training (monitor=null, save_last=false)"
+            )
     return None
 
 

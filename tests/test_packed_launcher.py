@@ -153,3 +153,26 @@ def test_a_sweep_that_is_not_branch_level_falls_back_to_one_job_after_another(sw
     for job in range(2):
         summary = json.loads((root / "fallback" / f"{job}_parity" / "summary.json").read_text())
         assert summary["trained_branch"] == "parity" and summary["checkpoint"]
+
+
+def test_jobs_whose_checkpointing_packing_cannot_reproduce_fall_back(sweeps) -> None:
+    root = sweeps["root"]
+    stage1 = root / "s1" / "checkpoints" / "last.ckpt"
+    result = _app(
+        [
+            "-m",
+            "launcher=packed",
+            "experiment=stage2",
+            f"init_from={stage1}",
+            f"hydra.sweep.dir={root / 'monitored'}",
+            "model.optimizer.lr=0.01,0.1",
+            "callbacks.model_checkpoint.monitor=parity/val_acc",
+            "+callbacks.model_checkpoint.mode=max",
+            *FAST,
+        ],
+        root,
+    )
+    log = result.stdout + result.stderr
+    assert "launcher=packed: running 2 job(s) one after another: job 0: its ModelCheckpoint saves by" in log
+    for job in range(2):
+        assert (root / "monitored" / f"{job}_parity" / "summary.json").is_file()

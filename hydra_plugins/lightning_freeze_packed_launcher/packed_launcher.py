@@ -79,7 +79,7 @@ class PackedLauncher(Launcher):
                     break
                 builds.append(result.return_value)
                 # one backbone in memory for the whole sweep, as each job is built
-                reason = packing.adopt(builds[0], builds[-1], index) if index else None
+                reason = packing.adopt(builds[0], builds[-1], index)
                 if reason is not None:
                     break
             if reason is None:
