@@ -100,11 +100,29 @@ class MultiBranchModule(pl.LightningModule):
             ``{branch: int}``; default: ``out_features`` of the branch's last ``nn.Linear``.
         predict_all: ``predict_step`` returns ``{branch: output}`` for every branch instead of the
             active branch's output.
+        train_branches: branches trained together on one backbone pass ("packed" branches: several
+            heads, or several hyper-parameter variants of one head); ``None`` (default): only
+            ``active_branch`` trains. Each has its own loss, metrics and optimizer param group;
+            ``training_step`` computes the backbone once and returns the sum of the branch losses
+            (each branch gets exactly the gradient of its own loss). Batches are ``(x, y)`` (every
+            trained branch gets ``y``) or ``(x, {branch: y})``. Unkeyed validation evaluates every
+            trained branch on one backbone pass. ``active_branch`` defaults to the first of them.
+            With a frozen backbone the branches are independent: each ends bitwise where training
+            it alone would (same batches, no randomness inside the branch). Settings that would
+            couple them are handled per branch (``gradient_clip_val`` clips each branch by its own
+            norm) or refused (``ReduceLROnPlateau``, a gradient scaler (``16-mixed``), an optimizer
+            that cannot hold one param group per branch such as ``LBFGS``).
+        branch_optimizers: ``{trained branch: {setting: value}}``: per-branch optimizer settings
+            (any setting of the optimizer's param groups, e.g. ``lr``, ``weight_decay``,
+            ``betas``, ``momentum``); unset settings come from ``optimizer``.
 
     Raises:
-        UnknownBranchError: ``active_branch`` or a key of ``losses``/``metrics``/``num_classes`` is
-            not a branch (the message lists the branches).
-        ValueError: an invalid branch name, no branches, or a class count that cannot be inferred.
+        UnknownBranchError: ``active_branch``, a name in ``train_branches`` or a key of
+            ``losses``/``metrics``/``num_classes``/``branch_optimizers`` is not a branch (the message
+            lists the branches).
+        ValueError: an invalid branch name, no branches, a class count that cannot be inferred, an
+            empty or repeated ``train_branches``, ``active_branch`` outside ``train_branches``, or
+            ``branch_optimizers`` for a branch that is not trained.
         lightning_freeze.instantiate.TargetNotAllowedError: a config's ``_target_`` outside the
             allow-list (a ``ValueError``; nothing was instantiated).
 
@@ -149,6 +167,8 @@ class MultiBranchModule(pl.LightningModule):
         scheduler: Callable[..., Any] | Mapping[str, Any] | None = None,
         num_classes: int | Mapping[str, int] | None = None,
         predict_all: bool = False,
+        train_branches: Sequence[str] | None = None,
+        branch_optimizers: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         if backbone is None or branches is None:
@@ -174,6 +194,10 @@ class MultiBranchModule(pl.LightningModule):
         self._active_branch = (
             names[0] if active_branch is None else self._check_branch(active_branch, "active_branch")
         )
+        self._train_branches = self._check_train_branches(train_branches, active_branch)
+        if self._train_branches is not None and active_branch is None:
+            self._active_branch = self._train_branches[0]
+        self._branch_optimizers = self._check_branch_optimizers(branch_optimizers)
 
         self._check_keys("losses", losses)
         self._check_keys("metrics", metrics)
@@ -224,6 +248,8 @@ class MultiBranchModule(pl.LightningModule):
                 scheduler=scheduler,
                 num_classes=num_classes,
                 predict_all=self.predict_all,
+                train_branches=self._train_branches,
+                branch_optimizers=self._branch_optimizers,
             )
         )
 
@@ -243,6 +269,64 @@ class MultiBranchModule(pl.LightningModule):
     @active_branch.setter
     def active_branch(self, name: str) -> None:
         self.switch_branch(name)
+
+    @property
+    def trained_branches(self) -> list[str]:
+        """The branches that ``training_step`` trains: ``train_branches``, or ``[active_branch]``.
+
+        :class:`~lightning_freeze.FreezeBackbone` freezes every other branch.
+        """
+        return list(self._train_branches) if self._train_branches is not None else [self._active_branch]
+
+    @property
+    def train_branches(self) -> list[str] | None:
+        """The ``train_branches`` argument (``None``: only the active branch trains)."""
+        return None if self._train_branches is None else list(self._train_branches)
+
+    def _check_train_branches(self, train_branches: Any, active_branch: str | None) -> list[str] | None:
+        if train_branches is None:
+            return None
+        if isinstance(train_branches, str) or not isinstance(train_branches, Sequence) or not train_branches:
+            raise ValueError(
+                f"Invalid train_branches={train_branches!r}; valid choices: None (only the active branch "
+                f"trains) or a non-empty list of branch names from "
+                f"{', '.join(repr(n) for n in self.branches)}."
+            )
+        names = [self._check_branch(name, "branch in train_branches") for name in train_branches]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(
+                f"train_branches={names!r} names {', '.join(repr(n) for n in repeated)} more than once; "
+                "each branch trains at most once (to train variants of one head, give each its own branch)."
+            )
+        if active_branch is not None and active_branch not in names:
+            raise ValueError(
+                f"active_branch={active_branch!r} is not in train_branches={names!r}; valid choices: one of "
+                f"{', '.join(repr(n) for n in names)}, or None (the first)."
+            )
+        return names
+
+    def _check_branch_optimizers(self, branch_optimizers: Any) -> dict[str, dict[str, Any]]:
+        if branch_optimizers is None:
+            return {}
+        self._check_keys("branch_optimizers", branch_optimizers)
+        trained = self.trained_branches
+        untrained = [name for name in branch_optimizers if name not in trained]
+        if untrained:
+            raise ValueError(
+                f"branch_optimizers names branch(es) {', '.join(repr(n) for n in untrained)} that are not "
+                f"trained; valid choices: the trained branches {', '.join(repr(n) for n in trained)}."
+            )
+        out: dict[str, dict[str, Any]] = {}
+        for name, settings in branch_optimizers.items():
+            if not isinstance(settings, Mapping) or any(k in settings for k in ("_target_", "params")):
+                raise TypeError(
+                    f"branch_optimizers[{name!r}] must be a mapping of param-group settings such as "
+                    f"{{'lr': 0.01, 'weight_decay': 0.0}} (one optimizer holds every packed branch, so "
+                    f"'_target_' and 'params' are not settings), got {settings!r}."
+                )
+            out[name] = dict(_plain(dict(settings)))
+        return out
 
     def switch_branch(self, name: str) -> None:
         """Make ``name`` the active branch (between fits; not while ``Trainer.fit`` runs).
@@ -354,6 +438,8 @@ class MultiBranchModule(pl.LightningModule):
     # --------------------------------------------------------------------------------------------
     @override
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self._train_branches is not None:
+            return self._packed_training_step(batch)
         x, y = _unpack(batch)
         name = self._active_branch
         # only the active branch runs: frozen inactive branches get no gradient, so DDP needs no
@@ -375,9 +461,32 @@ class MultiBranchModule(pl.LightningModule):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self.forward_all(x) if self.predict_all else self(x)
 
+    def _packed_training_step(self, batch: Any) -> torch.Tensor:
+        x, y = _unpack(batch)
+        features = self.backbone(x)
+        total: torch.Tensor | None = None
+        for name in self._train_branches or ():
+            loss = self._loss(name, self.branches[name](features), _target_for(name, y))
+            self.log(
+                f"{name}/train_loss",
+                loss,
+                on_step=True,
+                on_epoch=True,
+                prog_bar=len(self._train_branches or ()) == 1,
+                batch_size=_size(x),
+            )
+            # d(sum)/d(loss_b) is exactly 1 and branches share no parameter: each branch's gradient
+            # is bitwise the gradient of its own loss, as if it trained alone
+            total = loss if total is None else total + loss
+        assert total is not None
+        return total
+
     def _evaluate(self, batch: Any, dataloader_idx: int, stage: str, metrics: nn.ModuleDict) -> torch.Tensor:
         name, keyed = self._branch_for_dataloader(stage, dataloader_idx)
+        if not keyed and self._train_branches is not None and name in self._train_branches:
+            return self._evaluate_packed(batch, stage, metrics)
         x, y = _unpack(batch)
+        y = _target_for(name, y)
         output = self(x, branch=name)
         loss = self._loss(name, output, y)
         self.log(
@@ -394,6 +503,23 @@ class MultiBranchModule(pl.LightningModule):
             collection.update(output, y)
             self.log_dict(collection, on_epoch=True, prog_bar=True, add_dataloader_idx=not keyed)
         return loss
+
+    def _evaluate_packed(self, batch: Any, stage: str, metrics: nn.ModuleDict) -> torch.Tensor:
+        """Every trained branch on one backbone pass (unkeyed dataloaders, packed branches)."""
+        x, y = _unpack(batch)
+        features = self.backbone(x)
+        losses = []
+        for name in self._train_branches or ():
+            target = _target_for(name, y)
+            output = self.branches[name](features)
+            loss = self._loss(name, output, target)
+            self.log(f"{name}/{stage}_loss", loss, on_epoch=True, sync_dist=True, batch_size=_size(x))
+            if name in metrics:
+                collection = metrics[name]
+                collection.update(output, target)
+                self.log_dict(collection, on_epoch=True)
+            losses.append(loss)
+        return torch.stack(losses).sum()
 
     def _branch_for_dataloader(self, stage: str, dataloader_idx: int) -> tuple[str, bool]:
         """``(branch, keyed)``: the branch a dataloader feeds, and whether loaders are keyed by branch."""
@@ -423,6 +549,8 @@ class MultiBranchModule(pl.LightningModule):
     # --------------------------------------------------------------------------------------------
     @override
     def configure_optimizers(self) -> Any:
+        if self._train_branches is not None:
+            return self._with_scheduler(self._packed_optimizer())
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             raise ValueError(
@@ -431,30 +559,113 @@ class MultiBranchModule(pl.LightningModule):
             )
         factory = self._optimizer_factory
         optimizer = factory(params) if factory is not None else torch.optim.AdamW(params, lr=1e-3)
+        return self._with_scheduler(optimizer)
+
+    def _with_scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
         if self._scheduler_factory is None:
             return optimizer
         scheduler = self._scheduler_factory(optimizer)
         config = dict(scheduler) if isinstance(scheduler, Mapping) else {"scheduler": scheduler}
         if isinstance(config.get("scheduler"), torch.optim.lr_scheduler.ReduceLROnPlateau):
+            if len(self.trained_branches) > 1:
+                raise ValueError(
+                    f"scheduler ReduceLROnPlateau cannot drive packed branches {self.trained_branches}: it "
+                    "monitors one metric and lowers the learning rate of every param group, which would "
+                    "couple them. Use a schedule that monitors nothing (e.g. CosineAnnealingLR, StepLR, "
+                    "LambdaLR: each param group follows its own lr), or train the branches one at a time."
+                )
             config.setdefault("monitor", f"{self._active_branch}/val_loss")
         return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def _packed_optimizer(self) -> torch.optim.Optimizer:
+        """One optimizer, one param group per trained branch (settings from ``branch_optimizers``)."""
+        groups: list[dict[str, Any]] = []
+        for name in self.trained_branches:
+            params = [p for p in self.branches[name].parameters() if p.requires_grad]
+            if not params:
+                raise ValueError(_frozen_and_trained_message([name], self.trained_branches))
+            groups.append({"params": params, **self._branch_optimizers.get(name, {}), "branch": name})
+        grouped = {id(p) for group in groups for p in group["params"]}
+        shared = [p for p in self.parameters() if p.requires_grad and id(p) not in grouped]
+        if shared:  # e.g. a backbone trained with the branches (multi-task): shared, so not independent
+            groups.append({"params": shared})
+        factory = self._optimizer_factory
+        try:
+            optimizer = factory(groups) if factory is not None else torch.optim.AdamW(groups, lr=1e-3)
+        except (ValueError, TypeError) as err:
+            raise ValueError(_GLOBAL_STATE_MESSAGE.format(optimizer=factory, reason=err)) from err
+        if len(optimizer.param_groups) != len(groups):
+            raise ValueError(
+                _GLOBAL_STATE_MESSAGE.format(
+                    optimizer=type(optimizer).__name__, reason="it did not keep one param group per branch"
+                )
+            )
+        for name, settings in self._branch_optimizers.items():
+            unknown = sorted(k for k in settings if k not in optimizer.defaults)
+            if unknown:
+                raise ValueError(
+                    f"branch_optimizers[{name!r}] sets {', '.join(repr(k) for k in unknown)}, which "
+                    f"{type(optimizer).__name__} does not take per param group; valid choices: "
+                    f"{', '.join(repr(k) for k in sorted(optimizer.defaults))}."
+                )
+        return optimizer
+
+    @override
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """As Lightning's, except that packed branches are norm-clipped each by its own gradient norm.
+
+        A norm over every parameter would let one branch's gradients shrink another's.
+        """
+        algorithm = gradient_clip_algorithm or "norm"
+        if len(self.trained_branches) < 2 or not gradient_clip_val or str(algorithm).lower() != "norm":
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        for group in optimizer.param_groups:
+            # the same call, on the same parameters in the same order, as a solo run's optimizer makes
+            torch.nn.utils.clip_grad_norm_(group["params"], gradient_clip_val)
 
     @override
     def setup(self, stage: str) -> None:
         if stage != "fit":
             return
+        self._check_packed_setup()
+        trained = self.trained_branches
         trainable = [
             name
             for name in self.branch_names
-            if name != self._active_branch and any(p.requires_grad for p in self.branches[name].parameters())
+            if name not in trained and any(p.requires_grad for p in self.branches[name].parameters())
         ]
         if trainable:
             rank_zero_warn(
                 f"MultiBranchModule: inactive branch(es) {', '.join(repr(n) for n in trainable)} have "
-                f"trainable parameters while {self._active_branch!r} trains. Only the active branch runs in "
-                "training_step, so they get no gradient, and DDP fails on them unless "
+                f"trainable parameters while {', '.join(repr(n) for n in trained)} train. Only trained "
+                "branches run in training_step, so they get no gradient, and DDP fails on them unless "
                 "find_unused_parameters=True. Add FreezeBackbone() (it freezes the backbone and the inactive "
                 "branches) or freeze them yourself."
+            )
+
+    def _check_packed_setup(self) -> None:
+        """Refuse, before training, what would make packed branches wrong or coupled."""
+        if self._train_branches is None:
+            return
+        frozen = [
+            n for n in self._train_branches if not any(p.requires_grad for p in self.branches[n].parameters())
+        ]
+        if frozen:
+            raise ValueError(_frozen_and_trained_message(frozen, self._train_branches))
+        trainer = self._trainer
+        if len(self._train_branches) > 1 and getattr(
+            getattr(trainer, "precision_plugin", None), "scaler", None
+        ):
+            raise ValueError(
+                f"Packed branches {self._train_branches} cannot train with a gradient scaler "
+                "(precision='16-mixed'): one branch's overflow would skip every branch's step and set one "
+                "shared scale. Use precision='bf16-mixed' or '32-true', or train the branches one at a time."
             )
 
     # --------------------------------------------------------------------------------------------
@@ -466,6 +677,12 @@ class MultiBranchModule(pl.LightningModule):
             "active_branch": self._active_branch,
             "branch_names": self.branch_names,
         }
+        if self._train_branches is not None:
+            checkpoint[_CHECKPOINT_KEY]["train_branches"] = list(self._train_branches)
+        metrics = _branch_metrics(self._trainer, self.branch_names)
+        if metrics:
+            # the latest per-branch metrics (e.g. "b/val_acc"): `lightning-freeze select` reads them
+            checkpoint[_CHECKPOINT_KEY]["metrics"] = metrics
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -575,6 +792,45 @@ class MultiBranchModule(pl.LightningModule):
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
+_GLOBAL_STATE_MESSAGE = (
+    "optimizer {optimizer} cannot train packed branches ({reason}): they need one optimizer param group "
+    "per branch and per-parameter state, so that no branch's step depends on another's (e.g. AdamW, Adam, "
+    "SGD, RMSprop). Use such an optimizer, or train the branches one at a time."
+)
+
+
+def _frozen_and_trained_message(frozen: Sequence[str], trained: Sequence[str]) -> str:
+    return (
+        f"Branch(es) {', '.join(repr(n) for n in frozen)} are in train_branches={list(trained)!r} but every "
+        "parameter of them is frozen (requires_grad=False, e.g. listed in FreezeBackbone(modules=...)). A "
+        "branch cannot be both frozen and trained: remove it from train_branches or from the frozen modules."
+    )
+
+
+def _target_for(name: str, target: Any) -> Any:
+    """The target of branch ``name``: ``target[name]`` when targets are keyed by branch, else ``target``."""
+    if not isinstance(target, Mapping):
+        return target
+    if name not in target:
+        raise UnknownBranchError(
+            f"The batch's targets are a dict keyed by branch but have no target for branch {name!r}; their "
+            f"keys: {', '.join(repr(k) for k in target)}. Give (x, {{branch: y}}) with every trained "
+            "branch, or (x, y) for all of them."
+        )
+    return target[name]
+
+
+def _branch_metrics(trainer: Any, branches: Sequence[str]) -> dict[str, float]:
+    """Scalar ``callback_metrics`` whose key starts with a branch name (``"<branch>/..."``)."""
+    if trainer is None:
+        return {}
+    out: dict[str, float] = {}
+    for key, value in trainer.callback_metrics.items():
+        if key.split("/", 1)[0] in branches and isinstance(value, torch.Tensor) and value.numel() == 1:
+            out[key] = float(value)
+    return out
+
+
 def check_branch_name(name: Any) -> str:
     """Check that ``name`` can name a branch (a key of the ``branches`` ``nn.ModuleDict``).
 
@@ -642,6 +898,10 @@ def _hparams(**args: Any) -> dict[str, Any]:
     num_classes = args["num_classes"]
     if num_classes is not None:
         out["num_classes"] = _plain(num_classes)
+    if args["train_branches"] is not None:
+        out["train_branches"] = list(args["train_branches"])
+    if args["branch_optimizers"]:
+        out["branch_optimizers"] = _plain(args["branch_optimizers"])
     return out
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 
-from lightning_freeze.train import load_model, read_previous_stage
+from lightning_freeze.stages import load_model, read_previous_stage
 
 
 def _console_script(name: str, module: str) -> list[str]:
@@ -97,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
             f"init_from={stage2_ckpt}",
             "branch=mod3,high",
             f"hydra.sweep.dir={stage3}",
-            "quiet=true",
+            # two jobs side by side: one log line per epoch each (naming its branch), no progress bars
+            "~callbacks.progress_bar",
+            "+trainer.enable_progress_bar=false",
+            "+trainer.enable_model_summary=false",
             *extra,
         ],
     )

@@ -1,35 +1,43 @@
-"""Every config composes; every experiment runs (fast_dev_run) in-process from its composed config."""
+"""Every shipped config composes, every option of every group runs (fast_dev_run, in-process), and every
+``_target_`` node's keys are arguments of its target."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
+from _app_stage1 import CONF, compose_app, options, shared_stage1
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import OmegaConf
+from PIL import Image
 
 import lightning_freeze.train as app
 
-CONF = Path(app.__file__).parent / "conf"
-EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+EXPERIMENTS = options("experiment")
+_compose = compose_app
+_options = options
 
 
-def _compose(overrides: list[str], run_dir: Path | None = None) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    if run_dir is not None:
-        with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = str(run_dir)
-            cfg.hydra.job.num = 0
-        HydraConfig.instance().set_config(cfg)
-    return cfg
+@pytest.fixture(scope="module")
+def stage1_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return shared_stage1(tmp_path_factory)
 
 
-def _options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+@pytest.fixture(scope="module")
+def image_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ImageFolder tree: 2 classes of 6 RGB images, 8x8 pixels."""
+    root = tmp_path_factory.mktemp("images")
+    generator = torch.Generator().manual_seed(0)
+    for label in ("cats", "dogs"):
+        (root / label).mkdir()
+        for i in range(6):
+            pixels = torch.randint(0, 256, (8, 8, 3), generator=generator, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / label / f"{i}.png")
+    return root
 
 
 def test_repository_conf_is_the_packaged_conf() -> None:
@@ -54,6 +62,14 @@ def test_every_experiment_composes(experiment: str) -> None:
     assert cfg.data.task == cfg.branch.task  # the data follows the branch
 
 
+def test_later_stages_show_init_from_as_required() -> None:
+    for experiment in ("stage2", "stage3"):
+        cfg = _compose([f"experiment={experiment}"])
+        assert OmegaConf.is_missing(cfg, "init_from")  # `--cfg job` prints `init_from: ???`
+        assert "init_from: ???" in OmegaConf.to_yaml(cfg)
+    assert _compose(["experiment=stage1"]).init_from is None
+
+
 @pytest.mark.parametrize(
     ("group", "key"),
     [
@@ -62,6 +78,8 @@ def test_every_experiment_composes(experiment: str) -> None:
         ("data", "data"),
         ("trainer", "trainer"),
         ("logger", "logger"),
+        ("callbacks", "callbacks"),
+        ("debug", "trainer"),
     ],
 )
 def test_every_group_option_composes(group: str, key: str) -> None:
@@ -73,14 +91,15 @@ def test_every_group_option_composes(group: str, key: str) -> None:
 
 
 def test_model_backbones_instantiate_with_their_feature_size() -> None:
-    expected = {"tiny_cnn": 64, "resnet18": 512, "mobilenet_v3_small": 576}
+    expected = {"tiny_cnn": 64, "resnet18": 512, "mobilenet_v3_small": 576, "timm": 512}
     assert set(_options("model")) == set(expected)
     for option, features in expected.items():
         cfg = _compose([f"model={option}"])
         assert cfg.model._target_ == "lightning_freeze.MultiBranchModule"
         assert cfg.model.optimizer._partial_ is True
         backbone = instantiate(cfg.model.backbone).eval()
-        assert backbone.out_features == features
+        # torchvision/ours: out_features; timm: num_features (the app reads either)
+        assert getattr(backbone, "out_features", None) or backbone.num_features == features
         assert backbone(torch.randn(2, 1, 8, 8)).shape == (2, features)
 
 
@@ -126,43 +145,140 @@ def test_launcher_presets_compose_even_without_the_plugin(launcher: str, target:
         assert cfg.hydra.launcher.n_jobs == 2
     if launcher == "submitit_slurm":
         assert cfg.hydra.launcher.timeout_min == 30 and "partition" in cfg.hydra.launcher
+        # preemption: SLURM signals USR2 120 s before the end, submitit requeues the same job
+        assert cfg.hydra.launcher.signal_delay_s == 120 and cfg.hydra.launcher.max_num_timeout >= 1
 
 
-@pytest.fixture(scope="module")
-def stage1_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run_dir = tmp_path_factory.mktemp("stage1")
-    cfg = _compose(
-        [
-            "experiment=stage1",
-            "quiet=true",
-            "trainer.max_epochs=1",
-            "trainer.limit_train_batches=2",
-            "trainer.limit_val_batches=1",
-        ],
-        run_dir,
-    )
-    summary = app.train(cfg)
-    assert summary.checkpoint is not None
-    return Path(summary.checkpoint)
+# ------------------------------------------------------------------------------------------------
+# every _target_ node's keys are arguments of its target
+# ------------------------------------------------------------------------------------------------
+def _target_nodes(node: Any, where: str) -> list[tuple[str, dict]]:
+    found = []
+    if isinstance(node, dict):
+        if "_target_" in node:
+            found.append((where, node))
+        for key, value in node.items():
+            found.extend(_target_nodes(value, f"{where}.{key}"))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            found.extend(_target_nodes(value, f"{where}[{index}]"))
+    return found
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_fast_dev_run_of_every_experiment(experiment: str, stage1_checkpoint: Path, tmp_path: Path) -> None:
-    overrides = [f"experiment={experiment}", "trainer.fast_dev_run=true", "quiet=true"]
-    if experiment != "stage1":
+def _locate(target: str) -> Any:
+    parts = target.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for part in parts[cut:]:
+            obj = getattr(obj, part)
+        return obj
+    raise ImportError(target)
+
+
+def _keys(node: dict) -> list[str]:
+    """The arguments a node passes (not Hydra's ``_target_``/``_partial_``, nor a defaults list)."""
+    return [k for k in node if not k.startswith("_") and k != "defaults"]
+
+
+def test_every_target_node_matches_its_signature() -> None:
+    checked, missing_plugins, problems = 0, set(), []
+    for path in sorted(CONF.rglob("*.yaml")):
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        for where, node in _target_nodes(raw, path.relative_to(CONF).as_posix()):
+            try:
+                target = _locate(node["_target_"])
+            except (ImportError, AttributeError):
+                assert node["_target_"].startswith("hydra_plugins."), (where, node["_target_"])
+                missing_plugins.add(node["_target_"])  # an optional plugin that is not installed here
+                continue
+            parameters = inspect.signature(target).parameters
+            if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+                named = set(parameters)  # e.g. timm.create_model(model_name, pretrained, **kwargs)
+                unknown = [k for k in _keys(node) if k not in named and k not in ("num_classes", "in_chans")]
+            else:
+                unknown = [k for k in _keys(node) if k not in parameters]
+            if unknown:
+                problems.append(f"{where} ({node['_target_']}): {unknown}")
+            checked += 1
+    assert problems == []
+    assert checked >= 30
+    assert missing_plugins <= {"hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"}
+
+
+# ------------------------------------------------------------------------------------------------
+# every option of every group runs
+# ------------------------------------------------------------------------------------------------
+def _cases() -> list[Any]:
+    cases = []
+    groups = ("model", "branch", "data", "callbacks", "logger", "trainer", "trainer/precision", "launcher")
+    for group in groups:
+        cases += [pytest.param(group, option, id=f"{group}={option}") for option in options(group)]
+    cases += [pytest.param("experiment", option, id=f"experiment={option}") for option in EXPERIMENTS]
+    cases += [pytest.param("debug", option, id=f"debug={option}") for option in options("debug")]
+    cases += [pytest.param("hparams_search", o, id=f"hparams_search={o}") for o in options("hparams_search")]
+    return cases
+
+
+def _skip_reason(group: str, option: str) -> str | None:
+    gpu = torch.cuda.is_available()
+    needs_gpu = {("trainer", "gpu"), ("trainer", "ddp"), ("trainer/precision", "16_mixed")}
+    if (group, option) in needs_gpu and not gpu:
+        return "needs a GPU (composition is tested above)"
+    if (group, option) == ("trainer", "ddp_cpu"):
+        return (
+            "DDP relaunches the command line: test_train_app.py::test_ddp_cpu_from_the_command_line runs it"
+        )
+    if (group, option) == ("logger", "tensorboard"):
+        for module in ("tensorboard", "tensorboardX"):
+            if importlib.util.find_spec(module) is not None:
+                return None
+        return "needs `pip install tensorboard`"
+    if group == "hparams_search" and importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None:
+        return "needs `pip install hydra-optuna-sweeper` (the optuna extra)"
+    return None
+
+
+@pytest.mark.parametrize(("group", "option"), _cases())
+def test_every_option_of_every_group_runs(
+    group: str, option: str, stage1_checkpoint: Path, image_root: Path, tmp_path: Path
+) -> None:
+    reason = _skip_reason(group, option)
+    if reason:
+        pytest.skip(reason)
+    overrides = [f"{group}={option}", "quiet=true"]
+    if group == "debug":
+        overrides += ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1"]
+        if option == "overfit":
+            overrides.append("trainer.overfit_batches=1")
+    else:
+        overrides.append("trainer.fast_dev_run=true")
+    if (group, option) in {("data", "image_folder"), ("branch", "folder")}:
+        overrides += ["data=image_folder", "branch=folder", f"data.root={image_root}", "data.num_workers=0"]
+    stage2 = group == "experiment" and option != "stage1"
+    if stage2:
         overrides.append(f"init_from={stage1_checkpoint}")
     cfg = _compose(overrides, tmp_path)
+    if group == "hparams_search":
+        assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+        assert cfg.hydra.sweeper.direction == "maximize"
+        assert cfg.optimized_metric == f"{cfg.branch.name}/val_acc"
     summary = app.train(cfg)
-    names = [row["name"] for row in summary.branches]
-    assert names[-1] == cfg.branch.name
-    assert all(row["val_acc"] is not None and 0.0 <= row["val_acc"] <= 1.0 for row in summary.branches)
-    if experiment != "stage1":
-        assert names == ["digit", cfg.branch.name]
-        assert summary.frozen_changed == 0
-        assert summary.frozen_check.startswith("checked ") and summary.frozen_check.endswith(": 0 changed")
+    rows = {row["name"]: row for row in summary.branches}
+    trained = rows[cfg.branch.name]
+    assert trained["status"] == "trained"
+    assert 0.0 <= trained["val_acc"] <= 1.0  # validation ran on the trained branch's data
     assert (tmp_path / "summary.json").is_file()
+    if stage2:
+        assert list(rows) == ["digit", cfg.branch.name] and rows["digit"]["status"] == "frozen"
+        assert summary.frozen_changed == 0 and summary.frozen_check.endswith(": 0 changed")
 
 
+# ------------------------------------------------------------------------------------------------
+# the summary and the allow-list
+# ------------------------------------------------------------------------------------------------
 def test_summary_tells_a_branch_changed_when_unfreeze_at_epoch_unfroze_the_backbone(
     stage1_checkpoint: Path, tmp_path: Path
 ) -> None:

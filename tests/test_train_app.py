@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -228,41 +229,118 @@ def test_the_app_runs_from_the_installed_wheel(tmp_path: Path, dists: dict[str, 
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("overrides", "message"),
     [
-        (["foo=1"], "Could not override 'foo'."),
-        (["model=nope"], "Could not find 'model/nope'"),
         (
             ["experiment=stage2"],
-            "Error: Missing mandatory value: init_from (stage=2 starts from the checkpoint",
+            "Missing mandatory value: init_from (stage=2 starts from the checkpoint",
         ),
-        (["experiment=stage2", "init_from=missing.ckpt"], "Error: init_from='missing.ckpt': no such file"),
+        (["experiment=stage2", "init_from=missing.ckpt"], "init_from='missing.ckpt': no such file"),
         (
             ["experiment=stage2", "init_from={s2}", "branch=digit"],
-            "Error: branch.name='digit' collides with a branch of init_from=",
+            "branch.name='digit' collides with a branch of init_from=",
         ),
         (
             ["data=image_folder", "branch=folder", "data.root=no/such/folder"],
-            "Error: data (lightning_freeze.data.ImageFolderDataModule): "
-            "data.root='no/such/folder' is not a folder",
+            "data (lightning_freeze.data.ImageFolderDataModule): data.root='no/such/folder' is not a folder",
         ),
     ],
 )
 def test_bad_input_is_one_clear_line(
-    args: list[str], message: str, stages: dict[str, Path], tmp_path: Path
+    overrides: list[str], message: str, stages: dict[str, Path], tmp_path: Path
 ) -> None:
-    args = [a.format(s2=stages["s2"]) for a in args]
-    result = _app([*args, "quiet=true", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
-    assert result.returncode == 1
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
-    assert not (tmp_path / "run").exists()  # nothing written: no empty output directory left behind
-    if message.startswith("Error: "):  # the app's own errors: exactly one line
-        assert [line for line in result.stderr.splitlines() if line.strip()] == [result.stderr.strip()]
+    from _app_stage1 import compose_app
+
+    import lightning_freeze.train as app
+
+    cfg = compose_app([o.format(s2=stages["s2"]) for o in overrides], tmp_path / "run")
+    with pytest.raises(app.AppInputError) as info:
+        app.train(cfg)
+    text = str(info.value)
+    assert text.startswith(message) and "\n" not in text
     if "collides" in message:
-        assert "(its branches: digit, parity)" in result.stderr
+        assert "(its branches: digit, parity)" in text
         # the hint never suggests a taken name
-        assert result.stderr.rstrip().endswith(
+        assert text.endswith(
             "choose a new branch (shipped options not taken: folder, high, mod3) or "
             "rename this one: branch.name=digit_2"
         )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # Hydra refuses the command line: its multi-line message, as one line
+        (
+            ["foo=1"],
+            "Error: Could not override 'foo'; To append to your config use +foo=1; "
+            "Key 'foo' is not in struct",
+        ),
+        (["model=nope"], "Error: In 'train': Could not find 'model/nope'"),
+        # a package check that fails inside fit: one line, not a 30-line traceback
+        (
+            ["callbacks=[default,freeze_backbone]", "callbacks.freeze_backbone.modules=backbon"],
+            "Error: ",
+        ),
+    ],
+)
+def test_the_command_line_reports_a_config_mistake_in_one_line_and_exit_1(
+    args: list[str], message: str, tmp_path: Path
+) -> None:
+    result = _app(
+        [*args, "quiet=true", "trainer.fast_dev_run=true", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path
+    )
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(message), result.stderr
+    if "backbon" in " ".join(args):
+        assert "'backbon'" in lines[0] and "backbone" in lines[0]
+    assert not (tmp_path / "run").exists()  # nothing written: no empty output directory left behind
+
+
+def test_hydra_full_error_shows_the_traceback(tmp_path: Path) -> None:
+    env = _env()
+    env["HYDRA_FULL_ERROR"] = "1"
+    result = _app(["foo=1", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, env=env)
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "Could not override 'foo'" in result.stderr
+
+
+def test_package_and_lightning_logs_and_the_summary_reach_train_log(stages: dict[str, Path]) -> None:
+    log = (stages["root"] / "s2" / "train.log").read_text()
+    assert "MultiBranchModule: loaded" in log  # the package
+    assert "`Trainer.fit` stopped" in log  # Lightning
+    assert "summary (trained branch: parity)" in log and "frozen tensors: checked" in log  # the summary
+    # quiet=true keeps the console short, not the log file; and nothing is printed twice
+    out = (stages["root"] / "s2_stdout.txt").read_text()
+    assert "MultiBranchModule: loaded" not in out and out.count("summary (trained branch: parity)") == 1
+
+
+def test_help_imports_neither_torch_nor_lightning(tmp_path: Path) -> None:
+    # --help composes the configs (Hydra) and needs nothing of the training stack: it answers fast
+    probe = (
+        "import sys\n"
+        "sys.argv = ['lightning-freeze-train', '--help']\n"
+        "from lightning_freeze.train import main\n"
+        "try:\n    main()\nexcept SystemExit as exit_:\n    assert exit_.code in (0, None), exit_.code\n"
+        "print('loaded:', sorted(m for m in ('torch', 'lightning', 'timm') if m in sys.modules))\n"
+    )
+    result = _ok(subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=_env(), capture_output=True,
+                                text=True, timeout=120, check=False))  # fmt: skip
+    assert "== Config ==" in result.stdout and "hparams_search: optuna" in result.stdout
+    assert result.stdout.rstrip().endswith("loaded: []")
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None,
+    reason="needs the optuna extra: pip install hydra-optuna-sweeper",
+)
+def test_hparams_search_optuna_sweeps_on_optimized_metric(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    args = ["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2"]
+    args.append("hydra.sweeper.sampler.n_startup_trials=2")
+    result = _ok(_app([*args, f"hydra.sweep.dir={sweep}", *FAST], tmp_path))
+    trials = [json.loads((sweep / job / "summary.json").read_text()) for job in ("0_digit", "1_digit")]
+    best = max(t["branches"][0]["val_acc"] for t in trials)  # the objective: digit/val_acc, maximised
+    assert f"Best value: {best}" in result.stdout
+    assert "best_value: " in (sweep / "optimization_results.yaml").read_text()

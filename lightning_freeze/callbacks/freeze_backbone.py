@@ -515,9 +515,13 @@ class FreezeBackbone(Callback):
         """``(names from `modules`, inactive branch names)``."""
         branches = getattr(pl_module, "branches", None)
         active = getattr(pl_module, "active_branch", None)
+        # MultiBranchModule(train_branches=[...]) trains several branches: keep all of them trainable
+        trained = getattr(pl_module, "trained_branches", None)
+        if trained is None and active is not None:
+            trained = [active]
         inactive: list[str] = []
-        if self.freeze_inactive_branches and isinstance(branches, torch.nn.ModuleDict) and active is not None:
-            inactive = [f"branches.{name}" for name in branches if name != active]
+        if self.freeze_inactive_branches and isinstance(branches, torch.nn.ModuleDict) and trained:
+            inactive = [f"branches.{name}" for name in branches if name not in trained]
         return list(self.modules), inactive
 
     def _still_frozen_names(self) -> list[str]:

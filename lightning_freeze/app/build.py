@@ -1,0 +1,257 @@
+"""Instantiation helpers of the training app: data, model, callbacks, loggers and trainer from the config.
+
+Every object is built with :func:`lightning_freeze.instantiate.instantiate` (the allow-listed one);
+its errors become one-line :class:`~lightning_freeze.app.AppInputError`\\ s.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ProgressBar
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_freeze.app import AppInputError
+from lightning_freeze.app.settings import has_weights, to_container, without_weights
+from lightning_freeze.callbacks.freeze_backbone import FreezeBackbone
+from lightning_freeze.core.keys import free_branch_name
+from lightning_freeze.instantiate import ConfigInstantiationError, instantiate
+from lightning_freeze.module import check_branch_name
+from lightning_freeze.stages import RECORD_VERSION, PreviousStage, StageRecord
+
+__all__ = [
+    "build_callbacks",
+    "build_datamodule",
+    "build_loggers",
+    "build_model",
+    "build_trainer",
+    "check_new_branch",
+    "feature_size",
+    "instantiate_node",
+]
+
+log = logging.getLogger("lightning_freeze.train")
+#: backbone attributes that give the size of its feature vector (torchvision/ours, timm)
+FEATURE_ATTRIBUTES = ("out_features", "num_features")
+
+
+def instantiate_node(node: Any, key: str, *, check: bool = False, **kwargs: Any) -> Any:
+    """:func:`lightning_freeze.instantiate.instantiate`, its errors as one-line :class:`AppInputError`.
+
+    ``check=True`` for configs that become part of the model (they may come from ``init_from``);
+    the app's own trainer/callbacks/logger/data nodes are the user's config and are not checked.
+    """
+    try:
+        return instantiate(node, key, check=check, **kwargs)
+    except ConfigInstantiationError as err:
+        raise AppInputError(str(err)) from err
+
+
+def check_new_branch(name: Any, previous: PreviousStage | None, init_from: str | None) -> str:
+    """The new branch's name: valid, and not one of ``init_from``'s branches."""
+    try:
+        check_branch_name(name)
+    except ValueError as err:
+        raise AppInputError(f"branch.name: {err}") from err
+    if previous is not None and name in previous.branches:
+        shipped = sorted(p.stem for p in (Path(__file__).parent.parent / "conf" / "branch").glob("*.yaml"))
+        free = [option for option in shipped if option not in previous.branches]
+        example = f" (shipped options not taken: {', '.join(free)})" if free else ""
+        raise AppInputError(
+            f"branch.name={name!r} collides with a branch of init_from={init_from!r} "
+            f"(its branches: {', '.join(previous.branches)}); choose a new branch{example} or "
+            f"rename this one: branch.name={free_branch_name(name, previous.branches)}"
+        )
+    return name
+
+
+def build_datamodule(cfg: DictConfig) -> tuple[L.LightningDataModule, int]:
+    """The data module, and the branch's class count (``branch.num_classes``, ``???``: the data's)."""
+    datamodule = instantiate_node(cfg.data, "data")
+    data_classes = getattr(datamodule, "num_classes", None)
+    branch_cfg = cfg.branch
+    if OmegaConf.is_missing(branch_cfg, "num_classes"):
+        if data_classes is None:
+            raise AppInputError("Missing mandatory value: branch.num_classes")
+        branch_cfg.num_classes = data_classes
+    num_classes = branch_cfg.num_classes
+    if data_classes is not None and data_classes != num_classes:
+        raise AppInputError(
+            f"branch.num_classes={num_classes} but the data ({type(datamodule).__name__}) has "
+            f"{data_classes} classes; valid choice: branch.num_classes={data_classes}"
+        )
+    return datamodule, num_classes
+
+
+def feature_size(backbone: Any, target: Any) -> int:
+    """The size of the backbone's feature vector: its ``out_features`` or (timm) ``num_features``."""
+    for attribute in FEATURE_ATTRIBUTES:
+        value = getattr(backbone, attribute, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    raise AppInputError(
+        f"model.backbone ({target}) has no integer `out_features` or `num_features` attribute; "
+        "set branch.head.in_features to the size of its feature vector"
+    )
+
+
+def build_model(
+    cfg: DictConfig,
+    name: str,
+    num_classes: int,
+    backbone_cfg: dict[str, Any] | None,
+    previous: PreviousStage | None,
+    init_from: str | None,
+    init_weights: str,
+    stage: int,
+) -> tuple[Any, StageRecord]:
+    """The :class:`~lightning_freeze.MultiBranchModule` of this stage, and the record its checkpoints get.
+
+    Stage 1 (``previous is None``): the backbone from ``model.backbone``, pretrained weights (if
+    any) loaded once and copied in. Later stages: ``backbone_cfg`` (the previous stage's) and every
+    branch of ``init_from``, loaded exactly (its ``init_weights``: raw or EMA), plus the new branch.
+    """
+    if previous is None:
+        backbone_cfg = to_container(cfg.model.backbone)
+        probe = instantiate_node(backbone_cfg, "model.backbone", check=True)
+    else:
+        assert backbone_cfg is not None
+        probe = instantiate_node(backbone_cfg, "model.backbone", check=True)
+    pretrained = probe if previous is None and has_weights(backbone_cfg) else None
+
+    head_cfg = to_container(cfg.branch.head)
+    if head_cfg.get("in_features") is None:
+        head_cfg["in_features"] = feature_size(probe, backbone_cfg.get("_target_"))
+    instantiate_node(head_cfg, "branch.head", check=True)  # refuse a bad head config here, in one line
+    branches = {**(previous.branches if previous is not None else {}), name: head_cfg}
+
+    model_cfg = OmegaConf.create(
+        {
+            k: v
+            for k, v in to_container(cfg.model).items()
+            if k not in ("backbone", "branches", "active_branch")
+        }
+    )
+    model = instantiate_node(
+        model_cfg,
+        "model",
+        backbone=without_weights(backbone_cfg),
+        branches=branches,
+        active_branch=name,
+        _recursive_=False,
+    )
+    if pretrained is not None:
+        model.backbone.load_state_dict(pretrained.state_dict(), strict=True)
+    if init_from is not None:
+        try:
+            fresh = model.init_from_checkpoint(init_from, weights=init_weights)
+        except (KeyError, ValueError) as err:
+            raise AppInputError(f"init_from={init_from!r}: {err}") from err
+        if list(fresh) != [name]:
+            raise AppInputError(
+                f"init_from={init_from!r}: expected only {name!r} to be new, got {list(fresh)}"
+            )
+
+    record_branches = dict(previous.record) if previous is not None else {}
+    record_branches[name] = {
+        "task": cfg.branch.get("task"),
+        "num_classes": num_classes,
+        "data": to_container(cfg.data),
+        "stage": stage,
+    }
+    unresolved = OmegaConf.to_container(cfg.model, resolve=False)
+    record = {
+        "version": RECORD_VERSION,
+        "stage": stage,
+        # unresolved: ${trainer.max_epochs} follows the next stage's trainer
+        "model": {k: v for k, v in unresolved.items() if k not in ("backbone", "branches", "active_branch")},
+        "data": to_container(cfg.data),
+        "branches": record_branches,
+    }
+    return model, StageRecord(record)
+
+
+def _nodes(cfg: DictConfig, key: str) -> list[tuple[str, Any]]:
+    return [(k, node) for k, node in (cfg.get(key) or {}).items() if node is not None and "_target_" in node]
+
+
+def build_callbacks(cfg: DictConfig, *, has_logger: bool, quiet: bool) -> list[Callback]:
+    """The ``callbacks`` group (LR monitor only with a logger, no progress bar when ``quiet``)."""
+    callbacks = [instantiate_node(node, f"callbacks.{key}") for key, node in _nodes(cfg, "callbacks")]
+    if not has_logger:
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    if quiet:
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    return callbacks
+
+
+def build_loggers(cfg: DictConfig) -> list[Any]:
+    """The ``logger`` group."""
+    return [instantiate_node(node, f"logger.{key}") for key, node in _nodes(cfg, "logger")]
+
+
+def build_trainer(
+    cfg: DictConfig, callbacks: list[Callback], loggers: list[Any], *, quiet: bool
+) -> L.Trainer:
+    """The Trainer of ``cfg.trainer`` with the callbacks and loggers (refuses DDP in a local multirun)."""
+    kwargs: dict[str, Any] = {"callbacks": callbacks, "logger": loggers or False}
+    if quiet:
+        kwargs.update(enable_progress_bar=False, enable_model_summary=False)
+    trainer = instantiate_node(cfg.trainer, "trainer", **kwargs)
+    _check_multirun_ddp(trainer)
+    return trainer
+
+
+def resume_checkpoint(cfg: DictConfig, trainer: L.Trainer) -> str | None:
+    """The checkpoint ``trainer.fit`` resumes from: ``ckpt_path``, or after a SLURM requeue the run's own."""
+    from lightning_freeze.app.runtime import requeued_checkpoint
+
+    if cfg.get("ckpt_path"):
+        path = str(cfg.ckpt_path)
+        if not Path(path).expanduser().is_file():
+            raise AppInputError(f"ckpt_path={path!r}: no such file (the checkpoint of the run to resume)")
+        return path
+    checkpoint_dir = getattr(trainer.checkpoint_callback, "dirpath", None)
+    return requeued_checkpoint(trainer.default_root_dir, checkpoint_dir)
+
+
+def freeze_callback(callbacks: list[Callback], stage: int) -> FreezeBackbone | None:
+    """The FreezeBackbone among ``callbacks`` (a warning at a later stage without one)."""
+    freezer = next((c for c in callbacks if isinstance(c, FreezeBackbone)), None)
+    if stage > 1 and freezer is None:
+        log.warning(
+            "stage %d without a FreezeBackbone callback: the backbone and earlier branches will train", stage
+        )
+    return freezer
+
+
+def _check_multirun_ddp(trainer: L.Trainer) -> None:
+    """Lightning's DDP launcher re-runs ``sys.argv``: inside a local multirun that is the whole sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+    except ImportError:  # pragma: no cover - other Lightning versions
+        return
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if (
+        isinstance(launcher, _SubprocessScriptLauncher)
+        and HydraConfig.initialized()
+        and HydraConfig.get().mode == RunMode.MULTIRUN
+    ):
+        raise AppInputError(
+            "trainer.strategy=ddp (subprocess launcher) cannot run inside a local multirun (-m): Lightning "
+            "re-runs the command line in each child process, i.e. the whole sweep. Run the jobs one by one, "
+            "or use launcher=submitit_slurm (SLURM starts the processes), or trainer.strategy=ddp_spawn"
+        )
+
+
+def metric(metrics: Mapping[str, Any], key: str) -> float | None:
+    """``metrics[key]`` as a float, ``None`` when absent."""
+    value = metrics.get(key)
+    return None if value is None else float(value)

@@ -1,0 +1,603 @@
+"""Packed sweeps: the jobs of a multirun that differ only in branch-level settings, trained in one process.
+
+Used by the Hydra launcher ``launcher=packed``
+(``hydra_plugins.lightning_freeze_packed_launcher``). The launcher composes every job's config and
+asks :func:`why_not_packable`. When the jobs differ only in ``model.optimizer.*`` (not its
+``_target_``) and ``branch.*`` (not ``branch.name``):
+
+1. :func:`build_job` runs the app's own :func:`lightning_freeze.train.train` for each job up to the
+   moment ``Trainer.fit`` starts, and keeps what it built: the module (backbone loaded from
+   ``init_from``, the job's freshly initialised branch), the data, the trainer and its callbacks,
+   and the random state at that moment. Nothing is copied from the app, so each variant starts
+   exactly where its job would.
+2. :func:`train_packed` checks that the jobs share bitwise the same backbone and earlier branches and
+   the same random state (so the same batches in the same order), then trains every job's branch as
+   a packed variant of one :class:`~lightning_freeze.MultiBranchModule` (``train_branches``, one
+   param group per variant with the job's optimizer settings) on one backbone pass per batch.
+3. :func:`write_job` writes each job's checkpoint (with the job's own module, hyper-parameters,
+   the app's record, the variant's EMA shadow and optimizer state), ``summary.json`` and printed
+   summary, as the job alone would, and returns its objective (the trained branch's ``val_acc``).
+
+Each job's branch weights are bitwise those the job writes when run alone with the basic launcher
+(CPU, same seed, ``trainer.deterministic=true``): the backbone is frozen, so the variants share no
+parameter and the summed loss gives each exactly its own gradient.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+__all__ = [
+    "BRANCH_LEVEL_KEYS",
+    "JobBuild",
+    "PackedRun",
+    "adopt",
+    "build_job",
+    "train_packed",
+    "why_not_packable",
+    "write_job",
+]
+
+log = logging.getLogger(__name__)
+
+#: config keys that may differ between the jobs of a packed sweep (dotted prefixes)
+BRANCH_LEVEL_KEYS = ("model.optimizer.", "branch.")
+_NOT_BRANCH_LEVEL = ("model.optimizer._target_", "model.optimizer._partial_", "branch.name")
+_CAPTURE_KEY = "_packed_launcher_capture"
+_MAX_SHOWN = 5
+
+
+# ------------------------------------------------------------------------------------------------
+# which sweeps can be packed
+# ------------------------------------------------------------------------------------------------
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, Mapping):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out or {prefix.rstrip("."): {}}
+    return {prefix.rstrip("."): node}
+
+
+def differing_keys(configs: Sequence[DictConfig]) -> list[str]:
+    """Dotted keys whose (unresolved) value is not the same in every config; ``hydra`` is ignored."""
+    flat = []
+    for cfg in configs:
+        container = OmegaConf.to_container(cfg, resolve=False)
+        assert isinstance(container, dict)
+        container.pop("hydra", None)
+        flat.append(_flatten(container))
+    keys = list(dict.fromkeys(k for f in flat for k in f))
+    missing = object()
+    return [k for k in keys if any(f.get(k, missing) != flat[0].get(k, missing) for f in flat[1:])]
+
+
+def why_not_packable(configs: Sequence[DictConfig]) -> str | None:
+    """Why these job configs cannot train as packed variants, or ``None`` when they can.
+
+    Packable: at least two jobs, differing only in branch-level settings: ``model.optimizer.*``
+    (not its ``_target_``/``_partial_``: one optimizer holds every variant) and ``branch.*``
+    (not ``branch.name``).
+    """
+    if len(configs) < 2:
+        return f"{len(configs)} job(s): nothing to pack"
+    other = [
+        k
+        for k in differing_keys(configs)
+        if not k.startswith(BRANCH_LEVEL_KEYS) or k in _NOT_BRANCH_LEVEL or k.startswith("branch.name.")
+    ]
+    if other:
+        shown = ", ".join(other[:_MAX_SHOWN]) + (
+            f", ... ({len(other)} in all)" if len(other) > _MAX_SHOWN else ""
+        )
+        return (
+            f"the jobs differ in {shown}, not only in branch-level settings "
+            "(model.optimizer.* except _target_, branch.* except branch.name)"
+        )
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. build each job with the app, up to Trainer.fit
+# ------------------------------------------------------------------------------------------------
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _same_rng_state(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    numpy_a, numpy_b = a["numpy"], b["numpy"]
+    return (
+        torch.equal(a["torch"], b["torch"])
+        and a["python"] == b["python"]
+        and numpy_a[0] == numpy_b[0]
+        and np.array_equal(numpy_a[1], numpy_b[1])
+        and tuple(numpy_a[2:]) == tuple(numpy_b[2:])
+        and len(a.get("cuda", ())) == len(b.get("cuda", ()))
+        and all(torch.equal(x, y) for x, y in zip(a.get("cuda", ()), b.get("cuda", ()), strict=True))
+    )
+
+
+class _Captured(Exception):
+    def __init__(self, build: JobBuild) -> None:
+        super().__init__("captured")
+        self.build = build
+
+
+class PackedCapture(Callback):
+    """Stops the app's ``Trainer.fit`` at its first hook and hands over what the app built.
+
+    Inserted as the first callback of each job by :func:`build_job`; not for direct use.
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # the random state at the first callback hook of the fit; the packed fit restores it at the
+        # same hook, so its batches come in the job's order
+        raise _Captured(JobBuild(model=pl_module, trainer=trainer, rng=_rng_state()))
+
+
+class _RestoreRandomState(Callback):
+    """First callback of the packed fit: the jobs' random state at the same hook."""
+
+    def __init__(self, state: Mapping[str, Any]) -> None:
+        self.state = state
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            _set_rng_state(self.state)
+
+
+@dataclass
+class JobBuild:
+    """What the app built for one job, stopped where ``Trainer.fit`` starts.
+
+    Attributes:
+        model: the job's :class:`~lightning_freeze.MultiBranchModule` (trains ``model.active_branch``).
+        trainer: the job's trainer (its callbacks, loggers and datamodule).
+        rng: the random state (torch, Python, NumPy) at the first callback hook of the job's fit.
+        cfg: the job's composed config (set by :func:`build_job`).
+        output_dir: the job's output directory.
+    """
+
+    model: Any
+    trainer: Any
+    rng: dict[str, Any]
+    cfg: DictConfig | None = None
+    output_dir: str | None = None
+
+    @property
+    def branch(self) -> str:
+        """The branch the job trains."""
+        return str(self.model.active_branch)
+
+
+def build_job(cfg: DictConfig) -> JobBuild:
+    """Run the app (:func:`lightning_freeze.train.train`) on ``cfg`` until ``Trainer.fit`` starts.
+
+    Call it inside the job's Hydra context (``hydra.core.utils.run_job``), so that the job's
+    output directory is set.
+    """
+    from lightning_freeze.train import train
+
+    job_cfg = copy.deepcopy(cfg)
+    with open_dict(job_cfg):
+        callbacks = job_cfg.get("callbacks") or {}
+        # first: it stops the fit before any other callback (e.g. FreezeBackbone) touches the module
+        job_cfg.callbacks = {_CAPTURE_KEY: {"_target_": f"{__name__}.PackedCapture"}, **callbacks}
+    try:
+        train(job_cfg)
+    except _Captured as captured:
+        build = captured.build
+    else:  # pragma: no cover - train() always fits
+        raise RuntimeError("lightning_freeze.train.train returned without calling Trainer.fit")
+    build.cfg = cfg
+    output_dir = cfg.paths.output_dir if cfg.get("paths") else None
+    build.output_dir = str(Path(output_dir).resolve()) if output_dir else None
+    return build
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. one packed fit
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class PackedRun:
+    """The packed training of a sweep's jobs.
+
+    Attributes:
+        model: the packed module (``train_branches`` = one variant per job).
+        trainer: the trainer that fitted it.
+        variants: per job, the variant's branch name in :attr:`model`.
+        metrics: per job, the variant's logged metrics renamed to the job's branch (``"b/val_acc"``).
+        frozen_rows: validation of the earlier (frozen) branches, identical for every job.
+        callback_states: ``{state_key: state}`` of the packed trainer's callbacks.
+        optimizer_state: the packed optimizer's ``state_dict`` (one param group per variant).
+    """
+
+    model: Any
+    trainer: Any
+    variants: list[str]
+    metrics: list[dict[str, float]] = field(default_factory=list)
+    frozen_rows: dict[str, dict[str, Any]] = field(default_factory=dict)
+    callback_states: dict[str, Any] = field(default_factory=dict)
+    optimizer_state: dict[str, Any] | None = None
+    scheduler_states: list[dict[str, Any]] = field(default_factory=list)
+    loop_states: Any = None
+
+
+class _LoopState(Callback):
+    """Loop counters at the moments a job's ModelCheckpoint saves (validation end, train epoch end)."""
+
+    def __init__(self) -> None:
+        self.at_validation_end: dict[str, Any] = {}
+        self.at_train_epoch_end: dict[str, Any] = {}
+
+    @staticmethod
+    def _snapshot(trainer: L.Trainer) -> dict[str, Any]:
+        return copy.deepcopy(
+            {
+                "epoch": trainer.current_epoch,
+                "global_step": trainer.global_step,
+                "loops": trainer._checkpoint_connector._get_loops_state_dict(),
+            }
+        )
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self.at_validation_end = self._snapshot(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.at_train_epoch_end = self._snapshot(trainer)
+
+
+def _shared_state(model: Any, branch: str) -> dict[str, torch.Tensor]:
+    prefix = f"branches.{branch}."
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(prefix)}
+
+
+def adopt(first: JobBuild, build: JobBuild, index: int) -> str | None:
+    """Check that ``build`` can share one packed fit with ``first``, and share ``first``'s modules.
+
+    On success ``build.model`` holds ``first``'s backbone and earlier branches (bitwise equal, so
+    one copy in memory for the whole sweep) and only its own branch.
+
+    Returns:
+        why the job cannot be packed with ``first``, or ``None``.
+    """
+    reason = _unsupported_checkpointing(build)
+    if reason is not None:
+        return f"job {index}: {reason}"
+    if build is first:
+        return None
+    if build.branch != first.branch:
+        return f"job {index} trains branch {build.branch!r}, the first job {first.branch!r}"
+    shared = _shared_state(first.model, first.branch)
+    other = _shared_state(build.model, build.branch)
+    differ = [k for k in shared if k not in other or not torch.equal(shared[k], other[k])]
+    if differ or set(other) != set(shared):
+        return (
+            f"job {index} does not start from bitwise the same backbone and earlier branches as the first "
+            f"job (e.g. {(differ or sorted(set(other) ^ set(shared)))[0]})"
+        )
+    if not _same_rng_state(first.rng, build.rng):
+        return (
+            f"job {index} reaches Trainer.fit with another random state than the first job (e.g. a head of"
+            " another size draws more random numbers), so its batches would come in another order"
+        )
+    build.model.backbone = first.model.backbone
+    for name in first.model.branch_names:
+        if name != first.branch:
+            build.model.branches[name] = first.model.branches[name]
+    return None
+
+
+def _unsupported_checkpointing(build: JobBuild) -> str | None:
+    """Packed jobs write one checkpoint each, at the end: refuse ModelCheckpoints that do more."""
+    for cb in build.trainer.callbacks:
+        if isinstance(cb, ModelCheckpoint) and (
+            cb.monitor is not None
+            or cb.save_last
+            or getattr(cb, "_every_n_train_steps", 0)
+            or getattr(cb, "_train_time_interval", None) is not None
+            or getattr(cb, "_every_n_epochs", 1) != 1
+        ):
+            return (
+                "its ModelCheckpoint saves by a monitored metric, by steps or time, or a last.ckpt besides; "
+                "packed jobs write one checkpoint each, after training (monitor=null, save_last=false)"
+            )
+    return None
+
+
+def _optimizer_settings(model: Any) -> dict[str, Any]:
+    config = model.hparams.get("optimizer")
+    if not isinstance(config, Mapping):
+        return {}
+    return {k: v for k, v in config.items() if not str(k).startswith("_")}
+
+
+def train_packed(builds: Sequence[JobBuild], root: str | Path) -> PackedRun:
+    """Train every job's branch as one packed variant, on one backbone pass per batch.
+
+    Args:
+        builds: the jobs, from :func:`build_job` (each checked with :func:`adopt`).
+        root: directory for the packed fit's own logs (``<root>/csv`` with a variant per column).
+
+    Returns:
+        the :class:`PackedRun`; each job's module (``builds[k].model``) now holds its trained branch
+        (the packed module trains the jobs' own branch modules).
+
+    Raises:
+        ValueError: the jobs cannot share one fit (see :func:`adopt`).
+    """
+    from lightning_freeze.module import MultiBranchModule
+
+    first = builds[0]
+    name = first.branch
+    base = first.model
+    for index, build in enumerate(builds[1:], start=1):
+        reason = adopt(first, build, index) if build.model.backbone is not base.backbone else None
+        if reason is not None:
+            raise ValueError(f"cannot pack these jobs: {reason}")
+    variants = _variant_names(name, base.branch_names, len(builds))
+    earlier = [b for b in base.branch_names if b != name]
+    branches = {b: base.branches[b] for b in earlier}
+    branches.update({v: build.model.branches[name] for v, build in zip(variants, builds, strict=True)})
+    losses = {b: base._losses[b] for b in earlier if b in base._losses}
+    losses.update(
+        {v: b.model._losses[name] for v, b in zip(variants, builds, strict=True) if name in b.model._losses}
+    )
+    metrics: dict[str, Any] = {b: _metric_of(base, b) for b in earlier}
+    metrics.update({v: _metric_of(b.model, name) for v, b in zip(variants, builds, strict=True)})
+    packed = MultiBranchModule(
+        base.backbone,
+        branches,
+        losses=losses,
+        metrics=metrics,
+        optimizer=base._optimizer_factory,
+        scheduler=base._scheduler_factory,
+        train_branches=variants,
+        branch_optimizers={v: _optimizer_settings(b.model) for v, b in zip(variants, builds, strict=True)},
+    )
+
+    job_trainer = first.trainer
+    callbacks = [
+        cb
+        for cb in job_trainer.callbacks
+        if not isinstance(cb, (PackedCapture, ModelCheckpoint)) and type(cb).__name__ != "_AppRecord"
+    ]
+    logger: Any = False
+    if job_trainer.loggers:
+        from lightning.pytorch.loggers import CSVLogger
+
+        logger = CSVLogger(str(root), name="csv")
+    loops = _LoopState()
+    trainer = _trainer_like(first.cfg, [_RestoreRandomState(first.rng), *callbacks, loops], logger, root)
+    trainer.fit(packed, datamodule=job_trainer.datamodule)
+    after_fit = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+
+    run = PackedRun(model=packed, trainer=trainer, variants=variants, loop_states=loops)
+    results = trainer.validate(packed, datamodule=job_trainer.datamodule, verbose=False)
+    measured = {
+        **after_fit,
+        **{k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
+        **(results[0] if results else {}),
+    }
+    for variant in variants:
+        run.metrics.append(
+            {
+                f"{name}/{k.split('/', 1)[1]}": float(v)
+                for k, v in measured.items()
+                if k.startswith(f"{variant}/")
+            }
+        )
+    run.frozen_rows = _validate_earlier(packed, trainer, earlier, first)
+    packed.switch_branch(variants[0])
+    run.callback_states = {cb.state_key: cb.state_dict() for cb in trainer.callbacks}
+    run.optimizer_state = trainer.optimizers[0].state_dict() if trainer.optimizers else None
+    run.scheduler_states = [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs]
+    return run
+
+
+def _variant_names(name: str, taken: Sequence[str], count: int) -> list[str]:
+    names = [f"{name}__v{k}" for k in range(count)]
+    clash = [n for n in names if n in taken]
+    if clash:
+        raise ValueError(f"branch name(s) {clash} already exist; rename the branch (branch.name=...)")
+    return names
+
+
+def _metric_of(model: Any, branch: str) -> Any:
+    return copy.deepcopy(model.val_metrics[branch]) if branch in model.val_metrics else None
+
+
+def _trainer_like(
+    cfg: DictConfig | None, callbacks: list[Callback], logger: Any, root: str | Path
+) -> L.Trainer:
+    """A trainer as the job's config describes it, for the packed fit."""
+    from hydra.utils import instantiate
+
+    assert cfg is not None
+    kwargs: dict[str, Any] = {
+        "callbacks": callbacks,
+        "logger": logger,
+        "default_root_dir": str(root),
+        "enable_checkpointing": False,  # each job's checkpoint is written by write_job
+    }
+    if cfg.get("quiet"):
+        kwargs.update(enable_progress_bar=False, enable_model_summary=False)
+    return instantiate(cfg.trainer, **kwargs)
+
+
+def _validate_earlier(
+    packed: Any, trainer: L.Trainer, earlier: list[str], build: JobBuild
+) -> dict[str, dict]:
+    """Each earlier (frozen) branch on its own recorded data, as the app's summary does."""
+    from hydra.utils import instantiate
+
+    record = _record(build).get("branches") or {}
+    rows: dict[str, dict[str, Any]] = {}
+    for branch in earlier:
+        entry = record.get(branch) or {}
+        metrics: Mapping[str, Any] = {}
+        if entry.get("data"):
+            packed.switch_branch(branch)
+            results = trainer.validate(packed, datamodule=instantiate(entry["data"]), verbose=False)
+            metrics = results[0] if results else {}
+        rows[branch] = {
+            "name": branch,
+            "task": entry.get("task"),
+            "status": "frozen",
+            "val_acc": _float(metrics.get(f"{branch}/val_acc")),
+            "val_loss": _float(metrics.get(f"{branch}/val_loss")),
+        }
+    return rows
+
+
+def _record(build: JobBuild) -> dict[str, Any]:
+    """The app's per-branch record that the job's checkpoints carry."""
+    from lightning_freeze.train import RECORD_KEY
+
+    checkpoint: dict[str, Any] = {}
+    for cb in build.trainer.callbacks:
+        if type(cb).__name__ == "_AppRecord":
+            cb.on_save_checkpoint(build.trainer, build.model, checkpoint)
+    return dict(checkpoint.get(RECORD_KEY) or {})
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. each job's outputs
+# ------------------------------------------------------------------------------------------------
+def _for_variant(state: Any, variant: str, name: str, others: Sequence[str]) -> Any:
+    """``state`` with the tensors of ``variant`` renamed to branch ``name`` and other variants dropped."""
+    if isinstance(state, Mapping):
+        out = {}
+        for key, value in state.items():
+            if isinstance(key, str) and key.startswith(tuple(f"branches.{o}." for o in others)):
+                continue
+            if isinstance(key, str) and key.startswith(f"branches.{variant}."):
+                key = f"branches.{name}." + key[len(f"branches.{variant}.") :]
+            out[key] = _for_variant(value, variant, name, others)
+        return out
+    return state
+
+
+def _slice_optimizer(state: Mapping[str, Any], index: int) -> dict[str, Any]:
+    group = dict(state["param_groups"][index])
+    ids = list(group["params"])
+    group.pop("branch", None)
+    group["params"] = list(range(len(ids)))
+    return {
+        "state": {i: state["state"][pid] for i, pid in enumerate(ids) if pid in state["state"]},
+        "param_groups": [group],
+    }
+
+
+def _slice_scheduler(state: Mapping[str, Any], index: int, groups: int) -> dict[str, Any]:
+    return {
+        k: [v[index]] if isinstance(v, list) and len(v) == groups else v
+        for k, v in state.items()
+        if k != "optimizer"
+    }
+
+
+def write_job(build: JobBuild, run: PackedRun, index: int) -> float | None:
+    """Write job ``index``'s checkpoint, ``summary.json`` and printed summary, as the job alone would.
+
+    Returns:
+        the job's objective: its trained branch's ``val_acc`` (what the app's ``main`` returns).
+    """
+    from lightning_freeze.core.checkpoint import save_checkpoint_atomic
+    from lightning_freeze.train import StageSummary
+
+    name = build.branch
+    variant = run.variants[index]
+    others = [v for v in run.variants if v != variant]
+    metrics = run.metrics[index]
+    model = build.model
+    trainer = build.trainer
+    checkpoint_cb = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
+    checkpoint_path = None
+    if checkpoint_cb is not None and checkpoint_cb.dirpath:
+        # the job's own module and callbacks write the checkpoint; loops, callback, optimizer and
+        # scheduler states come from the packed fit, cut down to this variant
+        trainer.callback_metrics.clear()
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+        checkpoint_path = Path(checkpoint_cb.format_checkpoint_name(dict(metrics)))
+        # what the job's ModelCheckpoint (monitor=None) records after saving there
+        checkpoint_cb.best_model_path = str(checkpoint_path)
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        on_epoch_end = getattr(checkpoint_cb, "_should_save_on_train_epoch_end", lambda trainer: True)
+        loops = run.loop_states
+        checkpoint.update(
+            copy.deepcopy(loops.at_train_epoch_end if on_epoch_end(run.trainer) else loops.at_validation_end)
+        )
+        for key, state in run.callback_states.items():
+            if key in checkpoint.get("callbacks", {}) and key != checkpoint_cb.state_key:
+                checkpoint["callbacks"][key] = _for_variant(state, variant, name, others)
+        if run.optimizer_state is not None:
+            checkpoint["optimizer_states"] = [_slice_optimizer(run.optimizer_state, index)]
+        groups = len(run.variants)
+        checkpoint["lr_schedulers"] = [_slice_scheduler(s, index, groups) for s in run.scheduler_states]
+        checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint_atomic(checkpoint, checkpoint_path)
+
+    record = _record(build).get("branches") or {}
+    rows = []
+    for branch in model.branch_names:
+        if branch == name:
+            rows.append(
+                {
+                    "name": name,
+                    "task": (record.get(name) or {}).get("task"),
+                    "status": "trained",
+                    "val_acc": metrics.get(f"{name}/val_acc"),
+                    "val_loss": metrics.get(f"{name}/val_loss"),
+                }
+            )
+        else:
+            rows.append(dict(run.frozen_rows[branch]))
+    freezer = next(
+        (c for c in run.trainer.callbacks if hasattr(c, "last_check") and hasattr(c, "frozen")), None
+    )
+    check = freezer.last_check if freezer is not None else None
+    assert build.cfg is not None
+    summary = StageSummary(
+        stage=int(build.cfg.get("stage", 1)),
+        trained_branch=name,
+        branches=rows,
+        frozen_check=check.summary() if check is not None else None,
+        frozen_changed=len(check.changed) if check is not None else None,
+        checkpoint=str(checkpoint_path.resolve()) if checkpoint_path else None,
+        output_dir=build.output_dir,
+    )
+    if summary.output_dir:
+        Path(summary.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(summary.output_dir) / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
+    print(summary.format(), flush=True)
+    return metrics.get(f"{name}/val_acc")

@@ -1,0 +1,178 @@
+"""``launcher=packed``: a sweep over branch-level settings trains in one process, each job as if alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lightning_freeze
+
+REPO = Path(lightning_freeze.__file__).resolve().parent.parent
+FAST = ["quiet=true", "trainer.max_epochs=2", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2"]
+LRS = "0.001,0.01,0.1"
+pytestmark = pytest.mark.slow
+
+
+def _app(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("HYDRA_FULL_ERROR", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_freeze.train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def sweeps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """Stage 1, then one stage-2 lr sweep (with FrozenSafeEMA) packed and the same sweep job by job."""
+    root = tmp_path_factory.mktemp("packed_launcher")
+    _app(["experiment=stage1", f"hydra.run.dir={root / 's1'}", *FAST], root)
+    stage1 = root / "s1" / "checkpoints" / "last.ckpt"
+    sweep = [
+        "-m",
+        "experiment=stage2",
+        f"init_from={stage1}",
+        f"model.optimizer.lr={LRS}",
+        "callbacks=[default,freeze_backbone,ema]",
+        "callbacks.ema.decay=0.9",
+        "trainer.deterministic=true",
+        *FAST,
+    ]
+    packed = _app([*sweep, "launcher=packed", f"hydra.sweep.dir={root / 'packed'}"], root)
+    _app([*sweep, "launcher=basic", f"hydra.sweep.dir={root / 'basic'}"], root)
+    return {"root": root, "packed_log": packed.stdout + packed.stderr}
+
+
+def _checkpoint(root: Path, job: int) -> dict:
+    return torch.load(root / f"{job}_parity" / "checkpoints" / "last.ckpt", weights_only=False)
+
+
+def _differences(a, b, path_a: str, path_b: str, where: str = "") -> list[str]:
+    """Where two checkpoints differ (tensors bitwise; paths of A read with B's sweep directory)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f"{where}: keys {sorted(map(str, a.keys() ^ b.keys()))}"]
+        return [d for k in a for d in _differences(a[k], b[k], path_a, path_b, f"{where}.{k}")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        return [
+            d
+            for i, (x, y) in enumerate(zip(a, b, strict=True))
+            for d in _differences(x, y, path_a, path_b, f"{where}[{i}]")
+        ]
+    if isinstance(a, torch.Tensor):
+        same = isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        return [] if same else [where]
+    if isinstance(a, str) and isinstance(b, str):
+        a = a.replace(path_a, path_b)
+    return [] if a == b else [f"{where}: {a!r} != {b!r}"]
+
+
+def test_packed_sweep_writes_each_jobs_outputs_bitwise_as_the_job_alone(sweeps) -> None:
+    root = sweeps["root"]
+    assert "launcher=packed: training 3 jobs as packed variants in one process" in sweeps["packed_log"]
+    assert sorted(p.name for p in (root / "packed").iterdir() if p.name[0].isdigit()) == [
+        "0_parity",
+        "1_parity",
+        "2_parity",
+    ]
+    branch_weights = []
+    for job in range(3):
+        alone, packed = _checkpoint(root / "basic", job), _checkpoint(root / "packed", job)
+        # the whole checkpoint: every tensor (backbone, frozen digit branch, the job's parity variant and
+        # its BatchNorm buffers), hyper-parameters, the app's record, loops, the optimizer state of the
+        # job's lr, the EMA shadow of its variant only, FreezeBackbone's fingerprints, stored metrics
+        differences = _differences(alone, packed, str(root / "basic"), str(root / "packed"))
+        assert differences == [], differences[:5]
+        (group,) = packed["optimizer_states"][0]["param_groups"]
+        assert group["lr"] == float(LRS.split(",")[job])
+        ema_key = next(k for k in packed["callbacks"] if k.startswith("FrozenSafeEMA"))
+        assert all(k.startswith("branches.parity.") for k in packed["callbacks"][ema_key]["ema"]["shadow"])
+        branch_weights.append(packed["state_dict"]["branches.parity.weight"])
+        # the summary the sweeper and the user read
+        summary_alone = json.loads((root / "basic" / f"{job}_parity" / "summary.json").read_text())
+        summary_packed = json.loads((root / "packed" / f"{job}_parity" / "summary.json").read_text())
+        for key in ("stage", "trained_branch", "branches", "frozen_check", "frozen_changed"):
+            assert summary_packed[key] == summary_alone[key], key
+        assert summary_packed["checkpoint"] == str(
+            root / "packed" / f"{job}_parity" / "checkpoints" / "last.ckpt"
+        )
+        assert (root / "packed" / f"{job}_parity" / ".hydra" / "overrides.yaml").is_file()
+    assert not torch.equal(branch_weights[0], branch_weights[2])  # the lr made a difference
+
+
+def test_select_picks_the_best_packed_variant(sweeps) -> None:
+    from lightning_freeze.cli.select import main as select
+
+    root = sweeps["root"]
+    inputs = [str(root / "packed" / f"{job}_parity" / "checkpoints" / "last.ckpt") for job in range(3)]
+    scores = [json.loads((root / "packed" / f"{j}_parity" / "summary.json").read_text()) for j in range(3)]
+    losses = [next(r["val_loss"] for r in s["branches"] if r["name"] == "parity") for s in scores]
+    out = root / "best.ckpt"
+    assert select([str(out), *inputs, "--metric", "val_loss", "--mode", "min"]) == 0
+    best = losses.index(min(losses))
+    assert torch.equal(
+        torch.load(out, weights_only=True)["state_dict"]["branches.parity.weight"],
+        torch.load(inputs[best], weights_only=False)["state_dict"]["branches.parity.weight"],
+    )
+
+
+def test_a_sweep_that_is_not_branch_level_falls_back_to_one_job_after_another(sweeps) -> None:
+    root = sweeps["root"]
+    stage1 = root / "s1" / "checkpoints" / "last.ckpt"
+    result = _app(
+        [
+            "-m",
+            "launcher=packed",
+            "experiment=stage2",
+            f"init_from={stage1}",
+            f"hydra.sweep.dir={root / 'fallback'}",
+            *FAST[:-2],
+            "trainer.limit_train_batches=1,2",
+            "trainer.limit_val_batches=1",
+        ],
+        root,
+    )
+    log = result.stdout + result.stderr
+    assert (
+        "launcher=packed: running 2 job(s) one after another: the jobs differ in "
+        "trainer.limit_train_batches, not only in branch-level settings" in log
+    )
+    for job in range(2):
+        summary = json.loads((root / "fallback" / f"{job}_parity" / "summary.json").read_text())
+        assert summary["trained_branch"] == "parity" and summary["checkpoint"]
+
+
+def test_jobs_whose_checkpointing_packing_cannot_reproduce_fall_back(sweeps) -> None:
+    root = sweeps["root"]
+    stage1 = root / "s1" / "checkpoints" / "last.ckpt"
+    result = _app(
+        [
+            "-m",
+            "launcher=packed",
+            "experiment=stage2",
+            f"init_from={stage1}",
+            f"hydra.sweep.dir={root / 'monitored'}",
+            "model.optimizer.lr=0.01,0.1",
+            "callbacks.model_checkpoint.monitor=parity/val_acc",
+            "+callbacks.model_checkpoint.mode=max",
+            *FAST,
+        ],
+        root,
+    )
+    log = result.stdout + result.stderr
+    assert "launcher=packed: running 2 job(s) one after another: job 0: its ModelCheckpoint saves by" in log
+    for job in range(2):
+        assert (root / "monitored" / f"{job}_parity" / "summary.json").is_file()
