@@ -1,9 +1,10 @@
 """The main job (``make run``): staged training on the bundled digits, end to end, with the real CLIs.
 
 1. stage 1: backbone + branch ``digit`` on half A          (lightning-freeze-train experiment=stage1)
-2. stage 2: + branch ``parity`` on half B, frozen backbone (experiment=stage2 init_from=<stage 1>)
+2. stage 2: + branch ``parity`` on half B, frozen backbone (experiment=stage2 init_from=<stage 1>),
+   with the feature cache (``callbacks=[default,freeze_backbone,feature_cache]``, a disk store)
 3. stage 3: two new branches ``mod3`` and ``high`` trained in parallel on the frozen backbone
-   (a joblib multirun: -m launcher=joblib experiment=stage3 branch=mod3,high)
+   (a joblib multirun: -m launcher=joblib experiment=stage3 branch=mod3,high), sharing stage 2's cache
 4. ``lightning-freeze merge``: one checkpoint with all four branches
 5. a summary table: each branch's test accuracy (from the merged checkpoint, each on its own data),
    branch ``digit``'s accuracy after stage 1 and in the merged checkpoint (identical: its logits are
@@ -72,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     train = _console_script("lightning-freeze-train", "lightning_freeze.train")
     tool = _console_script("lightning-freeze", "lightning_freeze.cli.checkpoint_tools")
     extra = ["trainer.max_epochs=1"] if args.quick else []
+    # stages 2 and 3: the frozen backbone is computed once per sample, in one disk cache that the
+    # parallel jobs of stage 3 share with stage 2 (same samples, same backbone bits: all hits)
+    cached = [
+        "callbacks=[default,freeze_backbone,feature_cache]",
+        f"callbacks.feature_cache.directory={out / 'feature_cache'}",
+    ]
     started = time.perf_counter()
 
     stage1 = out / "stage1"
@@ -83,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     stage2 = out / "stage2"
     _run(
         "stage 2: + branch 'parity' (half B), frozen backbone",
-        [*train, "experiment=stage2", f"init_from={stage1_ckpt}", f"hydra.run.dir={stage2}", *extra],
+        [*train, "experiment=stage2", f"init_from={stage1_ckpt}", f"hydra.run.dir={stage2}", *cached, *extra],
     )
     stage2_ckpt = stage2 / "checkpoints" / "last.ckpt"
     stage3 = out / "stage3"
@@ -97,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             f"init_from={stage2_ckpt}",
             "branch=mod3,high",
             f"hydra.sweep.dir={stage3}",
+            *cached,
             # two jobs side by side: one log line per epoch each (naming its branch), no progress bars
             "~callbacks.progress_bar",
             "+trainer.enable_progress_bar=false",
