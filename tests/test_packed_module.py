@@ -7,7 +7,7 @@ import functools
 
 import pytest
 import torch
-from _multibranch_utils import CLASSES, IN_FEATURES, WIDTH, loader, make_backbone, make_data, trainer
+from helpers.multibranch import CLASSES, IN_FEATURES, WIDTH, loader, make_backbone, make_data, trainer
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader

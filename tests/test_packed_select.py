@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from _multibranch_utils import loader, make_backbone, make_branch, trainer
+from helpers.multibranch import loader, make_backbone, make_branch, trainer
 
 from lightning_freeze import FreezeBackbone, MultiBranchModule
 from lightning_freeze.cli.select import main as select
