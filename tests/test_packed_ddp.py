@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _ddp import run_ddp_script
+from helpers.ddp import run_ddp_script
 
 SCRIPT = Path(__file__).parent / "scripts" / "packed_ddp.py"
 

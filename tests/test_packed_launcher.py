@@ -167,7 +167,7 @@ def test_jobs_whose_checkpointing_packing_cannot_reproduce_fall_back(sweeps) -> 
             f"hydra.sweep.dir={root / 'monitored'}",
             "model.optimizer.lr=0.01,0.1",
             "callbacks.model_checkpoint.monitor=parity/val_acc",
-            "+callbacks.model_checkpoint.mode=max",
+            "callbacks.model_checkpoint.mode=max",
             *FAST,
         ],
         root,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _multibranch_utils import WIDTH, loader, make_backbone
+from helpers.multibranch import WIDTH, loader, make_backbone
 
 from lightning_freeze import FreezeBackbone, MultiBranchModule
 
