@@ -5,18 +5,20 @@ Used by the Hydra launcher ``launcher=packed``
 asks :func:`why_not_packable`. When the jobs differ only in ``model.optimizer.*`` (not its
 ``_target_``) and ``branch.*`` (not ``branch.name``):
 
-1. :func:`build_job` runs the app's own :func:`lightning_freeze.train.train` for each job up to the
-   moment ``Trainer.fit`` starts, and keeps what it built: the module (backbone loaded from
-   ``init_from``, the job's freshly initialised branch), the data, the trainer and its callbacks,
-   and the random state at that moment. Nothing is copied from the app, so each variant starts
-   exactly where its job would.
+1. :func:`build_job` builds each job with the app's own
+   :func:`lightning_freeze.app.build.build_stage` (what :func:`lightning_freeze.train.train` fits):
+   the module (backbone loaded from ``init_from``, the job's freshly initialised branch), the data,
+   the trainer and its callbacks, and the random state the job's fit would start from. Nothing is
+   copied from the app, so each variant starts exactly where its job would.
 2. :func:`train_packed` checks that the jobs share bitwise the same backbone and earlier branches and
    the same random state (so the same batches in the same order), then trains every job's branch as
    a packed variant of one :class:`~lightning_freeze.MultiBranchModule` (``train_branches``, one
    param group per variant with the job's optimizer settings) on one backbone pass per batch.
-3. :func:`write_job` writes each job's checkpoint (with the job's own module, hyper-parameters,
-   the app's record, the variant's EMA shadow and optimizer state), ``summary.json`` and printed
-   summary, as the job alone would, and returns its objective (the trained branch's ``val_acc``).
+3. :func:`write_job` writes each job's checkpoints (``last.ckpt`` and the top-k file, with the job's
+   own module, hyper-parameters, the app's stage record, the random state, the variant's EMA shadow
+   and optimizer state), ``summary.json`` and printed summary
+   (:func:`lightning_freeze.app.report.write_summary`), as the job alone would, and returns its
+   objective (``optimized_metric``, as the app's task does).
 
 Each job's branch weights are bitwise those the job writes when run alone with the basic launcher
 (CPU, same seed, ``trainer.deterministic=true``): the backbone is frozen, so the variants share no
@@ -36,7 +38,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from lightning_freeze.callbacks.freeze_backbone import FreezeBackbone
 from lightning_freeze.stages import StageRecord, StageSummary, rng_state, set_rng_state
@@ -57,7 +59,6 @@ log = logging.getLogger(__name__)
 #: config keys that may differ between the jobs of a packed sweep (dotted prefixes)
 BRANCH_LEVEL_KEYS = ("model.optimizer.", "branch.")
 _NOT_BRANCH_LEVEL = ("model.optimizer._target_", "model.optimizer._partial_", "branch.name")
-_CAPTURE_KEY = "_packed_launcher_capture"
 _MAX_SHOWN = 5
 
 
@@ -127,24 +128,6 @@ def _same_rng_state(a: Any, b: Any) -> bool:
     return a == b
 
 
-class _Captured(Exception):
-    def __init__(self, build: JobBuild) -> None:
-        super().__init__("captured")
-        self.build = build
-
-
-class PackedCapture(Callback):
-    """Stops the app's ``Trainer.fit`` at its first hook and hands over what the app built.
-
-    Inserted as the first callback of each job by :func:`build_job`; not for direct use.
-    """
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # the random state at the first callback hook of the fit; the packed fit restores it at the
-        # same hook, so its batches come in the job's order
-        raise _Captured(JobBuild(model=pl_module, trainer=trainer, rng=rng_state()))
-
-
 class _RestoreRandomState(Callback):
     """First callback of the packed fit: the jobs' random state at the same hook."""
 
@@ -158,14 +141,16 @@ class _RestoreRandomState(Callback):
 
 @dataclass
 class JobBuild:
-    """What the app built for one job, stopped where ``Trainer.fit`` starts.
+    """What the app built for one job (:func:`~lightning_freeze.app.build.build_stage`), not yet fitted.
 
     Attributes:
         model: the job's :class:`~lightning_freeze.MultiBranchModule` (trains ``model.active_branch``).
-        trainer: the job's trainer (its callbacks, loggers and datamodule).
-        rng: the random state (torch, Python, NumPy) at the first callback hook of the job's fit.
-        cfg: the job's composed config (set by :func:`build_job`).
+        trainer: the job's trainer (its callbacks and loggers).
+        rng: the random state (:func:`~lightning_freeze.stages.rng_state`) the job's fit starts from.
+        cfg: the job's composed config.
         output_dir: the job's output directory.
+        datamodule: the job's data.
+        resumed_from: the checkpoint the job would resume from (``ckpt_path``), ``None`` for a fresh run.
     """
 
     model: Any
@@ -173,6 +158,8 @@ class JobBuild:
     rng: dict[str, Any]
     cfg: DictConfig | None = None
     output_dir: str | None = None
+    datamodule: Any = None
+    resumed_from: str | None = None
 
     @property
     def branch(self) -> str:
@@ -181,28 +168,25 @@ class JobBuild:
 
 
 def build_job(cfg: DictConfig) -> JobBuild:
-    """Run the app (:func:`lightning_freeze.train.train`) on ``cfg`` until ``Trainer.fit`` starts.
+    """Build one job as the app does (:func:`lightning_freeze.app.build.build_stage`), without fitting.
 
     Call it inside the job's Hydra context (``hydra.core.utils.run_job``), so that the job's
-    output directory is set.
+    output directory is set. The random state is taken right after the build: it is the state the
+    job's ``Trainer.fit`` starts from (Lightning draws no random numbers before the first hook).
     """
-    from lightning_freeze.train import train
+    from lightning_freeze.app.build import build_stage
 
-    job_cfg = copy.deepcopy(cfg)
-    with open_dict(job_cfg):
-        callbacks = job_cfg.get("callbacks") or {}
-        # first: it stops the fit before any other callback (e.g. FreezeBackbone) touches the module
-        job_cfg.callbacks = {_CAPTURE_KEY: {"_target_": f"{__name__}.PackedCapture"}, **callbacks}
-    try:
-        train(job_cfg)
-    except _Captured as captured:
-        build = captured.build
-    else:  # pragma: no cover - train() always fits
-        raise RuntimeError("lightning_freeze.train.train returned without calling Trainer.fit")
-    build.cfg = cfg
+    stage = build_stage(cfg)
     output_dir = cfg.paths.output_dir if cfg.get("paths") else None
-    build.output_dir = str(Path(output_dir).resolve()) if output_dir else None
-    return build
+    return JobBuild(
+        model=stage.model,
+        trainer=stage.trainer,
+        rng=rng_state(),
+        cfg=cfg,
+        output_dir=str(Path(output_dir).resolve()) if output_dir else None,
+        datamodule=stage.datamodule,
+        resumed_from=stage.ckpt_path,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -281,6 +265,8 @@ def adopt(first: JobBuild, build: JobBuild, index: int) -> str | None:
     reason = _unsupported_checkpointing(build)
     if reason is not None:
         return f"job {index}: {reason}"
+    if build.resumed_from is not None:
+        return f"job {index} resumes from {build.resumed_from}; packed jobs start fresh"
     if build is first:
         return None
     if build.branch != first.branch:
@@ -376,11 +362,7 @@ def train_packed(builds: Sequence[JobBuild], root: str | Path) -> PackedRun:
     )
 
     job_trainer = first.trainer
-    callbacks = [
-        cb
-        for cb in job_trainer.callbacks
-        if not isinstance(cb, (PackedCapture, ModelCheckpoint, StageRecord))
-    ]
+    callbacks = [cb for cb in job_trainer.callbacks if not isinstance(cb, (ModelCheckpoint, StageRecord))]
     logger: Any = False
     if job_trainer.loggers:
         from lightning.pytorch.loggers import CSVLogger
@@ -391,14 +373,14 @@ def train_packed(builds: Sequence[JobBuild], root: str | Path) -> PackedRun:
     from lightning_freeze.core.fingerprint import fingerprint
 
     before = fingerprint(packed)
-    trainer.fit(packed, datamodule=job_trainer.datamodule)
+    trainer.fit(packed, datamodule=first.datamodule)
     after = fingerprint(packed)
     after_fit = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
     run = PackedRun(
         model=packed, trainer=trainer, variants=variants, loop_states=loops, fingerprints=(before, after)
     )
-    results = trainer.validate(packed, datamodule=job_trainer.datamodule, verbose=False)
+    results = trainer.validate(packed, datamodule=first.datamodule, verbose=False)
     measured = {
         **after_fit,
         **{k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
@@ -522,6 +504,23 @@ def _slice_scheduler(state: Mapping[str, Any], index: int, groups: int) -> dict[
     }
 
 
+def _attached(build: JobBuild) -> L.Trainer:
+    """The job's trainer with its module and data attached, as ``Trainer.fit`` attaches them.
+
+    Its checkpoints are then the job's own: its module's state and ``on_save_checkpoint``, its
+    datamodule's hyper-parameters, its callbacks.
+    """
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    trainer, model = build.trainer, build.model
+    trainer.strategy._lightning_module = model
+    trainer.state.fn = TrainerFn.FITTING
+    trainer._data_connector.attach_data(model, datamodule=build.datamodule)
+    trainer.strategy.connect(model)
+    model.trainer = trainer
+    return trainer
+
+
 def write_job(build: JobBuild, run: PackedRun, index: int) -> float | None:
     """Write job ``index``'s checkpoints, ``summary.json`` and printed summary, as the job alone would.
 
@@ -542,7 +541,7 @@ def write_job(build: JobBuild, run: PackedRun, index: int) -> float | None:
     others = [v for v in run.variants if v != variant]
     metrics = run.metrics[index]
     model = build.model
-    trainer = build.trainer
+    trainer = _attached(build)
     checkpoint_cb = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
     last_path = None
     if checkpoint_cb is not None and checkpoint_cb.dirpath:
