@@ -5,18 +5,20 @@ Used by the Hydra launcher ``launcher=packed``
 asks :func:`why_not_packable`. When the jobs differ only in ``model.optimizer.*`` (not its
 ``_target_``) and ``branch.*`` (not ``branch.name``):
 
-1. :func:`build_job` runs the app's own :func:`lightning_freeze.train.train` for each job up to the
-   moment ``Trainer.fit`` starts, and keeps what it built: the module (backbone loaded from
-   ``init_from``, the job's freshly initialised branch), the data, the trainer and its callbacks,
-   and the random state at that moment. Nothing is copied from the app, so each variant starts
-   exactly where its job would.
+1. :func:`build_job` builds each job with the app's own
+   :func:`lightning_freeze.app.build.build_stage` (what :func:`lightning_freeze.train.train` fits):
+   the module (backbone loaded from ``init_from``, the job's freshly initialised branch), the data,
+   the trainer and its callbacks, and the random state the job's fit would start from. Nothing is
+   copied from the app, so each variant starts exactly where its job would.
 2. :func:`train_packed` checks that the jobs share bitwise the same backbone and earlier branches and
    the same random state (so the same batches in the same order), then trains every job's branch as
    a packed variant of one :class:`~lightning_freeze.MultiBranchModule` (``train_branches``, one
    param group per variant with the job's optimizer settings) on one backbone pass per batch.
-3. :func:`write_job` writes each job's checkpoint (with the job's own module, hyper-parameters,
-   the app's record, the variant's EMA shadow and optimizer state), ``summary.json`` and printed
-   summary, as the job alone would, and returns its objective (the trained branch's ``val_acc``).
+3. :func:`write_job` writes each job's checkpoints (``last.ckpt`` and the top-k file, with the job's
+   own module, hyper-parameters, the app's stage record, the random state, the variant's EMA shadow
+   and optimizer state), ``summary.json`` and printed summary
+   (:func:`lightning_freeze.app.report.write_summary`), as the job alone would, and returns its
+   objective (``optimized_metric``, as the app's task does).
 
 Each job's branch weights are bitwise those the job writes when run alone with the basic launcher
 (CPU, same seed, ``trainer.deterministic=true``): the backbone is frozen, so the variants share no
@@ -26,11 +28,9 @@ parameter and the summed loss gives each exactly its own gradient.
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import random
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,10 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_freeze.callbacks.freeze_backbone import FreezeBackbone
+from lightning_freeze.stages import StageRecord, StageSummary, rng_state, set_rng_state
 
 __all__ = [
     "BRANCH_LEVEL_KEYS",
@@ -56,7 +59,6 @@ log = logging.getLogger(__name__)
 #: config keys that may differ between the jobs of a packed sweep (dotted prefixes)
 BRANCH_LEVEL_KEYS = ("model.optimizer.", "branch.")
 _NOT_BRANCH_LEVEL = ("model.optimizer._target_", "model.optimizer._partial_", "branch.name")
-_CAPTURE_KEY = "_packed_launcher_capture"
 _MAX_SHOWN = 5
 
 
@@ -113,50 +115,17 @@ def why_not_packable(configs: Sequence[DictConfig]) -> str | None:
 # ------------------------------------------------------------------------------------------------
 # 1. build each job with the app, up to Trainer.fit
 # ------------------------------------------------------------------------------------------------
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _same_rng_state(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    numpy_a, numpy_b = a["numpy"], b["numpy"]
-    return (
-        torch.equal(a["torch"], b["torch"])
-        and a["python"] == b["python"]
-        and numpy_a[0] == numpy_b[0]
-        and np.array_equal(numpy_a[1], numpy_b[1])
-        and tuple(numpy_a[2:]) == tuple(numpy_b[2:])
-        and len(a.get("cuda", ())) == len(b.get("cuda", ()))
-        and all(torch.equal(x, y) for x, y in zip(a.get("cuda", ()), b.get("cuda", ()), strict=True))
-    )
-
-
-class _Captured(Exception):
-    def __init__(self, build: JobBuild) -> None:
-        super().__init__("captured")
-        self.build = build
-
-
-class PackedCapture(Callback):
-    """Stops the app's ``Trainer.fit`` at its first hook and hands over what the app built.
-
-    Inserted as the first callback of each job by :func:`build_job`; not for direct use.
-    """
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # the random state at the first callback hook of the fit; the packed fit restores it at the
-        # same hook, so its batches come in the job's order
-        raise _Captured(JobBuild(model=pl_module, trainer=trainer, rng=_rng_state()))
+def _same_rng_state(a: Any, b: Any) -> bool:
+    """Two :func:`~lightning_freeze.stages.rng_state` values (nested tensors and plain values) are equal."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same_rng_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_rng_state(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return bool(np.array_equal(a, b))
+    return a == b
 
 
 class _RestoreRandomState(Callback):
@@ -167,19 +136,21 @@ class _RestoreRandomState(Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
-            _set_rng_state(self.state)
+            set_rng_state(self.state)
 
 
 @dataclass
 class JobBuild:
-    """What the app built for one job, stopped where ``Trainer.fit`` starts.
+    """What the app built for one job (:func:`~lightning_freeze.app.build.build_stage`), not yet fitted.
 
     Attributes:
         model: the job's :class:`~lightning_freeze.MultiBranchModule` (trains ``model.active_branch``).
-        trainer: the job's trainer (its callbacks, loggers and datamodule).
-        rng: the random state (torch, Python, NumPy) at the first callback hook of the job's fit.
-        cfg: the job's composed config (set by :func:`build_job`).
+        trainer: the job's trainer (its callbacks and loggers).
+        rng: the random state (:func:`~lightning_freeze.stages.rng_state`) the job's fit starts from.
+        cfg: the job's composed config.
         output_dir: the job's output directory.
+        datamodule: the job's data.
+        resumed_from: the checkpoint the job would resume from (``ckpt_path``), ``None`` for a fresh run.
     """
 
     model: Any
@@ -187,6 +158,8 @@ class JobBuild:
     rng: dict[str, Any]
     cfg: DictConfig | None = None
     output_dir: str | None = None
+    datamodule: Any = None
+    resumed_from: str | None = None
 
     @property
     def branch(self) -> str:
@@ -195,28 +168,25 @@ class JobBuild:
 
 
 def build_job(cfg: DictConfig) -> JobBuild:
-    """Run the app (:func:`lightning_freeze.train.train`) on ``cfg`` until ``Trainer.fit`` starts.
+    """Build one job as the app does (:func:`lightning_freeze.app.build.build_stage`), without fitting.
 
     Call it inside the job's Hydra context (``hydra.core.utils.run_job``), so that the job's
-    output directory is set.
+    output directory is set. The random state is taken right after the build: it is the state the
+    job's ``Trainer.fit`` starts from (Lightning draws no random numbers before the first hook).
     """
-    from lightning_freeze.train import train
+    from lightning_freeze.app.build import build_stage
 
-    job_cfg = copy.deepcopy(cfg)
-    with open_dict(job_cfg):
-        callbacks = job_cfg.get("callbacks") or {}
-        # first: it stops the fit before any other callback (e.g. FreezeBackbone) touches the module
-        job_cfg.callbacks = {_CAPTURE_KEY: {"_target_": f"{__name__}.PackedCapture"}, **callbacks}
-    try:
-        train(job_cfg)
-    except _Captured as captured:
-        build = captured.build
-    else:  # pragma: no cover - train() always fits
-        raise RuntimeError("lightning_freeze.train.train returned without calling Trainer.fit")
-    build.cfg = cfg
+    stage = build_stage(cfg)
     output_dir = cfg.paths.output_dir if cfg.get("paths") else None
-    build.output_dir = str(Path(output_dir).resolve()) if output_dir else None
-    return build
+    return JobBuild(
+        model=stage.model,
+        trainer=stage.trainer,
+        rng=rng_state(),
+        cfg=cfg,
+        output_dir=str(Path(output_dir).resolve()) if output_dir else None,
+        datamodule=stage.datamodule,
+        resumed_from=stage.ckpt_path,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -234,6 +204,9 @@ class PackedRun:
         frozen_rows: validation of the earlier (frozen) branches, identical for every job.
         callback_states: ``{state_key: state}`` of the packed trainer's callbacks.
         optimizer_state: the packed optimizer's ``state_dict`` (one param group per variant).
+        scheduler_states: the packed schedulers' ``state_dict``s.
+        loop_states: the loop counters and random state at the moments a job's checkpoint is saved.
+        fingerprints: the packed module's fingerprints before and after the fit.
     """
 
     model: Any
@@ -245,6 +218,7 @@ class PackedRun:
     optimizer_state: dict[str, Any] | None = None
     scheduler_states: list[dict[str, Any]] = field(default_factory=list)
     loop_states: Any = None
+    fingerprints: tuple[Any, Any] | None = None
 
 
 class _LoopState(Callback):
@@ -261,6 +235,8 @@ class _LoopState(Callback):
                 "epoch": trainer.current_epoch,
                 "global_step": trainer.global_step,
                 "loops": trainer._checkpoint_connector._get_loops_state_dict(),
+                # what the job's StageRecord saves there (the global random state)
+                "rng": rng_state(),
             }
         )
 
@@ -289,6 +265,8 @@ def adopt(first: JobBuild, build: JobBuild, index: int) -> str | None:
     reason = _unsupported_checkpointing(build)
     if reason is not None:
         return f"job {index}: {reason}"
+    if build.resumed_from is not None:
+        return f"job {index} resumes from {build.resumed_from}; packed jobs start fresh"
     if build is first:
         return None
     if build.branch != first.branch:
@@ -318,14 +296,16 @@ def _unsupported_checkpointing(build: JobBuild) -> str | None:
     for cb in build.trainer.callbacks:
         if isinstance(cb, ModelCheckpoint) and (
             cb.monitor is not None
-            or cb.save_last
+            or cb.save_last not in (None, False, True)
+            or cb.save_top_k not in (0, 1)
             or getattr(cb, "_every_n_train_steps", 0)
             or getattr(cb, "_train_time_interval", None) is not None
             or getattr(cb, "_every_n_epochs", 1) != 1
         ):
             return (
-                "its ModelCheckpoint saves by a monitored metric, by steps or time, or a last.ckpt besides; "
-                "packed jobs write one checkpoint each, after training (monitor=null, save_last=false)"
+                "its ModelCheckpoint saves by a monitored metric, by steps or time, more than one epoch's "
+                "checkpoint or links last.ckpt; packed jobs write their checkpoints after training "
+                "(monitor=null, save_top_k=0 or 1, save_last=true or false)"
             )
     return None
 
@@ -382,11 +362,7 @@ def train_packed(builds: Sequence[JobBuild], root: str | Path) -> PackedRun:
     )
 
     job_trainer = first.trainer
-    callbacks = [
-        cb
-        for cb in job_trainer.callbacks
-        if not isinstance(cb, (PackedCapture, ModelCheckpoint)) and type(cb).__name__ != "_AppRecord"
-    ]
+    callbacks = [cb for cb in job_trainer.callbacks if not isinstance(cb, (ModelCheckpoint, StageRecord))]
     logger: Any = False
     if job_trainer.loggers:
         from lightning.pytorch.loggers import CSVLogger
@@ -394,11 +370,17 @@ def train_packed(builds: Sequence[JobBuild], root: str | Path) -> PackedRun:
         logger = CSVLogger(str(root), name="csv")
     loops = _LoopState()
     trainer = _trainer_like(first.cfg, [_RestoreRandomState(first.rng), *callbacks, loops], logger, root)
-    trainer.fit(packed, datamodule=job_trainer.datamodule)
+    from lightning_freeze.core.fingerprint import fingerprint
+
+    before = fingerprint(packed)
+    trainer.fit(packed, datamodule=first.datamodule)
+    after = fingerprint(packed)
     after_fit = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
-    run = PackedRun(model=packed, trainer=trainer, variants=variants, loop_states=loops)
-    results = trainer.validate(packed, datamodule=job_trainer.datamodule, verbose=False)
+    run = PackedRun(
+        model=packed, trainer=trainer, variants=variants, loop_states=loops, fingerprints=(before, after)
+    )
+    results = trainer.validate(packed, datamodule=first.datamodule, verbose=False)
     measured = {
         **after_fit,
         **{k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
@@ -469,6 +451,7 @@ def _validate_earlier(
             "name": branch,
             "task": entry.get("task"),
             "status": "frozen",
+            "note": None,
             "val_acc": _float(metrics.get(f"{branch}/val_acc")),
             "val_loss": _float(metrics.get(f"{branch}/val_loss")),
         }
@@ -476,14 +459,9 @@ def _validate_earlier(
 
 
 def _record(build: JobBuild) -> dict[str, Any]:
-    """The app's per-branch record that the job's checkpoints carry."""
-    from lightning_freeze.train import RECORD_KEY
-
-    checkpoint: dict[str, Any] = {}
-    for cb in build.trainer.callbacks:
-        if type(cb).__name__ == "_AppRecord":
-            cb.on_save_checkpoint(build.trainer, build.model, checkpoint)
-    return dict(checkpoint.get(RECORD_KEY) or {})
+    """The app's stage record (:data:`~lightning_freeze.stages.RECORD_KEY`) the job's checkpoints carry."""
+    record = next((cb for cb in build.trainer.callbacks if isinstance(cb, StageRecord)), None)
+    return dict(record.record) if record is not None else {}
 
 
 def _float(value: Any) -> float | None:
@@ -526,47 +504,94 @@ def _slice_scheduler(state: Mapping[str, Any], index: int, groups: int) -> dict[
     }
 
 
+def _attached(build: JobBuild) -> L.Trainer:
+    """The job's trainer with its module and data attached, as ``Trainer.fit`` attaches them.
+
+    Its checkpoints are then the job's own: its module's state and ``on_save_checkpoint``, its
+    datamodule's hyper-parameters, its callbacks.
+    """
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    trainer, model = build.trainer, build.model
+    trainer.strategy._lightning_module = model
+    trainer.state.fn = TrainerFn.FITTING
+    trainer._data_connector.attach_data(model, datamodule=build.datamodule)
+    trainer.strategy.connect(model)
+    model.trainer = trainer
+    return trainer
+
+
 def write_job(build: JobBuild, run: PackedRun, index: int) -> float | None:
-    """Write job ``index``'s checkpoint, ``summary.json`` and printed summary, as the job alone would.
+    """Write job ``index``'s checkpoints, ``summary.json`` and printed summary, as the job alone would.
+
+    The job's ``ModelCheckpoint`` (``monitor=null``) writes, as after its last epoch, the top-k file
+    (``save_top_k=1``) and ``last.ckpt`` (``save_last=true``): the same content, the job's own
+    module, hyper-parameters and record, with the loop, callback, optimizer, scheduler and random
+    states of the packed fit cut down to this variant.
 
     Returns:
-        the job's objective: its trained branch's ``val_acc`` (what the app's ``main`` returns).
+        the job's objective, as the app's task returns it: the value of ``optimized_metric``
+        (``None`` without one).
     """
+    from lightning_freeze.app import report
     from lightning_freeze.core.checkpoint import save_checkpoint_atomic
-    from lightning_freeze.train import StageSummary
 
     name = build.branch
     variant = run.variants[index]
     others = [v for v in run.variants if v != variant]
     metrics = run.metrics[index]
     model = build.model
-    trainer = build.trainer
+    trainer = _attached(build)
     checkpoint_cb = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
-    checkpoint_path = None
+    last_path = None
     if checkpoint_cb is not None and checkpoint_cb.dirpath:
-        # the job's own module and callbacks write the checkpoint; loops, callback, optimizer and
-        # scheduler states come from the packed fit, cut down to this variant
+        loops = run.loop_states
+        on_epoch_end = getattr(checkpoint_cb, "_should_save_on_train_epoch_end", lambda trainer: True)
+        saved = copy.deepcopy(
+            loops.at_train_epoch_end if on_epoch_end(run.trainer) else loops.at_validation_end
+        )
+        rng = saved.pop("rng")
         trainer.callback_metrics.clear()
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
-        checkpoint_path = Path(checkpoint_cb.format_checkpoint_name(dict(metrics)))
-        # what the job's ModelCheckpoint (monitor=None) records after saving there
-        checkpoint_cb.best_model_path = str(checkpoint_path)
-        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
-        on_epoch_end = getattr(checkpoint_cb, "_should_save_on_train_epoch_end", lambda trainer: True)
-        loops = run.loop_states
-        checkpoint.update(
-            copy.deepcopy(loops.at_train_epoch_end if on_epoch_end(run.trainer) else loops.at_validation_end)
+        candidates = {
+            **{k: torch.tensor(v) for k, v in metrics.items()},
+            "epoch": torch.tensor(saved["epoch"]),
+            "step": torch.tensor(saved["global_step"]),
+        }
+        topk = checkpoint_cb.format_checkpoint_name(candidates) if checkpoint_cb.save_top_k else None
+        last = (
+            checkpoint_cb.format_checkpoint_name(candidates, checkpoint_cb.CHECKPOINT_NAME_LAST)
+            if checkpoint_cb.save_last
+            else None
         )
-        for key, state in run.callback_states.items():
-            if key in checkpoint.get("callbacks", {}) and key != checkpoint_cb.state_key:
-                checkpoint["callbacks"][key] = _for_variant(state, variant, name, others)
-        if run.optimizer_state is not None:
-            checkpoint["optimizer_states"] = [_slice_optimizer(run.optimizer_state, index)]
-        groups = len(run.variants)
-        checkpoint["lr_schedulers"] = [_slice_scheduler(s, index, groups) for s in run.scheduler_states]
-        checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-        save_checkpoint_atomic(checkpoint, checkpoint_path)
+        # what the job's ModelCheckpoint records as it saves its last epoch: the top-k file first
+        # (last_model_path still the previous epoch's last.ckpt), then last.ckpt
+        if topk is not None:
+            checkpoint_cb.best_model_path = topk
+        for path in (topk, last):
+            if path is None:
+                continue
+            previous_last = last if last is not None and saved["epoch"] > 0 else ""
+            checkpoint_cb.last_model_path = last if path == last else previous_last
+            checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+            checkpoint.update(copy.deepcopy(saved))
+            for key, state in run.callback_states.items():
+                if key in checkpoint.get("callbacks", {}) and key != checkpoint_cb.state_key:
+                    checkpoint["callbacks"][key] = _for_variant(state, variant, name, others)
+            for cb in trainer.callbacks:
+                if isinstance(cb, StageRecord) and cb.state_key in checkpoint.get("callbacks", {}):
+                    checkpoint["callbacks"][cb.state_key] = {"rng": copy.deepcopy(rng)}
+            if run.optimizer_state is not None:
+                checkpoint["optimizer_states"] = [_slice_optimizer(run.optimizer_state, index)]
+            groups = len(run.variants)
+            checkpoint["lr_schedulers"] = [_slice_scheduler(s, index, groups) for s in run.scheduler_states]
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            save_checkpoint_atomic(checkpoint, path)
+        last_path = last or topk
 
+    freezer = next((c for c in run.trainer.callbacks if isinstance(c, FreezeBackbone)), None)
+    before, after = run.fingerprints or ({}, {})
+    facts = report.fit_facts(run.model, freezer, before, after, None)
     record = _record(build).get("branches") or {}
     rows = []
     for branch in model.branch_names:
@@ -576,28 +601,26 @@ def write_job(build: JobBuild, run: PackedRun, index: int) -> float | None:
                     "name": name,
                     "task": (record.get(name) or {}).get("task"),
                     "status": "trained",
+                    "note": None,
                     "val_acc": metrics.get(f"{name}/val_acc"),
                     "val_loss": metrics.get(f"{name}/val_loss"),
                 }
             )
         else:
-            rows.append(dict(run.frozen_rows[branch]))
-    freezer = next(
-        (c for c in run.trainer.callbacks if hasattr(c, "last_check") and hasattr(c, "frozen")), None
-    )
-    check = freezer.last_check if freezer is not None else None
+            status, note = facts.branch_status(branch)
+            rows.append({**run.frozen_rows[branch], "status": status, "note": note})
     assert build.cfg is not None
     summary = StageSummary(
         stage=int(build.cfg.get("stage", 1)),
         trained_branch=name,
         branches=rows,
-        frozen_check=check.summary() if check is not None else None,
-        frozen_changed=len(check.changed) if check is not None else None,
-        checkpoint=str(checkpoint_path.resolve()) if checkpoint_path else None,
+        backbone=facts.backbone_status(),
+        frozen_check=facts.check.summary() if facts.check is not None else None,
+        frozen_check_by=facts.check_by if facts.check is not None else None,
+        frozen_changed=len(facts.check.changed) if facts.check is not None else None,
+        checkpoint=str(Path(last_path).absolute()) if last_path else None,
+        weights=report.weights_validated(list(trainer.callbacks)),
         output_dir=build.output_dir,
     )
-    if summary.output_dir:
-        Path(summary.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(summary.output_dir) / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
-    print(summary.format(), flush=True)
-    return metrics.get(f"{name}/val_acc")
+    report.write_summary(summary)
+    return report.optimized_value(summary, build.cfg.get("optimized_metric"))

@@ -80,41 +80,17 @@ def train(cfg: DictConfig) -> StageSummary:
             a config value a factory refuses, an override that contradicts the frozen backbone),
             before anything trains.
     """
-    import lightning as L
+    from lightning_freeze.app import build, report
 
-    from lightning_freeze.app import build, report, settings
-    from lightning_freeze.app.progress import EpochProgress
-    from lightning_freeze.stages import read_previous_stage
-
-    stage, init_from, init_weights = settings.check_stage(cfg)
-    quiet = bool(cfg.get("quiet", False))
-    if cfg.get("seed") is not None:
-        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-
-    previous = read_previous_stage(init_from) if init_from else None
-    name = build.check_new_branch(cfg.branch.get("name"), previous, init_from)
-    backbone = settings.inherit_previous_stage(cfg, previous, init_from) if previous else None
-    datamodule, num_classes = build.build_datamodule(cfg)
-    model, record = build.build_model(
-        cfg, name, num_classes, backbone, previous, init_from, init_weights, stage
-    )
-
-    loggers = build.build_loggers(cfg)
-    callbacks = [
-        *build.build_callbacks(cfg, has_logger=bool(loggers), quiet=quiet),
-        record,
-        EpochProgress(stage, name),
-    ]
-    freezer = build.freeze_callback(callbacks, stage)
-    trainer = build.build_trainer(cfg, callbacks, loggers, quiet=quiet)
-
-    ckpt_path = build.resume_checkpoint(cfg, trainer)
-    before, after = report.fitted(trainer, model, datamodule, ckpt_path)
+    built = build.build_stage(cfg)
+    model, datamodule, trainer, callbacks = built.model, built.datamodule, built.trainer, built.callbacks
+    before, after = report.fitted(trainer, model, datamodule, built.ckpt_path)
     tested = report.run_test(trainer, model, datamodule, callbacks) if cfg.get("test") else None
 
     summary = report.summarise(
-        cfg, stage=stage, name=name, trainer=trainer, model=model, datamodule=datamodule, callbacks=callbacks,
-        freezer=freezer, fingerprints=(before, after), tested=tested, resumed_from=ckpt_path,
+        cfg, stage=built.stage, name=built.name, trainer=trainer, model=model, datamodule=datamodule,
+        callbacks=callbacks, freezer=built.freezer, fingerprints=(before, after), tested=tested,
+        resumed_from=built.ckpt_path,
     )  # fmt: skip
     if trainer.is_global_zero:
         report.write_summary(summary)

@@ -410,7 +410,7 @@ def test_merge_output_gets_the_mode_of_a_plain_file_create(checkpoints, tmp_path
 _HELP_WITHOUT_TORCH = """
 import sys
 from lightning_freeze.cli.checkpoint_tools import main
-for argv in (["--help"], ["diff", "--help"], ["merge", "--help"], ["frobnicate"]):
+for argv in (["--help"], ["diff", "--help"], ["merge", "--help"], ["select", "--help"], ["frobnicate"]):
     try:
         main(argv)
     except SystemExit:
@@ -418,6 +418,39 @@ for argv in (["--help"], ["diff", "--help"], ["merge", "--help"], ["frobnicate"]
 heavy = sorted(m for m in ("torch", "lightning", "hydra", "numpy") if m in sys.modules)
 print("heavy:", heavy)
 """
+
+
+def _variant(checkpoints: dict[str, Path], tmp_path: Path, name: str, shift: float, acc: float) -> Path:
+    """Checkpoint ``b`` with branch ``b`` shifted by ``shift`` and a stored ``b/val_acc``."""
+    checkpoint = torch.load(checkpoints["b"], weights_only=True)
+    for key in [k for k in checkpoint["state_dict"] if k.startswith("branches.b.")]:
+        checkpoint["state_dict"][key] = checkpoint["state_dict"][key] + shift
+    checkpoint["multi_branch"] = {"metrics": {"b/val_acc": acc, "b/val_loss": 1.0 - acc}}
+    path = tmp_path / f"{name}.ckpt"
+    torch.save(checkpoint, path)
+    return path
+
+
+def test_select_subcommand_keeps_the_best_variant(checkpoints, tmp_path, capsys) -> None:
+    inputs = [_variant(checkpoints, tmp_path, f"v{i}", i * 0.5, acc) for i, acc in enumerate((0.2, 0.9, 0.5))]
+    out = tmp_path / "best.ckpt"
+    assert cli(["select", str(out), *map(str, inputs), "--metric", "val_acc", "--mode", "max"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    best = torch.load(out, weights_only=True)["state_dict"]
+    winner = torch.load(inputs[1], weights_only=True)["state_dict"]
+    assert best.keys() == winner.keys()
+    assert all(torch.equal(best[k], winner[k]) for k in winner)
+
+
+def test_select_subcommand_bad_input_is_one_line_exit_2(checkpoints, tmp_path, capsys) -> None:
+    inputs = [_variant(checkpoints, tmp_path, f"v{i}", i * 0.5, 0.5) for i in range(2)]
+    out = tmp_path / "best.ckpt"
+    assert cli(["select", str(out), *map(str, inputs), "--metric", "test_acc"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("lightning-freeze select: error: ")
+    assert "no metric 'b/test_acc'; its metrics: b/val_acc, b/val_loss" in err
+    assert not out.exists()
 
 
 def test_help_and_usage_errors_do_not_import_torch() -> None:
@@ -429,6 +462,7 @@ def test_help_and_usage_errors_do_not_import_torch() -> None:
         timeout=120,
     )
     assert "usage: lightning-freeze" in proc.stdout and "invalid choice: 'frobnicate'" in proc.stderr
+    assert "{diff,merge,select}" in proc.stdout and "usage: lightning-freeze select" in proc.stdout
     assert proc.stdout.splitlines()[-1] == "heavy: []"
 
 

@@ -135,12 +135,16 @@ def test_callback_lists_and_rich_replaces_tqdm() -> None:
         ("basic", "hydra._internal.core_plugins.basic_launcher.BasicLauncher"),
         ("joblib", "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"),
         ("submitit_slurm", "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"),
+        ("packed", "hydra_plugins.lightning_freeze_packed_launcher.packed_launcher.PackedLauncher"),
     ],
 )
 def test_launcher_presets_compose_even_without_the_plugin(launcher: str, target: str) -> None:
     extra = ["hydra.launcher.timeout_min=30"] if launcher == "submitit_slurm" else []
     cfg = _compose([f"launcher={launcher}", *extra])
     assert cfg.hydra.launcher._target_ == target
+    if launcher == "packed":  # shipped with the package: the target always imports
+        assert cfg.hydra.launcher.pack is True
+        assert _locate(target).__name__ == "PackedLauncher"
     if launcher == "joblib":
         assert cfg.hydra.launcher.n_jobs == 2
     if launcher == "submitit_slurm":

@@ -167,7 +167,7 @@ def test_jobs_whose_checkpointing_packing_cannot_reproduce_fall_back(sweeps) -> 
             f"hydra.sweep.dir={root / 'monitored'}",
             "model.optimizer.lr=0.01,0.1",
             "callbacks.model_checkpoint.monitor=parity/val_acc",
-            "+callbacks.model_checkpoint.mode=max",
+            "callbacks.model_checkpoint.mode=max",
             *FAST,
         ],
         root,
@@ -176,3 +176,28 @@ def test_jobs_whose_checkpointing_packing_cannot_reproduce_fall_back(sweeps) -> 
     assert "launcher=packed: running 2 job(s) one after another: job 0: its ModelCheckpoint saves by" in log
     for job in range(2):
         assert (root / "monitored" / f"{job}_parity" / "summary.json").is_file()
+
+
+def test_jobs_that_resume_a_checkpoint_fall_back(sweeps) -> None:
+    # packed variants start fresh: a sweep resuming a run (ckpt_path) runs its jobs one by one
+    root = sweeps["root"]
+    resumed = root / "basic" / "0_parity" / "checkpoints" / "last.ckpt"
+    result = _app(
+        [
+            "-m",
+            "launcher=packed",
+            "experiment=stage2",
+            f"init_from={root / 's1' / 'checkpoints' / 'last.ckpt'}",
+            f"ckpt_path={resumed}",
+            f"hydra.sweep.dir={root / 'resumed'}",
+            "model.optimizer.lr=0.01,0.1",
+            "callbacks=[default,freeze_backbone,ema]",
+            *FAST,
+        ],
+        root,
+    )
+    log = result.stdout + result.stderr
+    assert f"running 2 job(s) one after another: job 0 resumes from {resumed}; packed jobs start fresh" in log
+    for job in range(2):
+        summary = json.loads((root / "resumed" / f"{job}_parity" / "summary.json").read_text())
+        assert summary["resumed_from"] == str(resumed)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,12 @@ from lightning_freeze.module import check_branch_name
 from lightning_freeze.stages import RECORD_VERSION, PreviousStage, StageRecord
 
 __all__ = [
+    "Stage",
     "build_callbacks",
     "build_datamodule",
     "build_loggers",
     "build_model",
+    "build_stage",
     "build_trainer",
     "check_new_branch",
     "feature_size",
@@ -255,3 +258,75 @@ def metric(metrics: Mapping[str, Any], key: str) -> float | None:
     """``metrics[key]`` as a float, ``None`` when absent."""
     value = metrics.get(key)
     return None if value is None else float(value)
+
+
+@dataclass
+class Stage:
+    """Everything one run of the app trains with, built from the config, ready for ``Trainer.fit``.
+
+    Attributes:
+        cfg: the composed config.
+        stage: the stage number.
+        name: the branch this stage trains (``model.active_branch``).
+        model: the :class:`~lightning_freeze.MultiBranchModule`.
+        datamodule: the trained branch's data.
+        trainer: the trainer (with :attr:`callbacks` and the loggers).
+        callbacks: the trainer's callbacks, the :class:`~lightning_freeze.stages.StageRecord` among them.
+        record: that :class:`~lightning_freeze.stages.StageRecord`.
+        freezer: the :class:`~lightning_freeze.FreezeBackbone` among them, if any.
+        ckpt_path: the checkpoint ``Trainer.fit`` resumes from (``None``: a fresh run).
+    """
+
+    cfg: DictConfig
+    stage: int
+    name: str
+    model: Any
+    datamodule: L.LightningDataModule
+    trainer: L.Trainer
+    callbacks: list[Callback]
+    record: StageRecord
+    freezer: FreezeBackbone | None
+    ckpt_path: str | None
+
+
+def build_stage(cfg: DictConfig) -> Stage:
+    """Seed, read ``init_from``, and build the stage's data, model, callbacks and trainer (no fit).
+
+    The global random state afterwards is the one ``Trainer.fit`` starts from (the packed launcher
+    relies on it: :mod:`lightning_freeze.packing`).
+
+    Args:
+        cfg: the composed config (``conf/train.yaml`` and its groups).
+
+    Returns:
+        the :class:`Stage`.
+
+    Raises:
+        AppInputError: bad input (missing ``init_from``, branch name collision, missing data folder,
+            a config value a factory refuses, an override that contradicts the frozen backbone).
+    """
+    from lightning_freeze.app import settings
+    from lightning_freeze.app.progress import EpochProgress
+    from lightning_freeze.stages import read_previous_stage
+
+    stage, init_from, init_weights = settings.check_stage(cfg)
+    quiet = bool(cfg.get("quiet", False))
+    if cfg.get("seed") is not None:
+        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+
+    previous = read_previous_stage(init_from) if init_from else None
+    name = check_new_branch(cfg.branch.get("name"), previous, init_from)
+    backbone = settings.inherit_previous_stage(cfg, previous, init_from) if previous else None
+    datamodule, num_classes = build_datamodule(cfg)
+    model, record = build_model(cfg, name, num_classes, backbone, previous, init_from, init_weights, stage)
+
+    loggers = build_loggers(cfg)
+    callbacks = [
+        *build_callbacks(cfg, has_logger=bool(loggers), quiet=quiet),
+        record,
+        EpochProgress(stage, name),
+    ]
+    freezer = freeze_callback(callbacks, stage)
+    trainer = build_trainer(cfg, callbacks, loggers, quiet=quiet)
+    ckpt_path = resume_checkpoint(cfg, trainer)
+    return Stage(cfg, stage, name, model, datamodule, trainer, callbacks, record, freezer, ckpt_path)

@@ -1,15 +1,18 @@
-"""``lightning-freeze diff`` and ``lightning-freeze merge``: prove a stage left tensors untouched, and
-combine branches trained in parallel on one frozen backbone into one checkpoint.
+"""``lightning-freeze diff``, ``merge`` and ``select``: prove a stage left tensors untouched,
+combine branches trained in parallel on one frozen backbone into one checkpoint, and keep the best
+variant of each branch from a sweep (:mod:`lightning_freeze.cli.select`).
 
 Pure PyTorch (no Lightning import), so the tools start fast and work on any ``torch.save`` file::
 
     lightning-freeze diff stage1.ckpt stage2.ckpt --only backbone   # exit 0: backbone bitwise equal
     lightning-freeze merge all.ckpt stage2_b.ckpt stage2_c.ckpt      # one checkpoint, branches a, b, c
+    lightning-freeze select best.ckpt multirun/*/checkpoints/last.ckpt --metric val_acc --mode max
 
-Exit status: ``diff`` 0 when nothing (under ``--only``) differs, 1 when something does; ``merge`` 0
-when written. Both exit 2 on bad input (missing, unreadable, corrupt or truncated file, not a
-checkpoint, a file that needs ``--unsafe-load``; for ``merge`` also inputs without branches,
-different backbones or colliding branch names) with a one-line error on stderr and nothing written.
+Exit status: ``diff`` 0 when nothing (under ``--only``) differs, 1 when something does; ``merge``
+and ``select`` 0 when written. All exit 2 on bad input (missing, unreadable, corrupt or truncated
+file, not a checkpoint, a file that needs ``--unsafe-load``; for ``merge`` and ``select`` also
+inputs without branches, different backbones or colliding branch names; for ``select`` also a
+missing metric or an unknown branch) with a one-line error on stderr and nothing written.
 
 ``diff`` memory-maps both files and compares each tensor in small chunks: its peak memory is about
 the two files' size, whatever the size of one tensor. Sparse tensors compare by their coalesced
@@ -46,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Checkpoint tools for staged, frozen-backbone training.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{diff,merge}", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="{diff,merge,select}", required=True)
 
     diff = sub.add_parser(
         "diff",
@@ -85,6 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     merge.add_argument("--ema", action="store_true", help=_EMA_HELP)
     merge.add_argument("--unsafe-load", action="store_true", help=_UNSAFE_HELP)
+
+    from lightning_freeze.cli import select  # argparse only at import: no torch
+
+    select.add_parser(sub)
     return parser
 
 
@@ -111,8 +118,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "diff":
             return _diff(args.a, args.b, args.only, args.ema, args.unsafe_load)
+        if args.command == "select":
+            from lightning_freeze.cli import select
+
+            return select.run(args)
         return _merge(args.out, args.inputs, args.force, args.ema, args.unsafe_load)
-    except (_UsageError, ValueError) as err:  # CheckpointError and MergeError are ValueErrors
+    except (_UsageError, ValueError) as err:  # CheckpointError, MergeError and SelectError are ValueErrors
         print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

@@ -29,18 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lightning_freeze.core.checkpoint import (
-    BRANCH_PREFIX,
-    CheckpointError,
-    MergeError,
-    branch_names_in,
-    checkpoint_state_dict,
-    diff_state_dicts,
-    ema_state_dict,
-    load_checkpoint,
-    merge_checkpoints,
-    save_checkpoint_atomic,
-)
+# PyTorch and the checkpoint core are imported inside the functions: ``lightning-freeze --help``
+# builds this subcommand's parser and must answer without importing torch
 
 __all__ = ["SelectError", "SelectResult", "add_parser", "main", "run", "select_checkpoints"]
 
@@ -121,6 +111,13 @@ def select_checkpoints(
         lightning_freeze.core.checkpoint.MergeError: backbones not bitwise identical, or a branch that
             is not selected differs between inputs.
     """
+    from lightning_freeze.core.checkpoint import (
+        branch_names_in,
+        checkpoint_state_dict,
+        ema_state_dict,
+        merge_checkpoints,
+    )
+
     if mode not in MODES:
         raise SelectError(f"Invalid mode={mode!r}; valid choices: {', '.join(repr(m) for m in MODES)}")
     if not isinstance(metric, str) or not metric or metric.endswith("/"):
@@ -204,6 +201,8 @@ def select_checkpoints(
 
 
 def _differs(states: Sequence[Mapping[str, Any]], held: Sequence[list[str]], branch: str) -> bool:
+    from lightning_freeze.core.checkpoint import BRANCH_PREFIX, diff_state_dicts
+
     prefix = f"{BRANCH_PREFIX}{branch}."
     holders = [s for s, names in zip(states, held, strict=True) if branch in names]
     first = {k: v for k, v in holders[0].items() if k.startswith(prefix)}
@@ -214,6 +213,8 @@ def _differs(states: Sequence[Mapping[str, Any]], held: Sequence[list[str]], bra
 
 def _without_branches(checkpoint: Mapping[str, Any], drop: Sequence[str]) -> dict[str, Any]:
     """A shallow copy of ``checkpoint`` without the tensors, configs and EMA entries of ``drop``."""
+    from lightning_freeze.core.checkpoint import BRANCH_PREFIX
+
     out = dict(checkpoint)
     if not drop:
         return out
@@ -282,7 +283,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``select`` with parsed arguments; returns the exit status (0 written)."""
+    """Run ``select`` with parsed arguments (from :func:`add_parser`).
+
+    Args:
+        args: the parsed arguments.
+
+    Returns:
+        the exit status: 0 written.
+
+    Raises:
+        SelectError: bad input (also ``CheckpointError``/``MergeError``; each a ``ValueError``).
+    """
+    from lightning_freeze.core.checkpoint import load_checkpoint, save_checkpoint_atomic
+
     target = Path(args.out)
     if target.exists() and not args.force:
         raise SelectError(f"OUT {args.out!r} exists; pass --force to overwrite it")
@@ -325,6 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add_parser(sub)
     args = parser.parse_args(["select", *(sys.argv[1:] if argv is None else argv)])
+    from lightning_freeze.core.checkpoint import CheckpointError, MergeError
+
     try:
         return run(args)
     except (CheckpointError, MergeError, SelectError) as err:
