@@ -262,6 +262,10 @@ def test_every_option_of_every_group_runs(
     if (group, option) in {("data", "image_folder"), ("branch", "folder")}:
         overrides += ["data=image_folder", "branch=folder", f"data.root={image_root}", "data.num_workers=0"]
     stage2 = group == "experiment" and option != "stage1"
+    if (group, option) == ("callbacks", "feature_cache"):  # a stage-2 preset: it caches a frozen backbone
+        overrides[0] = "callbacks=[default,freeze_backbone,feature_cache]"
+        overrides += ["experiment=stage2", f"callbacks.feature_cache.directory={tmp_path / 'cache'}"]
+        stage2 = True
     if stage2:
         overrides.append(f"init_from={stage1_checkpoint}")
     cfg = _compose(overrides, tmp_path)
