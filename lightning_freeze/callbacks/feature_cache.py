@@ -25,7 +25,6 @@ from lightning_freeze.core.feature_cache import (
     check_max_bytes,
     make_store,
     sample_keys,
-    tensor_digest,
     uncacheable_reasons,
 )
 from lightning_freeze.core.norm import is_pinned
@@ -618,7 +617,7 @@ class _SkipPipeline:
         )
         if not (self.ready and cache is not None and cache.enabled and iterates_after):
             return
-        if tensor_digest(cache.module) != self.ready_digest:
+        if cache.current_tensor_digest() != self.ready_digest:
             self.ready = False
             self._info(
                 f"{self.name}'s parameters/buffers changed since its features were cached: "

@@ -766,6 +766,19 @@ class OutputCache:
     def _plain(self, *args: Any, **kwargs: Any) -> Any:
         return type(self.module).forward(self.module, *args, **kwargs)
 
+    def current_tensor_digest(self) -> bytes:
+        """:func:`tensor_digest` of the module; hashed again only when a tensor changed or after refresh()."""
+        tensors = [*self.module.parameters(), *self.module.buffers()]
+        return self._tensor_digest(
+            tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        )
+
+    def _tensor_digest(self, tensor_token: tuple[Any, ...]) -> bytes:
+        if self._tensors is None or self._tensor_token != tensor_token:  # hash only when a tensor changed
+            self._tensors = tensor_digest(self.module)
+            self._tensor_token = tensor_token
+        return self._tensors
+
     def _current_state(self, device_type: str) -> bytes | None:
         module = self.module
         tensors = [*module.parameters(), *module.buffers()]
@@ -786,9 +799,7 @@ class OutputCache:
                     raise UncacheableModuleError(message)
                 self.disable(message + "; the cache is off from now on")
                 return None
-            if self._tensor_token != tensor_token:  # hash the weights only when a tensor changed
-                self._tensors = tensor_digest(module)
-                self._tensor_token = tensor_token
+            self._tensor_digest(tensor_token)
             self._state = module_state_key(module, device_type, tensors=self._tensors)
             self._token = token
             self.store.held_bytes(self._state)  # the disk store scans what other runs stored
