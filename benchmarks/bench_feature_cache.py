@@ -304,10 +304,12 @@ def measure(args: argparse.Namespace) -> None:
         f"medians of {args.repeats} interleaved runs\n"
     )
     header = "| run | " + " | ".join(f"epoch {e + 1} (s)" for e in range(args.epochs))
-    header += " | later epochs vs uncached | last epoch vs precomputed | hit rate | cache bytes |"
+    header += " | later epochs vs uncached | last epoch vs precomputed | fit total (s) | total vs precomputed"
+    header += " | hit rate | cache bytes |"
     print(header)
-    print("|" + "---|" * (args.epochs + 5))
+    print("|" + "---|" * (args.epochs + 7))
     pre_last = statistics.median(r["epochs"][-1] for r in runs["precomputed (hand-written)"])
+    pre_total = statistics.median(sum(r["epochs"]) for r in runs["precomputed (hand-written)"])
     results = {}
     for name, rs in runs.items():
         per_epoch = [_median(rs, e) for e in range(args.epochs)]
@@ -320,7 +322,8 @@ def measure(args: argparse.Namespace) -> None:
         print(
             f"| {name} | "
             + " | ".join(f"{t:.2f}" for t in per_epoch)
-            + f" | {later:.1f}x | {per_epoch[-1] / pre_last:.2f}x | {rate} | {stats.get('bytes', 0):,} |"
+            + f" | {later:.1f}x | {per_epoch[-1] / pre_last:.2f}x | {sum(per_epoch):.2f}"
+            + f" | {sum(per_epoch) / pre_total:.2f}x | {rate} | {stats.get('bytes', 0):,} |"
         )
         results[name] = {"per_epoch_s": per_epoch, "stats": stats, "all": [r["epochs"] for r in rs]}
     cached = results["cached (memory)"]["per_epoch_s"]
