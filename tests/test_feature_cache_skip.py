@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -109,6 +110,17 @@ def test_later_epochs_load_no_sample_and_end_bitwise_as_the_uncached_run(
     assert cache.stats["skipped_epochs"] == EPOCHS - 2
     assert "2 training epoch(s) ran on the cached features" in cache.report()
     assert "forward" not in model.backbone.__dict__
+
+
+def test_a_disk_store_filled_by_an_earlier_run_skips_from_the_second_epoch(
+    uncached: L.LightningModule, tmp_path: Path
+) -> None:
+    fit([FeatureCache("backbone", store="disk", directory=tmp_path), FreezeBackbone("backbone")])
+    cache = FeatureCache("backbone", store="disk", directory=tmp_path, skip_pipeline=True)
+    model, data = fit([cache, FreezeBackbone("backbone")])
+    assert data.loads == {0: N_TRAIN}  # every sample hit in epoch 0: epochs 1-3 load nothing
+    assert same(model, uncached)
+    assert cache.stats["misses"] == 0 and cache.stats["skipped_epochs"] == EPOCHS - 1
 
 
 def test_shuffled_run_keeps_the_sampler_order() -> None:
