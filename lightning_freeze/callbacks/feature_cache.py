@@ -580,7 +580,9 @@ class _SkipPipeline:
         self._info(f"skip_pipeline does not apply ({reason}); every epoch loads its samples.")
 
     def reset(self) -> None:
-        """A new fit: the table of a previous fit is kept (its keys are checked again), the state not."""
+        """A new fit: start over (its loader may give other samples under the same indices)."""
+        self.table.clear()
+        self.skipped_epochs = 0
         self.off = None
         self.ready = False
         self._reset_epoch()
