@@ -4,16 +4,22 @@ Rows, each a full Lightning fit of ``--epochs`` epochs on the same in-memory sam
 
 * ``uncached``: FreezeBackbone only (the backbone runs every epoch);
 * ``cached (memory)``: FreezeBackbone + FeatureCache(store="memory");
+* ``skip pipeline (memory)``: FeatureCache(store="memory", skip_pipeline=True): from epoch 3 on
+  (epoch 1 computes, epoch 2 checks that every sample hits) no sample is loaded;
 * ``precomputed``: the hand-written alternative: features computed once in a plain loop, then the
   head trained on a TensorDataset of (feature, target) pairs (its "epoch 1" includes the
   precompute);
 * ``disk, 2nd process``: FeatureCache(store="disk") in a fresh process after a first process
   filled the directory (every sample hits from its first epoch).
 
+With ``--jpeg``, the samples are real JPEG files written to a temporary folder and read through
+``torchvision.datasets.ImageFolder`` (decode, resize, to tensor, normalize: deterministic), so the
+data pipeline costs what it costs in practice, in every row (the precompute script decodes once).
+
 Uncached and cached runs are interleaved (U, C, U, C, ...) so that a shared, loaded machine slows
 both alike; the medians per epoch are reported with the load average.
 
-Run by hand:  python benchmarks/bench_feature_cache.py [--size 128] [--samples 256] [--repeats 2]
+Run by hand:  python benchmarks/bench_feature_cache.py [--size 128] [--samples 256] [--repeats 2] [--jpeg]
 """
 
 from __future__ import annotations
@@ -89,11 +95,46 @@ class EpochTimer(L.Callback):
         self.times.append(time.perf_counter() - self._t0)
 
 
-def dataset(samples: int, size: int) -> TensorDataset:
+def dataset(args: argparse.Namespace) -> Any:
+    """In-memory tensors, or an ImageFolder over ``args.jpeg_dir`` (see :func:`write_jpegs`)."""
+    if args.jpeg_dir:
+        from torchvision import transforms
+
+        transform = transforms.Compose(
+            [
+                transforms.Resize(args.size),
+                transforms.CenterCrop(args.size),
+                transforms.ToTensor(),
+                transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+            ]
+        )
+        return torchvision.datasets.ImageFolder(args.jpeg_dir, transform=transform)
     g = torch.Generator().manual_seed(0)
     return TensorDataset(
-        torch.randn(samples, 3, size, size, generator=g), torch.randint(0, 10, (samples,), generator=g)
+        torch.randn(args.samples, 3, args.size, args.size, generator=g),
+        torch.randint(0, 10, (args.samples,), generator=g),
     )
+
+
+def write_jpegs(directory: str, samples: int, size: int, classes: int = 10) -> None:
+    """``samples`` JPEG files (smooth random images, 1.25x ``size``, quality 90) in ``classes`` folders."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    side = int(size * 1.25)
+    for i in range(samples):
+        folder = Path(directory) / f"class{i % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        low = torch.rand(3, side // 8, side // 8, generator=g)
+        image = F.interpolate(low[None], size=(side, side), mode="bilinear")[0]
+        pixels = (image.clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        Image.fromarray(pixels).save(folder / f"{i:05d}.jpg", quality=90)
+
+
+def targets(data: Any) -> torch.Tensor:
+    if isinstance(data, TensorDataset):
+        return data.tensors[1]
+    return torch.tensor(data.targets)
 
 
 def _trainer(epochs: int, callbacks: list[Any]) -> L.Trainer:
@@ -111,12 +152,14 @@ def _trainer(epochs: int, callbacks: list[Any]) -> L.Trainer:
 
 def run(mode: str, args: argparse.Namespace, directory: str | None = None) -> dict[str, Any]:
     """One fit; returns per-epoch seconds and the cache's stats."""
-    data = dataset(args.samples, args.size)
+    data = dataset(args)
     timer = EpochTimer()
     callbacks: list[Any] = [FreezeBackbone("backbone"), timer]
     cache = None
     if mode == "cached":
         cache = FeatureCache("backbone", store="memory")
+    elif mode == "skip":
+        cache = FeatureCache("backbone", store="memory", skip_pipeline=True)
     elif mode == "disk":
         cache = FeatureCache("backbone", store="disk", directory=directory)
     if cache is not None:
@@ -131,7 +174,7 @@ def run(mode: str, args: argparse.Namespace, directory: str | None = None) -> di
 
 def precomputed(args: argparse.Namespace) -> dict[str, Any]:
     """The hand-written script: features once (no_grad, eval), then the head on a TensorDataset."""
-    data = dataset(args.samples, args.size)
+    data = dataset(args)
     model = Classifier().eval()
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -140,7 +183,7 @@ def precomputed(args: argparse.Namespace) -> dict[str, Any]:
     timer = EpochTimer()
     _trainer(args.epochs, [timer]).fit(
         HeadOnly(model.head),
-        DataLoader(TensorDataset(feats, data.tensors[1]), batch_size=args.batch_size, shuffle=True),
+        DataLoader(TensorDataset(feats, targets(data)), batch_size=args.batch_size, shuffle=True),
     )
     times = list(timer.times)
     times[0] += precompute
@@ -197,6 +240,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--worker", choices=["disk"], help=argparse.SUPPRESS)
     parser.add_argument("--directory", help=argparse.SUPPRESS)
+    parser.add_argument("--jpeg", action="store_true", help="real JPEG files through ImageFolder")
+    parser.add_argument("--jpeg-dir", help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--overhead-only", action="store_true", help="only the isolated miss-path overhead")
     args = parser.parse_args()
@@ -206,6 +251,15 @@ def main() -> None:
     if args.worker == "disk":  # the second process of the disk row
         print(json.dumps(run("disk", args, args.directory)))
         return
+    with tempfile.TemporaryDirectory() as jpeg_dir:
+        if args.jpeg:
+            args.jpeg_dir = jpeg_dir
+            write_jpegs(jpeg_dir, args.samples, args.size)
+        measure(args)
+
+
+def measure(args: argparse.Namespace) -> None:
+    """All rows, printed as a Markdown table."""
 
     overhead = miss_overhead(args)
     print(
@@ -217,10 +271,15 @@ def main() -> None:
     if args.overhead_only:
         return
     load_before = os.getloadavg()
-    runs: dict[str, list[dict[str, Any]]] = {"uncached": [], "cached (memory)": []}
+    runs: dict[str, list[dict[str, Any]]] = {
+        "uncached": [],
+        "cached (memory)": [],
+        "skip pipeline (memory)": [],
+    }
     for _ in range(args.repeats):
         runs["uncached"].append(run("uncached", args))
         runs["cached (memory)"].append(run("cached", args))
+        runs["skip pipeline (memory)"].append(run("skip", args))
     runs["precomputed (hand-written)"] = [precomputed(args)]
     with tempfile.TemporaryDirectory() as directory:
         runs["disk, 1st process"] = [run("disk", args, directory)]
@@ -229,23 +288,28 @@ def main() -> None:
             f"--{k.replace('_', '-')}={getattr(args, k)}"
             for k in ("size", "samples", "batch_size", "epochs", "threads")
         ]
+        command += [f"--jpeg-dir={args.jpeg_dir}"] if args.jpeg_dir else []
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         runs["disk, 2nd process"] = [json.loads(out.strip().splitlines()[-1])]
     load_after = os.getloadavg()
 
     base = [_median(runs["uncached"], e) for e in range(args.epochs)]
     print(
-        f"\nResNet-18 (weights=None, frozen) + linear head, {args.samples} samples of "
-        f"3x{args.size}x{args.size}, "
+        f"\nResNet-18 (weights=None, frozen) + linear head, {args.samples} "
+        f"{'JPEG files (ImageFolder, resized to' if args.jpeg_dir else 'in-memory samples of'} "
+        f"3x{args.size}x{args.size}{')' if args.jpeg_dir else ''}, "
         f"batch {args.batch_size}, {args.epochs} epochs, CPU {platform.processor() or platform.machine()}, "
         f"{args.threads} threads, torch {torch.__version__}; load average "
         f"{load_before[0]:.1f} before, {load_after[0]:.1f} after (1 min); "
         f"medians of {args.repeats} interleaved runs\n"
     )
     header = "| run | " + " | ".join(f"epoch {e + 1} (s)" for e in range(args.epochs))
-    header += " | later epochs vs uncached | hit rate | cache bytes |"
+    header += " | later epochs vs uncached | last epoch vs precomputed | fit total (s) | total vs precomputed"
+    header += " | hit rate | cache bytes |"
     print(header)
-    print("|" + "---|" * (args.epochs + 4))
+    print("|" + "---|" * (args.epochs + 7))
+    pre_last = statistics.median(r["epochs"][-1] for r in runs["precomputed (hand-written)"])
+    pre_total = statistics.median(sum(r["epochs"]) for r in runs["precomputed (hand-written)"])
     results = {}
     for name, rs in runs.items():
         per_epoch = [_median(rs, e) for e in range(args.epochs)]
@@ -258,7 +322,8 @@ def main() -> None:
         print(
             f"| {name} | "
             + " | ".join(f"{t:.2f}" for t in per_epoch)
-            + f" | {later:.1f}x | {rate} | {stats.get('bytes', 0):,} |"
+            + f" | {later:.1f}x | {per_epoch[-1] / pre_last:.2f}x | {sum(per_epoch):.2f}"
+            + f" | {sum(per_epoch) / pre_total:.2f}x | {rate} | {stats.get('bytes', 0):,} |"
         )
         results[name] = {"per_epoch_s": per_epoch, "stats": stats, "all": [r["epochs"] for r in rs]}
     cached = results["cached (memory)"]["per_epoch_s"]

@@ -311,6 +311,12 @@ def _flatten(output: Any) -> tuple[list[torch.Tensor], Structure] | None:
     return None
 
 
+def _stack_entries(entries: Sequence[tuple[Structure, list[torch.Tensor]]], device: torch.device) -> Any:
+    """The batched output of per-sample entries (same structure), on ``device``."""
+    leaves = [torch.stack([e[1][j] for e in entries]).to(device) for j in range(len(entries[0][1]))]
+    return _unflatten(leaves, entries[0][0])
+
+
 def _unflatten(leaves: Iterable[torch.Tensor], structure: Structure) -> Any:
     it = iter(leaves)
 
@@ -653,6 +659,12 @@ class OutputCache:
         self.lookup = True
         self.storing = True
         self.disabled_reason: str | None = None
+        # calls of the attached forward (outside bypass_output_caches); (module key, sample keys, misses)
+        # of the latest call that looked the samples up
+        self.calls = 0
+        self.last_call: tuple[bytes, list[bytes], int] | None = None
+        # when set, every call of the attached forward goes to it instead (see FeatureCache skip_pipeline)
+        self.redirect: Callable[..., Any] | None = None
         self._token: tuple[Any, ...] | None = None
         self._tensor_token: tuple[Any, ...] | None = None
         self._tensors: bytes | None = None
@@ -754,6 +766,19 @@ class OutputCache:
     def _plain(self, *args: Any, **kwargs: Any) -> Any:
         return type(self.module).forward(self.module, *args, **kwargs)
 
+    def current_tensor_digest(self) -> bytes:
+        """:func:`tensor_digest` of the module; hashed again only when a tensor changed or after refresh()."""
+        tensors = [*self.module.parameters(), *self.module.buffers()]
+        return self._tensor_digest(
+            tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        )
+
+    def _tensor_digest(self, tensor_token: tuple[Any, ...]) -> bytes:
+        if self._tensors is None or self._tensor_token != tensor_token:  # hash only when a tensor changed
+            self._tensors = tensor_digest(self.module)
+            self._tensor_token = tensor_token
+        return self._tensors
+
     def _current_state(self, device_type: str) -> bytes | None:
         module = self.module
         tensors = [*module.parameters(), *module.buffers()]
@@ -774,9 +799,7 @@ class OutputCache:
                     raise UncacheableModuleError(message)
                 self.disable(message + "; the cache is off from now on")
                 return None
-            if self._tensor_token != tensor_token:  # hash the weights only when a tensor changed
-                self._tensors = tensor_digest(module)
-                self._tensor_token = tensor_token
+            self._tensor_digest(tensor_token)
             self._state = module_state_key(module, device_type, tensors=self._tensors)
             self._token = token
             self.store.held_bytes(self._state)  # the disk store scans what other runs stored
@@ -784,7 +807,13 @@ class OutputCache:
         return self._state
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
-        if not (self.enabled and self.lookup) or _BYPASS.get():
+        if _BYPASS.get():  # e.g. FreezeBackbone's output probe: not counted as a call
+            return self._plain(*args, **kwargs)
+        self.calls += 1
+        self.last_call = None
+        if self.redirect is not None:
+            return self.redirect(*args, **kwargs)
+        if not (self.enabled and self.lookup):
             return self._plain(*args, **kwargs)
         batched = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         batch = batched[0].shape[0] if batched and batched[0].dim() > 0 else None
@@ -806,16 +835,12 @@ class OutputCache:
         entries = [self.store.get(state, k) for k in keys]
         self.stats["corrupt"] = getattr(self.store, "corrupt", 0) - self._corrupt_base
         missing = [i for i, e in enumerate(entries) if e is None]
+        self.last_call = (state, keys, len(missing))
         self.stats["hits"] += batch - len(missing)
         self.stats["misses"] += len(missing)
         if not missing:
-            structure = entries[0][0]  # type: ignore[index]
-            leaves = [
-                torch.stack([e[1][j] for e in entries]).to(device)  # type: ignore[index]
-                for j in range(len(entries[0][1]))  # type: ignore[index]
-            ]
             self._account_saved()
-            return _unflatten(leaves, structure)
+            return _stack_entries(entries, device)  # type: ignore[arg-type]
 
         if len(missing) == batch:
             output = self._timed(args, kwargs, batch)
@@ -856,6 +881,18 @@ class OutputCache:
             leaves.append(torch.stack(rows))
         self._account_saved()
         return _unflatten(leaves, structure)
+
+    def stored_output(self, state: bytes, keys: Sequence[bytes], device: torch.device) -> Any | None:
+        """The batched output stored under ``state`` for ``keys`` (on ``device``); ``None`` if one is missing.
+
+        Counts the samples as hits. Used to serve a batch without calling the module.
+        """
+        entries = [self.store.get(state, k) for k in keys]
+        if not entries or any(e is None for e in entries):
+            return None
+        self.stats["hits"] += len(keys)
+        self._account_saved()
+        return _stack_entries(entries, device)  # type: ignore[arg-type]
 
     def _timed(self, args: Sequence[Any], kwargs: Mapping[str, Any], samples: int) -> Any:
         start = time.perf_counter()

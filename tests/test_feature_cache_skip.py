@@ -1,0 +1,198 @@
+"""FeatureCache(skip_pipeline=True): later epochs iterate the cached features, no sample is loaded."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from helpers.freeze import TinyNet, make_data
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_freeze import FeatureCache, FreezeBackbone
+
+N_TRAIN, N_VAL, EPOCHS = 64, 32, 4
+
+
+class Counted(Dataset):
+    """``make_data`` that counts its ``__getitem__`` calls per epoch (set by :class:`EpochOf`)."""
+
+    def __init__(self, noise: bool = False) -> None:
+        self.data = make_data(N_TRAIN, 0)
+        self.noise = noise
+        self.epoch = 0
+        self.loads: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.loads[self.epoch] = self.loads.get(self.epoch, 0) + 1
+        x, y = self.data[i]
+        return (x + 0.01 * torch.randn_like(x) if self.noise else x), y
+
+
+class EpochOf(L.Callback):
+    def __init__(self, data: Counted) -> None:
+        self.data = data
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.data.epoch = trainer.current_epoch
+
+
+class ChangeBuffer(L.Callback):
+    """Changes a running mean of the frozen backbone at the start of epoch 3 (an in-place update)."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == 3:
+            pl_module.backbone[1].running_mean.add_(0.5)
+
+
+class TwoCalls(TinyNet):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x) + self.backbone(x))
+
+
+def fit(
+    callbacks: list[Any], shuffle: bool = False, noise: bool = False, model_class: type[TinyNet] = TinyNet
+) -> tuple[L.LightningModule, Counted]:
+    L.seed_everything(0, verbose=False)
+    model = model_class()
+    data = Counted(noise)
+    trainer = L.Trainer(
+        max_epochs=EPOCHS,
+        callbacks=[EpochOf(data), *callbacks],
+        accelerator="cpu",
+        deterministic=True,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(
+        model,
+        DataLoader(data, batch_size=16, shuffle=shuffle),
+        DataLoader(make_data(N_VAL, 1), batch_size=16),
+    )
+    return model, data
+
+
+def same(a: L.LightningModule, b: L.LightningModule) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def info(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+
+@pytest.fixture(scope="module")
+def uncached() -> L.LightningModule:
+    return fit([FreezeBackbone("backbone")])[0]
+
+
+def test_later_epochs_load_no_sample_and_end_bitwise_as_the_uncached_run(
+    uncached: L.LightningModule, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = FeatureCache("backbone", skip_pipeline=True)
+    with caplog.at_level(logging.INFO):
+        model, data = fit([cache, FreezeBackbone("backbone")])
+    # epoch 0 computes, epoch 1 hits every sample (the pipeline is deterministic), then no loading
+    assert data.loads == {0: N_TRAIN, 1: N_TRAIN}
+    assert same(model, uncached)
+    assert cache.stats["misses"] == N_TRAIN + N_VAL
+    assert cache.stats["hits"] == (EPOCHS - 1) * (N_TRAIN + N_VAL)
+    assert len(info(caplog, "skip_pipeline: from epoch 2 on")) == 1
+    assert cache.stats["skipped_epochs"] == EPOCHS - 2
+    assert "2 training epoch(s) ran on the cached features" in cache.report()
+    assert "forward" not in model.backbone.__dict__
+
+
+def test_a_disk_store_filled_by_an_earlier_run_skips_from_the_second_epoch(
+    uncached: L.LightningModule, tmp_path: Path
+) -> None:
+    fit([FeatureCache("backbone", store="disk", directory=tmp_path), FreezeBackbone("backbone")])
+    cache = FeatureCache("backbone", store="disk", directory=tmp_path, skip_pipeline=True)
+    model, data = fit([cache, FreezeBackbone("backbone")])
+    assert data.loads == {0: N_TRAIN}  # every sample hit in epoch 0: epochs 1-3 load nothing
+    assert same(model, uncached)
+    assert cache.stats["misses"] == 0 and cache.stats["skipped_epochs"] == EPOCHS - 1
+
+
+def test_shuffled_run_keeps_the_sampler_order() -> None:
+    plain, _ = fit([FreezeBackbone("backbone")], shuffle=True)
+    model, data = fit(
+        [FeatureCache("backbone", skip_pipeline=True), FreezeBackbone("backbone")], shuffle=True
+    )
+    assert data.loads == {0: N_TRAIN, 1: N_TRAIN}
+    # features of a sample may come from another batch composition: close, not necessarily bitwise
+    sp, sm = plain.state_dict(), model.state_dict()
+    assert all(torch.allclose(sp[k].float(), sm[k].float(), atol=1e-5) for k in sp)
+
+
+@pytest.mark.parametrize("change_first", [True, False])
+def test_a_changed_buffer_falls_back_to_loading(
+    uncached: L.LightningModule, caplog: pytest.LogCaptureFixture, change_first: bool
+) -> None:
+    plain, _ = fit([FreezeBackbone("backbone", verify="off"), ChangeBuffer()])
+    callbacks = [FeatureCache("backbone", skip_pipeline=True), FreezeBackbone("backbone", verify="off")]
+    # before the cache's epoch start hook: seen there; after it: seen by the module call
+    callbacks = [ChangeBuffer(), *callbacks] if change_first else [*callbacks, ChangeBuffer()]
+    with caplog.at_level(logging.INFO):
+        model, data = fit(callbacks)
+    assert data.loads == {0: N_TRAIN, 1: N_TRAIN, 3: N_TRAIN}  # epoch 2 skipped, epoch 3 loads
+    assert same(model, plain) and not same(model, uncached)
+    assert len(info(caplog, "falls back") + info(caplog, "loads the samples again")) == 1
+
+
+@pytest.mark.parametrize("cache_first", [True, False])
+def test_an_unfreeze_falls_back_to_loading(caplog: pytest.LogCaptureFixture, cache_first: bool) -> None:
+    plain, _ = fit([FreezeBackbone("backbone", unfreeze_at_epoch=3)])
+    callbacks = [
+        FeatureCache("backbone", skip_pipeline=True),
+        FreezeBackbone("backbone", unfreeze_at_epoch=3),
+    ]
+    with caplog.at_level(logging.INFO):
+        model, data = fit(callbacks if cache_first else callbacks[::-1])
+    assert data.loads == {0: N_TRAIN, 1: N_TRAIN, 3: N_TRAIN}
+    assert same(model, plain)
+    assert len(info(caplog, "FeatureCache: backbone is no longer cacheable")) == 1
+
+
+def test_random_inputs_never_skip(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO):
+        _, data = fit([FeatureCache("backbone", skip_pipeline=True), FreezeBackbone("backbone")], noise=True)
+    assert data.loads == dict.fromkeys(range(EPOCHS), N_TRAIN)
+    assert not info(caplog, "skip_pipeline: from epoch")
+
+
+def test_a_module_called_twice_per_batch_is_not_skipped(caplog: pytest.LogCaptureFixture) -> None:
+    plain, _ = fit([FreezeBackbone("backbone")], model_class=TwoCalls)
+    with caplog.at_level(logging.INFO):
+        model, data = fit(
+            [FeatureCache("backbone", skip_pipeline=True), FreezeBackbone("backbone")], model_class=TwoCalls
+        )
+    assert data.loads == dict.fromkeys(range(EPOCHS), N_TRAIN)
+    assert same(model, plain)
+    lines = info(caplog, "skip_pipeline does not apply")
+    assert lines == [
+        "FeatureCache: skip_pipeline does not apply (backbone is not called exactly once per training "
+        "batch); every epoch loads its samples."
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"skip_pipeline": "yes"}, r"Invalid skip_pipeline='yes'; valid choices: True, False\."),
+        ({"modules": ["a", "b"], "skip_pipeline": True}, r"exactly one module .* modules=\['a', 'b'\]"),
+        ({"modules": "layer*", "skip_pipeline": True}, r"exactly one module .* modules='layer\*'"),
+    ],
+)
+def test_bad_input(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        FeatureCache(**kwargs)
