@@ -62,6 +62,8 @@ class StageSummary:
             ``"main process"`` (``ddp_spawn``: the callback ran in the worker processes; the main
             process compared the tensors the callback froze, as recorded in the checkpoint, before
             and after the fit); ``None`` when not checked.
+            ``"not in this process"``: the callback ran, in processes whose results did not come
+            back (``ddp_spawn`` without a checkpoint); ``"verify off"``: ``verify="off"``.
         frozen_changed: number of frozen tensors that changed (``None`` when not checked).
         checkpoint: the checkpoint holding the weights at the end of training (``last.ckpt``), the
             next stage's ``init_from`` (``None`` without one).
@@ -73,6 +75,9 @@ class StageSummary:
         resumed_from: the checkpoint this run resumed from (``ckpt_path``, or the run's own
             ``last.ckpt`` after a SLURM requeue); ``None`` for a fresh run.
         output_dir: the run's output directory.
+        feature_cache: with ``FeatureCache``, its statistics after the fit (and the validations the
+            summary ran): ``hits``, ``misses``, ``hit_rate``, ``bytes``, ``store``,
+            ``time_saved_s``, ...; ``None`` without it.
     """
 
     stage: int
@@ -88,6 +93,7 @@ class StageSummary:
     tested_checkpoint: str | None = None
     resumed_from: str | None = None
     output_dir: str | None = None
+    feature_cache: dict[str, Any] | None = None
 
     def format(self) -> str:
         """The summary as printed at the end of a run."""
@@ -108,13 +114,28 @@ class StageSummary:
             lines.append("metrics: on the EMA weights (next stage: init_weights=ema starts from them)")
         if self.backbone is not None:
             lines.append(f"backbone: {self.backbone}")
-        if self.frozen_check is None:
+        if self.frozen_check is None and self.frozen_check_by == "not in this process":
+            check = (
+                "not checked in this process (FreezeBackbone ran in the worker processes; keep the "
+                "model_checkpoint callback so that the main process can check what it froze)"
+            )
+        elif self.frozen_check is None and self.frozen_check_by == "verify off":
+            check = "not checked (FreezeBackbone(verify='off'))"
+        elif self.frozen_check is None:
             check = "not checked (no FreezeBackbone callback)"
         elif self.frozen_check_by not in (None, "FreezeBackbone"):
             check = f"{self.frozen_check} (checked by the {self.frozen_check_by})"
         else:
             check = self.frozen_check
         lines.append(f"frozen tensors: {check}")
+        cache = self.feature_cache
+        if cache and cache.get("hits", 0) + cache.get("misses", 0):
+            lines.append(
+                f"feature cache: {cache.get('hit_rate', 0.0):.1%} hits ({cache['hits']} hits, "
+                f"{cache['misses']} misses), {cache.get('bytes', 0) / 1024:.1f} KiB in the "
+                f"{cache.get('store', '?')} store, "
+                f"~{cache.get('time_saved_s', 0.0):.1f} s saved"
+            )
         if self.resumed_from:
             lines.append(f"resumed from: {self.resumed_from}")
         if self.tested:

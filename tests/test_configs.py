@@ -279,6 +279,11 @@ def test_every_option_of_every_group_runs(
     assert trained["status"] == "trained"
     assert 0.0 <= trained["val_acc"] <= 1.0  # validation ran on the trained branch's data
     assert (tmp_path / "summary.json").is_file()
+    if (group, option) == ("callbacks", "feature_cache"):  # the summary reports the cache
+        assert summary.feature_cache is not None and summary.feature_cache["misses"] > 0
+        assert "feature cache: " in summary.format() and "in the disk store" in summary.format()
+    else:
+        assert summary.feature_cache is None and "feature cache" not in summary.format()
     if stage2:
         assert list(rows) == ["digit", cfg.branch.name] and rows["digit"]["status"] == "frozen"
         assert summary.frozen_changed == 0 and summary.frozen_check.endswith(": 0 changed")
@@ -341,3 +346,19 @@ def test_branch_names_that_are_nn_module_attributes_are_refused_before_anything_
         "branch.name: Invalid branch name 'training' (it is an attribute of nn.Module/nn.ModuleDict); "
         "valid choices: a non-empty string without '.' or '/'"
     )
+
+
+def test_the_summary_never_says_no_freezebackbone_when_one_ran() -> None:
+    from lightning_freeze.stages import StageSummary
+
+    def line(**kwargs: Any) -> str:
+        text = StageSummary(stage=2, trained_branch="b", **kwargs).format()
+        return next(row for row in text.splitlines() if row.startswith("frozen tensors: "))
+
+    # ddp_spawn without a checkpoint: the callback ran in the workers, nothing came back
+    assert line(frozen_check_by="not in this process") == (
+        "frozen tensors: not checked in this process (FreezeBackbone ran in the worker processes; keep "
+        "the model_checkpoint callback so that the main process can check what it froze)"
+    )
+    assert line(frozen_check_by="verify off") == "frozen tensors: not checked (FreezeBackbone(verify='off'))"
+    assert line() == "frozen tensors: not checked (no FreezeBackbone callback)"

@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_freeze.app import AppInputError
 from lightning_freeze.app.build import instantiate_node, metric
+from lightning_freeze.callbacks.feature_cache import FeatureCache
 from lightning_freeze.callbacks.freeze_backbone import FreezeBackbone
 from lightning_freeze.core.fingerprint import TensorFingerprint, diff_fingerprints, fingerprint
 from lightning_freeze.stages import StageRecord, StageSummary
@@ -169,6 +170,8 @@ def summarise(
     """The facts of the fit, and every branch scored on its own data (the record holds each branch's data)."""
     last, _ = checkpoints(callbacks)
     facts = fit_facts(model, freezer, *fingerprints, last)
+    cache = next((c for c in callbacks if isinstance(c, FeatureCache)), None)
+    cache_stats = {k: v for k, v in cache.stats.items() if k != "modules"} if cache is not None else None
     record = next(c for c in callbacks if isinstance(c, StageRecord)).record
     test_metrics = tested[0] if tested else None
     rows = []
@@ -206,7 +209,15 @@ def summarise(
         branches=rows,
         backbone=facts.backbone_status(),
         frozen_check=facts.check.summary() if facts.check is not None else None,
-        frozen_check_by=facts.check_by if facts.check is not None else None,
+        frozen_check_by=(
+            facts.check_by
+            if facts.check is not None
+            else None
+            if freezer is None
+            else "verify off"
+            if freezer.verify == "off"
+            else "not in this process"
+        ),
         frozen_changed=len(facts.check.changed) if facts.check is not None else None,
         checkpoint=str(Path(last).absolute()) if last else None,
         weights=weights_validated(callbacks),
@@ -214,6 +225,7 @@ def summarise(
         tested_checkpoint=tested[2] if tested else None,
         resumed_from=str(Path(resumed_from).absolute()) if resumed_from else None,
         output_dir=str(Path(output_dir).resolve()) if output_dir else None,
+        feature_cache=cache_stats,
     )
 
 
