@@ -1,9 +1,10 @@
 """The notebook templates in ``notebooks/``: stored without outputs, and each one runs without error.
 
 Every notebook ends with ``assert`` cells on what it shows (frozen tensors bitwise unchanged,
-the naive EMA drifting, the stage-1 branch's predictions identical after merging), so running it
-checks its claims. The kernel is this interpreter (a kernelspec written for the test, found first
-through ``JUPYTER_PATH``), with the ``Agg`` backend, one torch thread and no figure saving.
+the naive EMA drifting, the stage-1 branch's predictions identical after merging, the cached runs'
+head bitwise the uncached run's), so running it checks its claims. The kernel is this interpreter
+(a kernelspec written for the test, found first through ``JUPYTER_PATH``), with the ``Agg``
+backend, one torch thread and no figure saving.
 """
 
 from __future__ import annotations
@@ -25,8 +26,13 @@ CELL_TIMEOUT_S = 300
 
 def test_there_are_notebook_templates() -> None:
     names = [p.name for p in NOTEBOOKS]
-    expected = ["01_freeze_backbone.ipynb", "02_frozen_safe_ema.ipynb", "03_staged_multibranch.ipynb"]
-    assert names[:3] == expected
+    expected = [
+        "01_freeze_backbone.ipynb",
+        "02_frozen_safe_ema.ipynb",
+        "03_staged_multibranch.ipynb",
+        "04_feature_cache.ipynb",
+    ]
+    assert names[:4] == expected
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
