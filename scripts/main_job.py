@@ -5,7 +5,9 @@
    with the feature cache (``callbacks=[default,freeze_backbone,feature_cache]``, a disk store)
 3. stage 3: two new branches ``mod3`` and ``high`` trained in parallel on the frozen backbone
    (a joblib multirun: -m launcher=joblib experiment=stage3 branch=mod3,high), sharing stage 2's cache
-4. ``lightning-freeze merge``: one checkpoint with all four branches
+4. ``lightning-freeze merge``: one checkpoint with all four branches; then a learning-rate sweep of
+   branch ``mod3`` trained as packed variants in one process (``launcher=packed``) and
+   ``lightning-freeze select`` keeping the best
 5. a summary table: each branch's test accuracy (from the merged checkpoint, each on its own data),
    branch ``digit``'s accuracy after stage 1 and in the merged checkpoint (identical: its logits are
    compared bit for bit), the frozen-tensor checks ("0 changed") and ``lightning-freeze diff`` of the
@@ -118,6 +120,30 @@ def main(argv: list[str] | None = None) -> int:
     ]
     merged_ckpt = out / "merged.ckpt"
     _run("merge", [*tool, "merge", str(merged_ckpt), *map(str, stage3_ckpts)])
+    sweep = out / "stage3_lr_sweep"
+    lrs = ["0.001", "0.003", "0.01"]
+    _run(
+        "stage 3b: a learning-rate sweep of branch 'mod3' as packed variants (launcher=packed: one process, "
+        "the backbone served by the feature cache)",
+        [
+            *train,
+            "-m",
+            "launcher=packed",
+            "experiment=stage3",
+            f"init_from={stage2_ckpt}",
+            "branch=mod3",
+            f"model.optimizer.lr={','.join(lrs)}",
+            f"hydra.sweep.dir={sweep}",
+            *cached,
+            "quiet=true",
+            *extra,
+        ],
+    )
+    sweep_ckpts = [sweep / f"{i}_mod3" / "checkpoints" / "last.ckpt" for i in range(len(lrs))]
+    _run(
+        "select: the best learning rate of the sweep by validation accuracy",
+        [*tool, "select", str(out / "mod3_best.ckpt"), *map(str, sweep_ckpts), "--metric", "val_acc"],
+    )
 
     # ---- summary -------------------------------------------------------------------------------
     records: dict[str, dict[str, Any]] = {}
