@@ -7,8 +7,9 @@ imports the training app's Hydra/OmegaConf/joblib.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from lightning_freeze._lazy import lazy_attributes
 
 # The one place the version is written: pyproject.toml reads it with
 # `[tool.setuptools.dynamic] version = {attr = ...}` (a literal, so the build does not import the package).
@@ -43,13 +44,4 @@ if TYPE_CHECKING:
     from lightning_freeze.module import MultiBranchModule
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value  # later look-ups skip this function
-        return value
-    raise AttributeError(f"module 'lightning_freeze' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_attributes(globals(), _LAZY)
