@@ -3,21 +3,17 @@ with it ends where the uncached run ends; a later run (or a parallel job) hits f
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
+from helpers.app import run_app_ok
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-import lightning_freeze
 import lightning_freeze.train as app
 from lightning_freeze import FeatureCache
 
 CONF = Path(app.__file__).parent / "conf"
-REPO = Path(lightning_freeze.__file__).resolve().parent.parent
 PRESET = "callbacks=[default,freeze_backbone,feature_cache]"
 ARGS = ["trainer.max_epochs=2", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2"]
 
@@ -32,18 +28,7 @@ def test_preset_composes_to_a_disk_cache_of_the_backbone(tmp_path: Path) -> None
 
 
 def _app(args: list[str], cwd: Path) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    env.pop("HYDRA_FULL_ERROR", None)
-    result = subprocess.run(
-        [sys.executable, "-m", "lightning_freeze.train", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_app_ok(args, cwd)
     return result.stdout + result.stderr
 
 

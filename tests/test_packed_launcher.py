@@ -3,43 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.app import run_app_ok
 
-import lightning_freeze
-
-REPO = Path(lightning_freeze.__file__).resolve().parent.parent
 FAST = ["quiet=true", "trainer.max_epochs=2", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2"]
 LRS = "0.001,0.01,0.1"
 pytestmark = pytest.mark.slow
-
-
-def _app(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    env.pop("HYDRA_FULL_ERROR", None)
-    result = subprocess.run(
-        [sys.executable, "-m", "lightning_freeze.train", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
 
 
 @pytest.fixture(scope="module")
 def sweeps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """Stage 1, then one stage-2 lr sweep (with FrozenSafeEMA) packed and the same sweep job by job."""
     root = tmp_path_factory.mktemp("packed_launcher")
-    _app(["experiment=stage1", f"hydra.run.dir={root / 's1'}", *FAST], root)
+    run_app_ok(["experiment=stage1", f"hydra.run.dir={root / 's1'}", *FAST], root)
     stage1 = root / "s1" / "checkpoints" / "last.ckpt"
     sweep = [
         "-m",
@@ -51,8 +30,8 @@ def sweeps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         "trainer.deterministic=true",
         *FAST,
     ]
-    packed = _app([*sweep, "launcher=packed", f"hydra.sweep.dir={root / 'packed'}"], root)
-    _app([*sweep, "launcher=basic", f"hydra.sweep.dir={root / 'basic'}"], root)
+    packed = run_app_ok([*sweep, "launcher=packed", f"hydra.sweep.dir={root / 'packed'}"], root)
+    run_app_ok([*sweep, "launcher=basic", f"hydra.sweep.dir={root / 'basic'}"], root)
     return {"root": root, "packed_log": packed.stdout + packed.stderr}
 
 
@@ -132,7 +111,7 @@ def test_select_picks_the_best_packed_variant(sweeps) -> None:
 def test_a_sweep_that_is_not_branch_level_falls_back_to_one_job_after_another(sweeps) -> None:
     root = sweeps["root"]
     stage1 = root / "s1" / "checkpoints" / "last.ckpt"
-    result = _app(
+    result = run_app_ok(
         [
             "-m",
             "launcher=packed",
@@ -158,7 +137,7 @@ def test_a_sweep_that_is_not_branch_level_falls_back_to_one_job_after_another(sw
 def test_jobs_whose_checkpointing_packing_cannot_reproduce_fall_back(sweeps) -> None:
     root = sweeps["root"]
     stage1 = root / "s1" / "checkpoints" / "last.ckpt"
-    result = _app(
+    result = run_app_ok(
         [
             "-m",
             "launcher=packed",
@@ -182,7 +161,7 @@ def test_jobs_that_resume_a_checkpoint_fall_back(sweeps) -> None:
     # packed variants start fresh: a sweep resuming a run (ckpt_path) runs its jobs one by one
     root = sweeps["root"]
     resumed = root / "basic" / "0_parity" / "checkpoints" / "last.ckpt"
-    result = _app(
+    result = run_app_ok(
         [
             "-m",
             "launcher=packed",

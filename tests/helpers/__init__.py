@@ -5,6 +5,7 @@
   ``FreezeBackbone`` / ``FrozenSafeEMA`` tests.
 - :mod:`helpers.multibranch`: ``MultiBranchModule`` builders, per-branch data and stage runners.
 - :mod:`helpers.ddp`: run a 2-process CPU DDP script and load what each rank saved.
+- :mod:`helpers.app`: run the training app in a subprocess and require exit 0.
 
 ``tests/`` is on ``sys.path`` (pytest's rootdir-relative import of test modules; the scripts in
 ``tests/scripts`` insert it), so they import as ``from helpers.freeze import TinyNet``.
