@@ -118,9 +118,9 @@ def test_test_without_a_checkpoint_is_one_clear_error(tmp_path: Path) -> None:
 def test_every_epoch_logs_one_progress_line_naming_stage_and_branch(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level("INFO", logger="lightning_freeze.progress")
+    caplog.set_level("INFO", logger="lightning_freeze.app.progress")
     app.train(compose_app([*RUN, "trainer.max_epochs=2"], tmp_path))
-    lines = [r.getMessage() for r in caplog.records if r.name == "lightning_freeze.progress"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "lightning_freeze.app.progress"]
     assert [line.split(" train_loss")[0] for line in lines] == [
         "stage 1, branch digit: epoch 1/2",
         "stage 1, branch digit: epoch 2/2",

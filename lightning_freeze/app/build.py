@@ -37,7 +37,7 @@ __all__ = [
     "instantiate_node",
 ]
 
-log = logging.getLogger("lightning_freeze.train")
+log = logging.getLogger(__name__)
 #: backbone attributes that give the size of its feature vector (torchvision/ours, timm)
 FEATURE_ATTRIBUTES = ("out_features", "num_features")
 

@@ -12,7 +12,7 @@ from typing_extensions import override
 
 __all__ = ["EpochProgress"]
 
-log = logging.getLogger("lightning_freeze.progress")
+log = logging.getLogger(__name__)
 
 
 class EpochProgress(Callback):

@@ -21,7 +21,7 @@ from lightning_freeze.stages import StageRecord, StageSummary
 
 __all__ = ["FitFacts", "fit_facts", "run_test", "summarise", "write_summary"]
 
-log = logging.getLogger("lightning_freeze.train")
+log = logging.getLogger(__name__)
 
 
 @dataclass
