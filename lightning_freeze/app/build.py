@@ -237,13 +237,11 @@ def _check_multirun_ddp(trainer: L.Trainer) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    try:
-        from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
-    except ImportError:  # pragma: no cover - other Lightning versions
-        return
+    from lightning_freeze import _compat
+
     launcher = getattr(trainer.strategy, "launcher", None)
     if (
-        isinstance(launcher, _SubprocessScriptLauncher)
+        _compat.is_subprocess_script_launcher(launcher)
         and HydraConfig.initialized()
         and HydraConfig.get().mode == RunMode.MULTIRUN
     ):

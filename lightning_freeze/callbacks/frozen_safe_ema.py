@@ -39,7 +39,7 @@ class FrozenSafeEMA(Callback):
       parameters (plus the buffers of the modules that own them, see ``buffers``); frozen tensors
       (e.g. a backbone frozen by :class:`~lightning_freeze.FreezeBackbone`) are never read,
       copied or written, and never stored in checkpoints twice;
-    * the update is ``torch._foreach_lerp_``, exact when shadow and weight are equal;
+    * the update is torch's fused foreach lerp, exact when shadow and weight are equal;
     * the effective decay warms up from 0 (``d(t) = min(decay, 1 - (1 + t) ** -0.75)``, ``t`` = updates
       the tensor already received; see :func:`~lightning_freeze.core.ema.effective_decay`) and is
       logged as ``"ema/decay"``;
@@ -154,11 +154,6 @@ class FrozenSafeEMA(Callback):
             start_step=self.start_step,
             buffers=self.buffers,
         )
-
-    @property
-    def _legacy_state_key(self) -> str:  # type: ignore[override]
-        # checkpoints written before the key held every setting: Lightning falls back to this key
-        return self._generate_state_key(decay=self.decay)
 
     @property
     def num_updates(self) -> int:
@@ -359,6 +354,18 @@ class FrozenSafeEMA(Callback):
             checkpoint["state_dict"].update(self.ema.raw_values(pl_module))
 
     @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # checkpoints written before the key held every setting keep the state under a key of the
+        # decay alone: file it under today's key (Lightning hands each callback its state right after
+        # this hook)
+        states = checkpoint.get("callbacks")
+        old_key = self._generate_state_key(decay=self.decay)
+        if isinstance(states, dict) and self.state_key not in states and old_key in states:
+            states[self.state_key] = states[old_key]
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "ema": self.ema.state_dict() if self.ema is not None else None,
@@ -377,7 +384,7 @@ class FrozenSafeEMA(Callback):
         # restore after setup call this once the EMA exists
         self._restored = dict(state_dict)
         if self._fitting and self.ema is not None:
-            self._apply_restored(self.ema._model)
+            self._apply_restored(self.ema.model)
 
     # ------------------------------------------------------------------------------------------
     # internals

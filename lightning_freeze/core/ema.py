@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_freeze import _compat
 from lightning_freeze.core.distributed import copy_full_into, is_sharded
 from lightning_freeze.core.validation import check_choice, check_number, choices_of
 
@@ -93,16 +94,16 @@ def trainable_tensors(model: nn.Module, buffers: BufferMode = "copy") -> dict[st
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
         owns_trainable = False
-        for name, param in module._parameters.items():
-            if param is None or not param.requires_grad:
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
                 continue
             owns_trainable = True
             if id(param) not in seen:
                 seen.add(id(param))
                 out[prefix + name] = (param, True)
         if owns_trainable and buffers != "ignore":
-            for name, buf in module._buffers.items():
-                if buf is None or name in module._non_persistent_buffers_set or id(buf) in seen:
+            for name, buf in _compat.persistent_buffers(module):
+                if id(buf) in seen:
                     continue
                 seen.add(id(buf))
                 out[prefix + name] = (buf, False)
@@ -118,28 +119,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def _shadow_dtype(tensor: Tensor, lerp: bool) -> torch.dtype:
     # the averaged shadow is at least fp32 (bf16/fp16 weights lose the average otherwise)
     return torch.promote_types(tensor.dtype, torch.float32) if lerp else tensor.dtype
-
-
-def _foreach_lerp_(shadows: list[Tensor], sources: list[Tensor], weight: float) -> None:
-    if hasattr(torch, "_foreach_lerp_"):
-        try:
-            torch._foreach_lerp_(shadows, sources, weight)
-            return
-        except NotImplementedError:  # a backend without the fused kernel
-            pass
-    for shadow, source in zip(shadows, sources, strict=True):
-        shadow.lerp_(source, weight)
-
-
-def _foreach_copy_(targets: list[Tensor], sources: list[Tensor]) -> None:
-    if hasattr(torch, "_foreach_copy_"):
-        try:
-            torch._foreach_copy_(targets, sources)
-            return
-        except NotImplementedError:
-            pass
-    for target, source in zip(targets, sources, strict=True):
-        target.copy_(source)
 
 
 @dataclass
@@ -166,8 +145,8 @@ class TrainableEMA:
     Only parameters with ``requires_grad=True`` are shadowed (plus, with ``buffers="copy"`` or
     ``"average"``, the buffers of the modules that own them, see :func:`trainable_tensors`);
     frozen tensors are never read, copied or written. The shadow is fp32 (or wider) even for
-    fp16/bf16 parameters, lives on each parameter's device, and is updated with
-    ``torch._foreach_lerp_`` grouped by device and dtype (plain ``lerp_`` loop as fallback).
+    fp16/bf16 parameters, lives on each parameter's device, and is updated with torch's fused
+    foreach lerp grouped by device and dtype (plain ``lerp_`` loop as fallback).
     ``lerp`` is exact when shadow and weight are equal, so a tensor that stops changing keeps a
     bitwise-equal shadow, unlike ``decay * e + (1 - decay) * m``.
 
@@ -209,13 +188,17 @@ class TrainableEMA:
         self.decay = check_decay(decay)
         self.warmup = bool(warmup)
         self.buffers = check_choice("buffers", buffers, BUFFER_MODES)
+        self.__bind(model)
+        self.sync(self._model)
+
+    def __bind(self, model: nn.Module) -> None:
+        # the state of an EMA bound to `model` with no shadow yet (also for from_state_dict)
         self.num_updates = 0
         self.last_decay: float | None = None
         self._model = _unwrap(model)
         self._entries: dict[str, _Entry] = {}
         self._groups: list[_Group] = []
         self._swapped: dict[str, tuple[Tensor, Tensor]] | None = None  # key -> (live tensor, raw value)
-        self.sync(self._model)
 
     # ------------------------------------------------------------------------------------------
     # construction / trainable set
@@ -238,12 +221,7 @@ class TrainableEMA:
         ema.decay = check_decay(config["decay"])
         ema.warmup = bool(config["warmup"])
         ema.buffers = check_choice("buffers", config["buffers"], BUFFER_MODES)
-        ema.num_updates = 0
-        ema.last_decay = None
-        ema._model = _unwrap(model)
-        ema._entries = {}
-        ema._groups = []
-        ema._swapped = None
+        ema.__bind(model)
         ema.load_state_dict(state)
         return ema
 
@@ -344,14 +322,14 @@ class TrainableEMA:
         with torch.no_grad():
             for group in groups:
                 if not group.lerp:
-                    _foreach_copy_(group.shadows, group.sources)
+                    _compat.foreach_copy_(group.shadows, group.sources)
                     continue
                 weight = 1.0 - self.decay_at(self.num_updates - group.joined_at)
                 sources = group.sources
                 if group.source_dtype != group.shadows[0].dtype:  # fp16/bf16 weights, fp32 shadow
                     sources = [s.to(group.shadows[0].dtype) for s in sources]
                 # lerp, not decay*e + (1-decay)*m: exact when e == m, so still weights never drift
-                _foreach_lerp_(group.shadows, sources, weight)
+                _compat.foreach_lerp_(group.shadows, sources, weight)
         self.last_decay = self.decay_at(self.num_updates - oldest)
         self.num_updates += 1
         return self.last_decay
@@ -359,6 +337,11 @@ class TrainableEMA:
     # ------------------------------------------------------------------------------------------
     # using the averaged weights
     # ------------------------------------------------------------------------------------------
+    @property
+    def model(self) -> nn.Module:
+        """The model whose trainable tensors are averaged (unwrapped from DDP/DataParallel)."""
+        return self._model
+
     @property
     def shadow(self) -> dict[str, Tensor]:
         """The shadow tensors (fp32 or wider for averaged tensors), keyed as in ``model.state_dict()``."""
@@ -414,7 +397,7 @@ class TrainableEMA:
         pairs = self._pairs(model)
         with torch.no_grad():
             raw = {key: tensor.detach().clone() for key, tensor, _ in pairs}
-            _foreach_copy_([t for _, t, _ in pairs], [s for _, _, s in pairs])
+            _compat.foreach_copy_([t for _, t, _ in pairs], [s for _, _, s in pairs])
         self._swapped = {key: (tensor, raw[key]) for key, tensor, _ in pairs}
         return raw
 
@@ -440,7 +423,7 @@ class TrainableEMA:
             return
         swapped, self._swapped = self._swapped, None
         with torch.no_grad():
-            _foreach_copy_([t for t, _ in swapped.values()], [raw for _, raw in swapped.values()])
+            _compat.foreach_copy_([t for t, _ in swapped.values()], [raw for _, raw in swapped.values()])
 
     @contextlib.contextmanager
     def swapped_into(self, model: nn.Module | None = None) -> Iterator[TrainableEMA]:
@@ -469,7 +452,7 @@ class TrainableEMA:
         self._require_not_swapped("copy_to")
         pairs = self._pairs(model)
         with torch.no_grad():
-            _foreach_copy_([t for _, t, _ in pairs], [s for _, _, s in pairs])
+            _compat.foreach_copy_([t for _, t, _ in pairs], [s for _, _, s in pairs])
         return [key for key, _, _ in pairs]
 
     def ema_state_dict(self, model: nn.Module | None = None, full: bool = False) -> dict[str, Tensor]:

@@ -59,6 +59,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lightning_freeze import _compat
 from lightning_freeze.core.fingerprint import fingerprint
 from lightning_freeze.core.norm import find_dropout_layers, find_running_stat_norms
 from lightning_freeze.core.validation import check_choice, check_int, choices_of
@@ -770,7 +771,7 @@ class OutputCache:
         """:func:`tensor_digest` of the module; hashed again only when a tensor changed or after refresh()."""
         tensors = [*self.module.parameters(), *self.module.buffers()]
         return self._tensor_digest(
-            tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+            tuple((id(t), t.data_ptr(), _compat.tensor_version(t), t.dtype, t.device) for t in tensors)
         )
 
     def _tensor_digest(self, tensor_token: tuple[Any, ...]) -> bytes:
@@ -782,7 +783,9 @@ class OutputCache:
     def _current_state(self, device_type: str) -> bytes | None:
         module = self.module
         tensors = [*module.parameters(), *module.buffers()]
-        tensor_token = tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        tensor_token = tuple(
+            (id(t), t.data_ptr(), _compat.tensor_version(t), t.dtype, t.device) for t in tensors
+        )
         grad = torch.is_grad_enabled()
         token = (
             tensor_token,

@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from lightning_freeze import _compat
 from lightning_freeze.core.fingerprint import TensorFingerprint, fingerprint
 from lightning_freeze.core.norm import (
     FrozenBatchNorm,
@@ -184,7 +185,7 @@ def _repin_pre_hook(module: nn.Module, args: object, *, norm: NormMode, dropout:
     stack = [module]
     while stack:
         layer = stack.pop()
-        stack.extend(child for child in layer._modules.values() if child is not None)
+        stack.extend(layer.children())
         if not layer.training or not _forced_to_eval(layer, norm, dropout):
             continue
         layer.training = False  # not .train(False): that would recurse once per layer
@@ -207,13 +208,12 @@ def guard_frozen_module(module: nn.Module, *, norm: NormMode, dropout: DropoutMo
     """
     if norm == "train" and dropout == "train":
         return
-    if not any(_is_repin_hook(h) for h in module._forward_pre_hooks.values()):
+    if not any(_is_repin_hook(h) for h in _compat.forward_pre_hooks(module)):
         module.register_forward_pre_hook(functools.partial(_repin_pre_hook, norm=norm, dropout=dropout))
 
 
 def _remove_guard(module: nn.Module) -> None:
-    for key in [k for k, h in module._forward_pre_hooks.items() if _is_repin_hook(h)]:
-        del module._forward_pre_hooks[key]
+    _compat.remove_forward_pre_hooks(module, _is_repin_hook)
 
 
 def frozen_tensor_keys(root: nn.Module, names: Iterable[str], *, norm: NormMode = "eval") -> list[str]:
@@ -414,7 +414,7 @@ def _warn_if_inside_a_guarded_module(root: nn.Module, name: str) -> None:
     parts = name.split(".")
     for i in range(len(parts) - 1, 0, -1):
         outer = ".".join(parts[:i])
-        if any(_is_repin_hook(h) for h in root.get_submodule(outer)._forward_pre_hooks.values()):
+        if any(_is_repin_hook(h) for h in _compat.forward_pre_hooks(root.get_submodule(outer))):
             warnings.warn(
                 f"unfreeze: {name!r} lies inside the frozen module {outer!r}, whose guard keeps every "
                 f"layer inside it in eval mode: {name!r} gets gradients again but still computes in eval "
@@ -434,7 +434,7 @@ def likely_cause(
         owner = root.get_submodule(module_name) if module_name else root
     except AttributeError:
         return "the tensor no longer exists where it was (the module was replaced)"
-    param = owner._parameters.get(tensor_name)
+    param = dict(owner.named_parameters(recurse=False)).get(tensor_name)
     if param is not None:
         if any(p is param for p in optimizer_params):
             if param.requires_grad:

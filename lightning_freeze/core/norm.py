@@ -34,6 +34,8 @@ from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
 from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from lightning_freeze import _compat
+
 __all__ = [
     "FrozenBatchNorm",
     "FrozenInstanceNorm",
@@ -66,14 +68,14 @@ def is_running_stat_norm(module: nn.Module) -> bool:
         return True
     if isinstance(module, (_BatchNorm, _InstanceNorm)):
         return bool(module.track_running_stats)
-    return bool(module._buffers) and hasattr(module, "momentum") and bool(_running_buffers(module))
+    return hasattr(module, "momentum") and bool(_running_buffers(module))
 
 
 def _running_buffers(module: nn.Module) -> list[str]:
     return [
         name
-        for name, buf in module._buffers.items()
-        if name.startswith("running_") and buf is not None and buf.is_floating_point()
+        for name, buf in module.named_buffers(recurse=False)
+        if name.startswith("running_") and buf.is_floating_point()
     ]
 
 
@@ -87,7 +89,7 @@ def running_stat_buffer_names(module: nn.Module) -> list[str]:
     if not is_running_stat_norm(module):
         return []
     names = _running_buffers(module)
-    if "num_batches_tracked" in module._buffers:
+    if any(name == "num_batches_tracked" for name, _ in module.named_buffers(recurse=False)):
         names.append("num_batches_tracked")
     return names
 
@@ -121,7 +123,7 @@ def _force_eval_pre_hook(module: nn.Module, args: Any) -> None:
 
 def is_pinned(module: nn.Module) -> bool:
     """Whether :func:`pin_eval` pinned ``module`` (and :func:`unpin_eval` has not undone it)."""
-    return any(hook is _force_eval_pre_hook for hook in module._forward_pre_hooks.values())
+    return any(hook is _force_eval_pre_hook for hook in _compat.forward_pre_hooks(module))
 
 
 def pin_eval(modules: dict[str, nn.Module] | list[nn.Module] | nn.Module) -> int:
@@ -159,10 +161,7 @@ def unpin_eval(modules: dict[str, nn.Module] | list[nn.Module] | nn.Module, mode
     """
     count = 0
     for module in _module_list(modules):
-        keys = [k for k, hook in module._forward_pre_hooks.items() if hook is _force_eval_pre_hook]
-        for key in keys:
-            del module._forward_pre_hooks[key]
-        count += bool(keys)
+        count += bool(_compat.remove_forward_pre_hooks(module, lambda hook: hook is _force_eval_pre_hook))
         if mode is not None:
             module.train(mode)
     return count
@@ -262,12 +261,14 @@ class _FrozenNormBase(nn.Module):
             return self._unfrozen_from_defaults()
         layer = copy.deepcopy(template)
         with torch.no_grad():
+            params = dict(layer.named_parameters(recurse=False))
+            buffers = dict(layer.named_buffers(recurse=False))
             for name, value in self._buffers.items():
-                if name in layer._parameters:
+                if name in params:
                     if value is not None:
-                        layer._parameters[name] = nn.Parameter(value.detach().clone())
-                elif name in layer._buffers:
-                    layer._buffers[name] = value.detach().clone() if value is not None else None
+                        setattr(layer, name, nn.Parameter(value.detach().clone()))
+                elif name in buffers:
+                    setattr(layer, name, value.detach().clone() if value is not None else None)
         left = [n for n, t in layer.state_dict(keep_vars=True).items() if t is not None and t.is_meta]
         if left:
             raise RuntimeError(f"Cannot restore {type(layer).__name__}: no values for {left}.")
@@ -306,11 +307,8 @@ _MAX_PROBED_RANK = 8
 def _accepted_ranks(source: nn.Module) -> tuple[int, int]:
     ok = []
     for rank in range(_MAX_PROBED_RANK + 1):
-        try:
-            source._check_input_dim(torch.empty((1,) * rank, device="meta"))
-        except ValueError:
-            continue
-        ok.append(rank)
+        if _compat.norm_accepts_rank(source, rank):
+            ok.append(rank)
     if not ok:
         raise TypeError(f"{type(source).__name__}._check_input_dim accepts no input rank up to 8.")
     return ok[0], (2**31 - 1 if ok[-1] == _MAX_PROBED_RANK else ok[-1])
@@ -370,7 +368,7 @@ class FrozenInstanceNorm(_FrozenNormBase):
                 f"got {type(source).__name__}."
             )
         super().__init__(source)
-        self._feature_dim: int = int(source._get_no_batch_dim())
+        self._feature_dim: int = _compat.instance_norm_no_batch_dim(source)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Normalize with the stored running statistics (eval-mode InstanceNorm)."""
@@ -399,8 +397,8 @@ _REPRODUCED_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward, _InstanceN
 
 
 def _has_foreign_hooks(module: nn.Module) -> bool:
-    pre = [h for h in module._forward_pre_hooks.values() if h is not _force_eval_pre_hook]
-    return bool(pre or module._forward_hooks)
+    pre = [h for h in _compat.forward_pre_hooks(module) if h is not _force_eval_pre_hook]
+    return bool(pre) or _compat.has_forward_hooks(module)
 
 
 def frozen_norm_obstacle(module: nn.Module) -> str | None:
@@ -430,7 +428,7 @@ def _probe_input(module: nn.Module) -> torch.Tensor:
     low, high = _accepted_ranks(module)
     rank = min(max(low, 3), high, 5)
     if isinstance(module, _InstanceNorm):
-        rank = module._get_no_batch_dim() + 1
+        rank = _compat.instance_norm_no_batch_dim(module) + 1
     shape = (2, int(module.num_features)) + (3,) * (rank - 2)
     generator = torch.Generator().manual_seed(0)
     probe = torch.randn(shape, generator=generator) * 2 + 0.5

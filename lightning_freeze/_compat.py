@@ -1,0 +1,150 @@
+"""The one home of the private torch and Lightning names the package relies on.
+
+A private name (``obj._name`` of torch or Lightning) can change in any minor release without notice.
+Every use the package cannot replace with a public route lives here, one small function per use, each
+docstring naming the internal it wraps and the versions it was checked with, each tested in
+``tests/test_compat*.py`` by a test that fails naming the installed version when the internal changes.
+Nothing else in ``lightning_freeze/`` reads a private name of torch or Lightning. docs/development.md
+lists what this module wraps and why.
+
+Rules for this module: no module-level import of Lightning or Hydra (``lightning_freeze.core`` imports
+it and must stay Lightning-free: import inside the function); one section per owner, headed
+``# --- <owner> ---``; add a function only when no public route exists.
+
+Checked with torch 2.6.0 and 2.14.1, lightning 2.5.0 and 2.6.6 (the floors and the newest: ``make
+test-oldest`` and ``make test``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+# --- floors ---
+
+
+def forward_pre_hooks(module: nn.Module) -> list[Callable[..., Any]]:
+    """The forward pre-hooks registered on ``module`` (``register_forward_pre_hook``), in order.
+
+    Wraps ``nn.Module._forward_pre_hooks`` (an ordered ``{handle id: hook}`` dict; torch 2.6-2.14).
+    torch has no public way to list a module's hooks; the package's hooks must survive
+    ``copy.deepcopy`` and ``torch.save(model)``, which a kept ``RemovableHandle`` does not (a copied
+    handle still points at the original module's hooks).
+    """
+    return list(module._forward_pre_hooks.values())
+
+
+def remove_forward_pre_hooks(module: nn.Module, matches: Callable[[Callable[..., Any]], bool]) -> int:
+    """Remove every forward pre-hook of ``module`` for which ``matches(hook)`` is true; return how many.
+
+    Wraps ``nn.Module._forward_pre_hooks`` (torch 2.6-2.14), for hooks found on a copy or an unpickled
+    module, where no ``RemovableHandle`` exists (see :func:`forward_pre_hooks`). Also drops the
+    hook's entry in ``_forward_pre_hooks_with_kwargs`` as ``RemovableHandle.remove`` does.
+    """
+    hooks = module._forward_pre_hooks
+    keys = [key for key, hook in hooks.items() if matches(hook)]
+    with_kwargs = getattr(module, "_forward_pre_hooks_with_kwargs", {})
+    for key in keys:
+        del hooks[key]
+        with_kwargs.pop(key, None)
+    return len(keys)
+
+
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward (post-)hooks of its own (``register_forward_hook``).
+
+    Wraps ``nn.Module._forward_hooks`` (torch 2.6-2.14): no public way to ask.
+    """
+    return bool(module._forward_hooks)
+
+
+def persistent_buffers(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``(name, buffer)`` of the buffers ``module`` owns directly and saves in its ``state_dict``.
+
+    Wraps ``nn.Module._buffers`` and ``_non_persistent_buffers_set`` (torch 2.6-2.14):
+    ``named_buffers`` does not say which buffers are persistent. Registration order; ``None``
+    buffers left out.
+    """
+    skip = module._non_persistent_buffers_set
+    return [(name, buf) for name, buf in module._buffers.items() if buf is not None and name not in skip]
+
+
+def foreach_lerp_(shadows: list[torch.Tensor], sources: list[torch.Tensor], weight: float) -> None:
+    """``shadow.lerp_(source, weight)`` for each pair, fused where the backend has the kernel.
+
+    Wraps ``torch._foreach_lerp_`` (torch 2.6-2.14; no public foreach API). Bitwise the same as
+    the loop of ``lerp_``, which is the fallback when the kernel is missing.
+    """
+    if hasattr(torch, "_foreach_lerp_"):
+        try:
+            torch._foreach_lerp_(shadows, sources, weight)
+            return
+        except NotImplementedError:  # a backend without the fused kernel
+            pass
+    for shadow, source in zip(shadows, sources, strict=True):
+        shadow.lerp_(source, weight)
+
+
+def foreach_copy_(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    """``target.copy_(source)`` for each pair, fused where the backend has the kernel.
+
+    Wraps ``torch._foreach_copy_`` (torch 2.6-2.14; no public foreach API); the loop of ``copy_``
+    is the fallback.
+    """
+    if hasattr(torch, "_foreach_copy_"):
+        try:
+            torch._foreach_copy_(targets, sources)
+            return
+        except NotImplementedError:
+            pass
+    for target, source in zip(targets, sources, strict=True):
+        target.copy_(source)
+
+
+def norm_accepts_rank(module: nn.Module, rank: int) -> bool:
+    """Whether a torch BatchNorm/InstanceNorm layer accepts inputs of ``rank`` dimensions.
+
+    Wraps ``_BatchNorm._check_input_dim`` / ``_InstanceNorm._check_input_dim`` (torch 2.6-2.14),
+    the check each class (and a subclass) runs first in its forward; probed on a meta tensor, so
+    nothing is computed.
+    """
+    try:
+        module._check_input_dim(torch.empty((1,) * rank, device="meta"))
+    except ValueError:
+        return False
+    return True
+
+
+def instance_norm_no_batch_dim(module: nn.Module) -> int:
+    """The input rank of an unbatched input of a torch InstanceNorm layer (1d: 2, 2d: 3, 3d: 4).
+
+    Wraps ``_InstanceNorm._get_no_batch_dim`` (torch 2.6-2.14).
+    """
+    return int(module._get_no_batch_dim())
+
+
+def tensor_version(tensor: torch.Tensor) -> int:
+    """The in-place write counter of ``tensor`` (bumped by ``copy_``, ``add_``, ``load_state_dict``...).
+
+    Wraps ``Tensor._version`` (torch 2.6-2.14): no public counter. Writes through ``tensor.data``
+    do not bump it.
+    """
+    return int(tensor._version)
+
+
+def is_subprocess_script_launcher(launcher: object) -> bool:
+    """Whether ``launcher`` (``trainer.strategy.launcher``) re-runs the command line in each child.
+
+    Wraps ``lightning.pytorch.strategies.launchers._SubprocessScriptLauncher`` (lightning 2.5-2.6):
+    the launcher of ``strategy="ddp"`` on a process-per-device start, which runs ``sys.argv`` again;
+    no public attribute tells it from ``ddp_spawn``'s launcher. ``False`` on a Lightning without the
+    class (``tests/test_compat.py`` fails there, naming the version).
+    """
+    try:
+        from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+    except ImportError:  # pragma: no cover - a Lightning that renamed it
+        return False
+    return isinstance(launcher, _SubprocessScriptLauncher)
