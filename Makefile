@@ -2,11 +2,19 @@
 #   make run   - create .venv if missing, install, run the main job on the bundled data
 #   make test  - create .venv if missing, install with [dev,docs], run ruff, the strict docs build and
 #                the whole test suite (tests/ plus the doctests of lightning_freeze/core)
+# and one for the floors:
+#   make test-oldest - create .venv-oldest if missing (Python 3.10 where one is found), install [dev] with
+#                the dependencies pinned at their declared floors (constraints/oldest.txt), run the suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# the oldest stack: the lowest Python the package declares (3.10), from pyenv or the PATH; without one,
+# $(PYTHON) with a warning (the dependency floors are still what is tested)
+PYTHON_OLDEST ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3.10) $(shell command -v python3.10 2>/dev/null))
+VENV_OLDEST ?= .venv-oldest
+BIN_OLDEST := $(VENV_OLDEST)/bin
 
-.PHONY: run test lint docs docs-serve format install install-dev clean bench gpu-check notebook-plots
+.PHONY: run test test-oldest lint docs docs-serve format install install-dev clean bench gpu-check notebook-plots
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +50,23 @@ docs-serve: $(VENV)/.installed-dev
 test: lint docs
 	$(BIN)/python -m pytest
 
+# the whole suite on the declared floors (constraints/oldest.txt); dev tools (pytest, timm, ...) are not
+# pinned: the newest release that installs beside the floors. pip's cache keeps a rebuild quick.
+$(VENV_OLDEST)/.installed-dev: pyproject.toml constraints/oldest.txt
+	@if [ -n "$(PYTHON_OLDEST)" ]; then \
+		$(PYTHON_OLDEST) -m venv $(VENV_OLDEST); \
+	else \
+		echo "warning: no Python 3.10 found; .venv-oldest uses $(PYTHON) (set PYTHON_OLDEST=...)" >&2; \
+		$(PYTHON) -m venv $(VENV_OLDEST); \
+	fi
+	$(BIN_OLDEST)/python -m pip install --upgrade pip
+	$(BIN_OLDEST)/python -m pip install -c constraints/oldest.txt -e ".[dev]"
+	touch $@
+
+test-oldest: $(VENV_OLDEST)/.installed-dev
+	$(BIN_OLDEST)/python scripts/check_pins.py constraints/oldest.txt
+	$(BIN_OLDEST)/python -m pytest
+
 format: $(VENV)/.installed-dev
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
@@ -64,4 +89,4 @@ notebook-plots: $(VENV)/.installed-dev
 	$(BIN)/python scripts/make_notebook_plots.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache outputs multirun lightning_logs
+	rm -rf $(VENV) $(VENV_OLDEST) build dist *.egg-info .pytest_cache .ruff_cache outputs multirun lightning_logs
