@@ -10,7 +10,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # the oldest stack: the lowest Python the package declares (3.10), from pyenv or the PATH; without one,
 # $(PYTHON) with a warning (the dependency floors are still what is tested)
-PYTHON_OLDEST ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3.10) $(shell command -v python3.10 2>/dev/null))
+PYTHON_OLDEST ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3.10) $(shell python3.10 -c 'import sys; print(sys.executable)' 2>/dev/null))
 VENV_OLDEST ?= .venv-oldest
 BIN_OLDEST := $(VENV_OLDEST)/bin
 
