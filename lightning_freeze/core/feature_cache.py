@@ -45,25 +45,38 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import hashlib
-import json
 import os
-import struct
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from lightning_freeze.core.fingerprint import fingerprint
+from lightning_freeze.core.cache_keys import (
+    KEY_BYTES,
+    context_flags,
+    module_modes,
+    module_state_key,
+    sample_keys,
+    tensor_digest,
+)
+from lightning_freeze.core.cache_stores import (
+    MEMORY_DEVICES,
+    STORES,
+    DiskStore,
+    MemoryStore,
+    check_max_bytes,
+    check_writable_directory,
+    entry_bytes,
+    make_store,
+)
 from lightning_freeze.core.norm import find_dropout_layers, find_running_stat_norms
-from lightning_freeze.core.validation import check_choice, check_int, choices_of
+from lightning_freeze.core.structure import Structure, flatten, unflatten
+from lightning_freeze.core.validation import check_choice
 
 __all__ = [
+    "KEY_BYTES",
     "MEMORY_DEVICES",
     "STORES",
     "DiskStore",
@@ -71,167 +84,20 @@ __all__ = [
     "OutputCache",
     "UncacheableModuleError",
     "bypass_output_caches",
+    "check_max_bytes",
+    "check_writable_directory",
+    "make_store",
     "module_state_key",
     "sample_keys",
     "tensor_digest",
     "uncacheable_reasons",
 ]
 
-StoreKind = Literal["memory", "disk"]
-MemoryDevice = Literal["cpu", "output"]
-STORES: tuple[str, ...] = choices_of(StoreKind)
-MEMORY_DEVICES: tuple[str, ...] = choices_of(MemoryDevice)
-KEY_BYTES = 16  # BLAKE2b-128
-_FORMAT = b"lightning_freeze.feature_cache.v1"
-_MAGIC = b"LFFCACHE1\n"
-# magic | module key | sample key | header length | payload length | checksum of header+payload
-_PREAMBLE = struct.Struct(f"<{len(_MAGIC)}s{KEY_BYTES}s{KEY_BYTES}sIQ{KEY_BYTES}s")
-_FILE_SUFFIX = ".feat"
 _STOCHASTIC_LAYER_NAMES = frozenset({"DropPath", "StochasticDepth", "DropBlock2d", "DropBlock3d"})
-
-Structure = Any  # JSON-able description of an output: "T", ["tuple", [...]], ["list", [...]], ["dict", {...}]
 
 
 class UncacheableModuleError(ValueError):
     """A module whose output is not a pure function of its input: it must not be cached."""
-
-
-# ---------------------------------------------------------------------------------------------
-# keys
-# ---------------------------------------------------------------------------------------------
-def _host_bytes(tensor: torch.Tensor) -> memoryview:
-    data = tensor.detach()
-    if data.is_complex():
-        data = torch.view_as_real(data)
-    if data.device.type != "cpu":
-        data = data.cpu()
-    data = data.contiguous()
-    return memoryview(data.reshape(-1).view(torch.uint8).numpy())
-
-
-def sample_keys(tensors: Sequence[torch.Tensor], context: bytes = b"") -> list[bytes]:
-    """One 16-byte key per sample (row along dim 0) of ``tensors``.
-
-    The key is BLAKE2b-128 over ``context`` and, for every tensor, its dtype, its per-sample shape
-    and the raw bytes of row ``i`` (bits, not values: ``-0.0`` and ``0.0`` differ).
-
-    Args:
-        tensors: tensors with the same size along dim 0 (the batch).
-        context: bytes mixed into every key (e.g. the non-tensor arguments of the call).
-
-    Returns:
-        ``len(tensors[0])`` keys.
-
-    Raises:
-        ValueError: no tensor, a 0-dim tensor, or tensors with different batch sizes.
-
-    Example::
-
-        >>> x = torch.zeros(2, 3)
-        >>> a, b = sample_keys([x])
-        >>> a == b, a == sample_keys([torch.zeros(1, 3, dtype=torch.float64)])[0]
-        (True, False)
-    """
-    if not tensors or any(t.dim() == 0 for t in tensors):
-        raise ValueError("sample_keys needs tensors with a batch dimension (dim 0).")
-    batch = tensors[0].shape[0]
-    if any(t.shape[0] != batch for t in tensors):
-        raise ValueError(f"Tensors with different batch sizes: {[t.shape[0] for t in tensors]}.")
-    prefix = hashlib.blake2b(context, digest_size=KEY_BYTES)
-    views = []
-    for t in tensors:
-        prefix.update(f"{t.dtype}|{tuple(t.shape[1:])}|".encode())
-        raw = _host_bytes(t)
-        views.append((raw, len(raw) // batch if batch else 0))
-
-    def key(i: int) -> bytes:
-        h = prefix.copy()
-        for raw, row in views:
-            h.update(raw[i * row : (i + 1) * row])
-        return h.digest()
-
-    workers = min(torch.get_num_threads(), batch)
-    if workers > 1 and sum(len(raw) for raw, _ in views) >= _PARALLEL_HASH_BYTES:
-        # hashlib releases the GIL on large buffers: hash the samples on torch's intra-op threads
-        return list(_hash_pool(workers).map(key, range(batch)))
-    return [key(i) for i in range(batch)]
-
-
-_PARALLEL_HASH_BYTES = 1 << 20
-_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
-
-
-def _hash_pool(workers: int) -> ThreadPoolExecutor:
-    # keyed by process id too: a forked child (DataLoader worker, multiprocessing) has no threads
-    key = (os.getpid(), workers)
-    if key not in _POOLS:
-        _POOLS[key] = ThreadPoolExecutor(workers, thread_name_prefix="lightning_freeze_hash")
-    return _POOLS[key]
-
-
-def _modes(module: nn.Module) -> tuple[bool, ...]:
-    return tuple(m.training for m in module.modules())
-
-
-def _context_flags(device_type: str) -> tuple[Any, ...]:
-    """Global settings that change a module's output bits on ``device_type``."""
-    try:
-        autocast = (torch.is_autocast_enabled(device_type), str(torch.get_autocast_dtype(device_type)))
-    except (RuntimeError, TypeError):  # a device type without autocast support
-        autocast = (False, "")
-    return (
-        device_type,
-        autocast,
-        torch.get_float32_matmul_precision(),
-        torch.backends.cuda.matmul.allow_tf32,
-        torch.backends.cudnn.allow_tf32,
-        torch.backends.cudnn.deterministic,
-        torch.are_deterministic_algorithms_enabled(),
-        torch.__version__,
-    )
-
-
-def tensor_digest(module: nn.Module) -> bytes:
-    """BLAKE2b-128 over the fingerprint (bits, dtype, shape) of every parameter and buffer of ``module``.
-
-    Non-persistent buffers count too (they change the output as much as the others).
-    """
-    h = hashlib.blake2b(_FORMAT, digest_size=KEY_BYTES)
-    tensors = dict(module.named_parameters(remove_duplicate=False))
-    tensors.update(module.named_buffers(remove_duplicate=False))
-    for key, fp in fingerprint(tensors).items():
-        h.update(f"{key}|{fp.digest}|{fp.dtype}|{fp.shape}\n".encode())
-    return h.digest()
-
-
-def module_state_key(module: nn.Module, device_type: str = "cpu", tensors: bytes | None = None) -> bytes:
-    """16-byte key of everything about ``module`` that determines its output bits.
-
-    Covers every parameter and buffer (bits, dtype, shape: :func:`tensor_digest`), the type,
-    ``extra_repr`` and mode of every submodule, and the global state that changes results on
-    ``device_type`` (autocast enabled/dtype, float32 matmul precision, TF32 and cuDNN flags,
-    deterministic algorithms, the torch version).
-
-    Args:
-        module: the module.
-        device_type: where it computes (``"cpu"``, ``"cuda"``, ...).
-        tensors: a :func:`tensor_digest` of ``module`` computed earlier (saves hashing the weights).
-
-    Example::
-
-        >>> net = nn.Linear(2, 2)
-        >>> before = module_state_key(net)
-        >>> with torch.no_grad():
-        ...     _ = net.bias.add_(1)
-        >>> before == module_state_key(net), before == module_state_key(net.eval())
-        (False, False)
-    """
-    h = hashlib.blake2b(tensors if tensors is not None else tensor_digest(module), digest_size=KEY_BYTES)
-    for name, sub in module.named_modules():
-        cls = type(sub)
-        h.update(f"{name}|{cls.__module__}.{cls.__qualname__}|{sub.extra_repr()}|{sub.training}\n".encode())
-    h.update(repr(_context_flags(device_type)).encode())
-    return h.digest()
 
 
 def uncacheable_reasons(module: nn.Module, prefix: str = "", check_grad: bool = True) -> list[str]:
@@ -282,273 +148,10 @@ def uncacheable_reasons(module: nn.Module, prefix: str = "", check_grad: bool = 
     return reasons
 
 
-# ---------------------------------------------------------------------------------------------
-# output structures
-# ---------------------------------------------------------------------------------------------
-def _flatten(output: Any) -> tuple[list[torch.Tensor], Structure] | None:
-    """Leaves and structure of a tensor / tuple / list / dict-of-str output; None if unsupported."""
-    if isinstance(output, torch.Tensor):
-        return [output], "T"
-    if isinstance(output, (tuple, list)) and type(output) in (tuple, list):
-        leaves: list[torch.Tensor] = []
-        specs = []
-        for item in output:
-            flat = _flatten(item)
-            if flat is None:
-                return None
-            leaves += flat[0]
-            specs.append(flat[1])
-        return leaves, [type(output).__name__, specs]
-    if isinstance(output, Mapping) and all(isinstance(k, str) for k in output):
-        leaves, specs = [], {}
-        for key, item in output.items():
-            flat = _flatten(item)
-            if flat is None:
-                return None
-            leaves += flat[0]
-            specs[key] = flat[1]
-        return leaves, ["dict", specs]
-    return None
-
-
 def _stack_entries(entries: Sequence[tuple[Structure, list[torch.Tensor]]], device: torch.device) -> Any:
     """The batched output of per-sample entries (same structure), on ``device``."""
     leaves = [torch.stack([e[1][j] for e in entries]).to(device) for j in range(len(entries[0][1]))]
-    return _unflatten(leaves, entries[0][0])
-
-
-def _unflatten(leaves: Iterable[torch.Tensor], structure: Structure) -> Any:
-    it = iter(leaves)
-
-    def build(spec: Structure) -> Any:
-        if spec == "T":
-            return next(it)
-        kind, items = spec
-        if kind == "dict":
-            return {k: build(s) for k, s in items.items()}
-        built = [build(s) for s in items]
-        return tuple(built) if kind == "tuple" else built
-
-    return build(structure)
-
-
-# ---------------------------------------------------------------------------------------------
-# stores
-# ---------------------------------------------------------------------------------------------
-Entry = tuple[Structure, list[torch.Tensor]]
-
-
-def _entry_bytes(leaves: Sequence[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in leaves)
-
-
-class MemoryStore:
-    """Entries in a dict, on the CPU (``device="cpu"``) or where the module produced them (``"output"``).
-
-    Attributes:
-        bytes: tensor bytes held (the dict itself adds about 200 bytes per entry).
-    """
-
-    kind = "memory"
-
-    def __init__(self, device: str = "cpu") -> None:
-        self.device = check_choice("device", device, MEMORY_DEVICES)
-        self._entries: dict[bytes, dict[bytes, Entry]] = {}
-        self.bytes = 0
-
-    def __len__(self) -> int:
-        return sum(len(v) for v in self._entries.values())
-
-    def get(self, state: bytes, key: bytes) -> Entry | None:
-        """The entry stored under ``(state, key)``, or ``None``."""
-        return self._entries.get(state, {}).get(key)
-
-    def put(self, state: bytes, key: bytes, structure: Structure, leaves: list[torch.Tensor]) -> int:
-        """Store an entry (the leaves are kept as given); returns the bytes added (0 if present)."""
-        bucket = self._entries.setdefault(state, {})
-        if key in bucket:
-            return 0
-        bucket[key] = (structure, leaves)
-        size = _entry_bytes(leaves)
-        self.bytes += size
-        return size
-
-    def held_bytes(self, state: bytes) -> int:
-        """Bytes held for ``state`` (the budget counts all states)."""
-        return self.bytes
-
-    def clear(self) -> None:
-        """Drop every entry."""
-        self._entries.clear()
-        self.bytes = 0
-
-
-class DiskStore:
-    """One file per sample under ``directory/<module key>/<2 hex>/<sample key>.feat``.
-
-    Safe to share between later runs and concurrent processes: a file is written to a temporary
-    name in the same folder and moved into place with ``os.replace`` (atomic), so a reader sees a
-    complete file or none. Every file starts with a magic string, the module key, the sample key,
-    the lengths and a BLAKE2b checksum of its content; a truncated, corrupt or foreign file is
-    never served: it counts as a miss, is deleted and rewritten by the next store.
-
-    Args:
-        directory: cache folder (created if missing; must be writable).
-    """
-
-    kind = "disk"
-
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
-        self.directory = Path(directory).expanduser()
-        check_writable_directory(self.directory)
-        self.corrupt = 0
-        self._held: dict[bytes, int] = {}
-
-    def _path(self, state: bytes, key: bytes) -> Path:
-        hexkey = key.hex()
-        return self.directory / state.hex() / hexkey[:2] / (hexkey[2:] + _FILE_SUFFIX)
-
-    def held_bytes(self, state: bytes) -> int:
-        """Bytes of the files stored for ``state`` (scanned once, then counted as written)."""
-        if state not in self._held:
-            total = 0
-            root = self.directory / state.hex()
-            if root.is_dir():
-                for sub in os.scandir(root):
-                    if sub.is_dir():
-                        total += sum(
-                            f.stat().st_size for f in os.scandir(sub.path) if f.name.endswith(_FILE_SUFFIX)
-                        )
-            self._held[state] = total
-        return self._held[state]
-
-    @property
-    def bytes(self) -> int:
-        """Bytes of the files of every module state this store has used."""
-        return sum(self._held.values())
-
-    def get(self, state: bytes, key: bytes) -> Entry | None:
-        """Read and verify the file of ``(state, key)``; ``None`` if absent or invalid."""
-        path = self._path(state, key)
-        try:
-            with open(path, "rb") as fh:
-                data = fh.read()
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        entry = _decode(data, state, key)
-        if entry is None:
-            self.corrupt += 1
-            try:
-                os.remove(path)
-            except OSError:
-                pass
-        return entry
-
-    def put(self, state: bytes, key: bytes, structure: Structure, leaves: list[torch.Tensor]) -> int:
-        """Write the entry atomically; returns the file size (0 if a valid file already exists)."""
-        path = self._path(state, key)
-        if path.exists():
-            return 0
-        held = self.held_bytes(state)
-        data = _encode(state, key, structure, leaves)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=_FILE_SUFFIX + ".part")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
-            raise
-        self._held[state] = held + len(data)
-        return len(data)
-
-
-def _encode(state: bytes, key: bytes, structure: Structure, leaves: Sequence[torch.Tensor]) -> bytes:
-    raws = [bytes(_host_bytes(t)) for t in leaves]
-    header = json.dumps(
-        {"structure": structure, "leaves": [[str(t.dtype), list(t.shape)] for t in leaves]},
-        separators=(",", ":"),
-    ).encode()
-    payload = b"".join(raws)
-    checksum = hashlib.blake2b(header + payload, digest_size=KEY_BYTES).digest()
-    return _PREAMBLE.pack(_MAGIC, state, key, len(header), len(payload), checksum) + header + payload
-
-
-def _decode(data: bytes, state: bytes, key: bytes) -> Entry | None:
-    if len(data) < _PREAMBLE.size:
-        return None
-    magic, file_state, file_key, header_len, payload_len, checksum = _PREAMBLE.unpack_from(data)
-    body = data[_PREAMBLE.size :]
-    if (
-        magic != _MAGIC
-        or file_state != state
-        or file_key != key
-        or len(body) != header_len + payload_len
-        or hashlib.blake2b(body, digest_size=KEY_BYTES).digest() != checksum
-    ):
-        return None
-    try:
-        header = json.loads(body[:header_len])
-        leaves = []
-        offset = _PREAMBLE.size + header_len
-        buffer = bytearray(data)  # torch.frombuffer needs a writable buffer
-        for dtype_name, shape in header["leaves"]:
-            leaf = torch.empty(shape, dtype=getattr(torch, dtype_name.removeprefix("torch.")))
-            size = leaf.numel() * leaf.element_size()
-            if size:  # copied byte-wise into a fresh, aligned tensor
-                raw = torch.frombuffer(buffer, dtype=torch.uint8, count=size, offset=offset)
-                leaf.reshape(-1).view(torch.uint8).copy_(raw)
-            leaves.append(leaf)
-            offset += size
-        if offset != len(data):
-            return None
-        return header["structure"], leaves
-    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError):
-        return None
-
-
-def check_writable_directory(directory: Path) -> None:
-    """Create ``directory`` if needed and check that files can be written there.
-
-    Raises:
-        ValueError: naming the directory and the OS error.
-    """
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=directory, prefix=".probe-")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as err:
-        raise ValueError(
-            f"Invalid directory={str(directory)!r} for store='disk': cannot write there ({err}); "
-            "valid choices: a writable folder (created if missing)."
-        ) from err
-
-
-def check_max_bytes(max_bytes: Any) -> int | None:
-    """Validate a byte budget: ``None`` (no limit) or an integer > 0."""
-    return check_int(
-        "max_bytes", max_bytes, minimum=1, allow_none=True, valid="None (no limit) or an integer > 0"
-    )
-
-
-def make_store(
-    store: str, directory: str | os.PathLike[str] | None, device: str = "cpu"
-) -> MemoryStore | DiskStore:
-    """Build the store named by ``store`` (``"memory"`` or ``"disk"``), validating its arguments."""
-    check_choice("store", store, STORES)
-    if store == "disk":
-        if directory is None:
-            raise ValueError(
-                "store='disk' needs directory=<a writable folder> (shared by later runs and parallel jobs); "
-                "got directory=None."
-            )
-        return DiskStore(directory)
-    return MemoryStore(device)
+    return unflatten(leaves, entries[0][0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -788,8 +391,8 @@ class OutputCache:
             tensor_token,
             tuple(t.requires_grad for t in tensors),
             grad,
-            _modes(module),
-            _context_flags(device_type),
+            module_modes(module),
+            context_flags(device_type),
         )
         if token != self._token:
             reasons = uncacheable_reasons(module, prefix=self._prefix, check_grad=grad)
@@ -844,7 +447,7 @@ class OutputCache:
 
         if len(missing) == batch:
             output = self._timed(args, kwargs, batch)
-            flat = _flatten(output)
+            flat = flatten(output)
             if flat is None or any(t.dim() == 0 or t.shape[0] != batch for t in flat[0]):
                 self._unsupported(output)
                 return output
@@ -859,7 +462,7 @@ class OutputCache:
             k: v.index_select(0, index) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()
         }
         output = self._timed(sub_args, sub_kwargs, len(missing))
-        flat = _flatten(output)
+        flat = flatten(output)
         hit = next(e for e in entries if e is not None)
         if (
             flat is None
@@ -880,7 +483,7 @@ class OutputCache:
             ]
             leaves.append(torch.stack(rows))
         self._account_saved()
-        return _unflatten(leaves, structure)
+        return unflatten(leaves, structure)
 
     def stored_output(self, state: bytes, keys: Sequence[bytes], device: torch.device) -> Any | None:
         """The batched output stored under ``state`` for ``keys`` (on ``device``); ``None`` if one is missing.
@@ -929,7 +532,7 @@ class OutputCache:
         for row, key in enumerate(keys):
             sample = [c[row] for c in copies]
             if self.max_bytes is not None:
-                if self.store.held_bytes(state) + _entry_bytes(sample) > self.max_bytes:
+                if self.store.held_bytes(state) + entry_bytes(sample) > self.max_bytes:
                     self.stats["full"] = True
                     self.stats["rejected"] += 1
                     continue
