@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -12,9 +11,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import xxhash
 
 from lightning_freeze.core.bits import raw_bytes
-from lightning_freeze.core.cache_keys import KEY_BYTES
+from lightning_freeze.core.cache_keys import FORMAT_VERSION, KEY_BYTES
 from lightning_freeze.core.files import write_atomic
 from lightning_freeze.core.validation import check_choice, check_int, choices_of
 
@@ -33,7 +33,8 @@ StoreKind = Literal["memory", "disk"]
 MemoryDevice = Literal["cpu", "output"]
 STORES: tuple[str, ...] = choices_of(StoreKind)
 MEMORY_DEVICES: tuple[str, ...] = choices_of(MemoryDevice)
-_MAGIC = b"LFFCACHE1\n"
+# the file format version is the key format version: a file of another version is never decoded
+_MAGIC = b"LFFCACHE%d\n" % FORMAT_VERSION
 # magic | module key | sample key | header length | payload length | checksum of header+payload
 _PREAMBLE = struct.Struct(f"<{len(_MAGIC)}s{KEY_BYTES}s{KEY_BYTES}sIQ{KEY_BYTES}s")
 _FILE_SUFFIX = ".feat"
@@ -94,7 +95,7 @@ class DiskStore:
     Safe to share between later runs and concurrent processes: a file is written to a temporary
     name in the same folder and moved into place with ``os.replace`` (atomic), so a reader sees a
     complete file or none. Every file starts with a magic string, the module key, the sample key,
-    the lengths and a BLAKE2b checksum of its content; a truncated, corrupt or foreign file is
+    the lengths and an XXH3-128 checksum of its content; a truncated, corrupt, foreign or older-format file is
     never served: it counts as a miss, is deleted and rewritten by the next store.
 
     Args:
@@ -169,7 +170,7 @@ def _encode(state: bytes, key: bytes, structure: Structure, leaves: Sequence[tor
         separators=(",", ":"),
     ).encode()
     payload = b"".join(raws)
-    checksum = hashlib.blake2b(header + payload, digest_size=KEY_BYTES).digest()
+    checksum = xxhash.xxh3_128_digest(header + payload)
     return _PREAMBLE.pack(_MAGIC, state, key, len(header), len(payload), checksum) + header + payload
 
 
@@ -183,7 +184,7 @@ def _decode(data: bytes, state: bytes, key: bytes) -> Entry | None:
         or file_state != state
         or file_key != key
         or len(body) != header_len + payload_len
-        or hashlib.blake2b(body, digest_size=KEY_BYTES).digest() != checksum
+        or xxhash.xxh3_128_digest(body) != checksum
     ):
         return None
     try:
