@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -19,18 +20,23 @@ import torch
 import xxhash
 from torch import nn
 
+from lightning_freeze._compat import tensor_version
 from lightning_freeze.core.bits import raw_bytes
 from lightning_freeze.core.fingerprint import fingerprint
 
 __all__ = [
     "FORMAT_VERSION",
     "KEY_BYTES",
+    "RowDigestMemo",
+    "combine_row_digests",
     "context_flags",
     "key_throughput",
     "module_modes",
     "module_state_key",
+    "row_digests",
     "sample_keys",
     "tensor_digest",
+    "tensor_key",
 ]
 
 KEY_BYTES = 16  # 128-bit keys
@@ -41,14 +47,78 @@ FORMAT_VERSION = 2
 _FORMAT = b"lightning_freeze.feature_cache.v%d" % FORMAT_VERSION
 
 
+def row_digests(tensor: torch.Tensor) -> list[bytes]:
+    """One 16-byte XXH3-128 digest per row (along dim 0) of ``tensor``: its dtype, per-sample shape and bits.
+
+    The per-tensor half of :func:`sample_keys`, computed where a batch is born (on the host, before
+    it moves to an accelerator) and combined later by :func:`combine_row_digests`. Large tensors are
+    hashed on several threads (XXH3 releases the GIL), with the same digests.
+
+    Raises:
+        ValueError: a 0-dim tensor.
+    """
+    if tensor.dim() == 0:
+        raise ValueError("row_digests needs a tensor with a batch dimension (dim 0).")
+    batch = tensor.shape[0]
+    meta = f"{tensor.dtype}|{tuple(tensor.shape[1:])}".encode()
+    prefix = xxhash.xxh3_128(_FORMAT + len(meta).to_bytes(8, "little") + meta)
+    raw = raw_bytes(tensor)
+    row = len(raw) // batch if batch else 0
+
+    def digest(i: int) -> bytes:
+        h = prefix.copy()
+        h.update(raw[i * row : (i + 1) * row])
+        return h.digest()
+
+    workers = min(torch.get_num_threads(), batch)
+    if workers > 1 and len(raw) >= _PARALLEL_HASH_BYTES:
+        # XXH3 releases the GIL on large buffers: hash the samples on torch's intra-op threads
+        return list(_hash_pool(workers).map(digest, range(batch)))
+    return [digest(i) for i in range(batch)]
+
+
+def tensor_key(tensor: torch.Tensor) -> bytes:
+    """16-byte XXH3-128 digest of a whole tensor: its dtype, shape and bits (an argument without a batch)."""
+    meta = f"{tensor.dtype}|{tuple(tensor.shape)}".encode()
+    h = xxhash.xxh3_128(_FORMAT + len(meta).to_bytes(8, "little") + meta)
+    h.update(raw_bytes(tensor))
+    return h.digest()
+
+
+def combine_row_digests(per_tensor: Sequence[Sequence[bytes]], context: bytes = b"") -> list[bytes]:
+    """Sample keys from the :func:`row_digests` of every tensor of a call and the call's ``context``.
+
+    Key ``i`` is XXH3-128 over the format version, ``context`` (length-prefixed) and row ``i``'s
+    digest of every tensor, in order.
+
+    Raises:
+        ValueError: no tensor, or tensors with different batch sizes.
+    """
+    if not per_tensor:
+        raise ValueError("sample_keys needs tensors with a batch dimension (dim 0).")
+    batch = len(per_tensor[0])
+    if any(len(d) != batch for d in per_tensor):
+        raise ValueError(f"Tensors with different batch sizes: {[len(d) for d in per_tensor]}.")
+    prefix = xxhash.xxh3_128(_FORMAT)
+    prefix.update(len(context).to_bytes(8, "little"))
+    prefix.update(context)
+    prefix.update(len(per_tensor).to_bytes(8, "little"))
+    keys = []
+    for rows in zip(*per_tensor, strict=True):
+        h = prefix.copy()
+        h.update(b"".join(rows))
+        keys.append(h.digest())
+    return keys
+
+
 def sample_keys(tensors: Sequence[torch.Tensor], context: bytes = b"") -> list[bytes]:
     """One 16-byte key per sample (row along dim 0) of ``tensors``.
 
-    The key is XXH3-128 over the format version, ``context`` and, for every tensor, its dtype,
-    its per-sample shape and the raw bytes of row ``i`` (bits, not values: ``-0.0`` and ``0.0``
-    differ). Large batches are hashed on several threads (XXH3 releases the GIL), with the same keys.
-    Tensors on an accelerator are copied to the host first: key them where they are born (see
-    ``FeatureCache``), not on the device.
+    The key covers the format version, ``context`` and, for every tensor, its dtype, its
+    per-sample shape and the raw bytes of row ``i`` (bits, not values: ``-0.0`` and ``0.0``
+    differ): XXH3-128 over the XXH3-128 digest of each tensor's row (:func:`row_digests`,
+    :func:`combine_row_digests`). Tensors on an accelerator are copied to the host first: key them
+    where they are born (``FeatureCache`` does, before the batch moves to the device).
 
     Args:
         tensors: tensors with the same size along dim 0 (the batch).
@@ -69,30 +139,48 @@ def sample_keys(tensors: Sequence[torch.Tensor], context: bytes = b"") -> list[b
     """
     if not tensors or any(t.dim() == 0 for t in tensors):
         raise ValueError("sample_keys needs tensors with a batch dimension (dim 0).")
-    batch = tensors[0].shape[0]
-    if any(t.shape[0] != batch for t in tensors):
+    if any(t.shape[0] != tensors[0].shape[0] for t in tensors):
         raise ValueError(f"Tensors with different batch sizes: {[t.shape[0] for t in tensors]}.")
-    prefix = xxhash.xxh3_128(_FORMAT)
-    prefix.update(len(context).to_bytes(8, "little"))
-    prefix.update(context)
-    views = []
-    for t in tensors:
-        meta = f"{t.dtype}|{tuple(t.shape[1:])}".encode()
-        prefix.update(len(meta).to_bytes(8, "little") + meta)
-        raw = raw_bytes(t)
-        views.append((raw, len(raw) // batch if batch else 0))
+    return combine_row_digests([row_digests(t) for t in tensors], context)
 
-    def key(i: int) -> bytes:
-        h = prefix.copy()
-        for raw, row in views:
-            h.update(raw[i * row : (i + 1) * row])
-        return h.digest()
 
-    workers = min(torch.get_num_threads(), batch)
-    if workers > 1 and sum(len(raw) for raw, _ in views) >= _PARALLEL_HASH_BYTES:
-        # XXH3 releases the GIL on large buffers: hash the samples on torch's intra-op threads
-        return list(_hash_pool(workers).map(key, range(batch)))
-    return [key(i) for i in range(batch)]
+class RowDigestMemo:
+    """Row digests computed where a batch was born, found again by the tensor that carries those rows.
+
+    ``remember(host, moved)`` hashes a host tensor's rows and files them under ``moved`` (the same
+    values after a move to the device, or the host tensor itself). ``lookup(t)`` returns them for
+    that very tensor object, only while its shape, dtype, device and version counter are what they
+    were (an in-place write to the batch makes it hash again). Inference tensors (moved under
+    ``torch.inference_mode``, e.g. by Lightning's evaluation loops on an accelerator) have no version
+    counter: they are not remembered and hash at the call. Holds the latest batch only.
+    """
+
+    def __init__(self) -> None:
+        self._rows: dict[int, tuple[weakref.ref[torch.Tensor], Any, list[bytes]]] = {}
+
+    def clear(self) -> None:
+        """Forget every remembered tensor."""
+        self._rows.clear()
+
+    def remember(self, host: torch.Tensor, moved: torch.Tensor) -> None:
+        """Hash the rows of ``host`` (a CPU tensor) and file them under ``moved`` (same values)."""
+        if host.dim() == 0 or host.shape != moved.shape or host.dtype != moved.dtype:
+            return
+        token = self._token(moved)
+        if token[-1] is None:  # an inference tensor has no version counter: writes would go unseen
+            return
+        self._rows[id(moved)] = (weakref.ref(moved), token, row_digests(host))
+
+    def lookup(self, tensor: torch.Tensor) -> list[bytes] | None:
+        """The remembered row digests of ``tensor``, or ``None``."""
+        found = self._rows.get(id(tensor))
+        if found is None or found[0]() is not tensor or found[1] != self._token(tensor):
+            return None
+        return found[2]
+
+    @staticmethod
+    def _token(tensor: torch.Tensor) -> tuple[Any, ...]:
+        return (tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.device, tensor_version(tensor))
 
 
 _PARALLEL_HASH_BYTES = 1 << 20

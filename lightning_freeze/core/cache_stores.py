@@ -6,6 +6,7 @@ import json
 import os
 import struct
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -56,6 +57,7 @@ class MemoryStore:
     """
 
     kind = "memory"
+    failed: str | None = None  # a memory store does not fail (see DiskStore.failed)
 
     def __init__(self, device: str = "cpu") -> None:
         self.device = check_choice("device", device, MEMORY_DEVICES)
@@ -93,13 +95,23 @@ class DiskStore:
     """One file per sample under ``directory/<module key>/<2 hex>/<sample key>.feat``.
 
     Safe to share between later runs and concurrent processes: a file is written to a temporary
-    name in the same folder and moved into place with ``os.replace`` (atomic), so a reader sees a
-    complete file or none. Every file starts with a magic string, the module key, the sample key,
-    the lengths and an XXH3-128 checksum of its content; a truncated, corrupt, foreign or older-format file is
-    never served: it counts as a miss, is deleted and rewritten by the next store.
+    name in the same folder, flushed to the disk (``fsync``) and moved into place with
+    ``os.replace`` (atomic), so a reader sees a complete file or none. Every file starts with a
+    magic string naming the format version, the module key, the sample key, the lengths and an
+    XXH3-128 checksum of its content; a truncated, corrupt, foreign or older-format file is never
+    served: it counts as a miss, is deleted and rewritten by the next store.
+
+    **A failing disk never stops training.** The first ``OSError`` of any store operation (a full
+    disk, a folder that became read-only, an I/O error) turns the store off for good with one
+    ``RuntimeWarning`` (``failed`` says why): from then on it holds nothing and stores nothing, so
+    every sample is computed, exactly as without the cache.
 
     Args:
         directory: cache folder (created if missing; must be writable).
+
+    Attributes:
+        failed: ``None``, or the error that turned the store off.
+        corrupt: invalid files found (and removed).
     """
 
     kind = "disk"
@@ -108,23 +120,44 @@ class DiskStore:
         self.directory = Path(directory).expanduser()
         check_writable_directory(self.directory)
         self.corrupt = 0
+        self.failed: str | None = None
         self._held: dict[bytes, int] = {}
 
     def _path(self, state: bytes, key: bytes) -> Path:
         hexkey = key.hex()
         return self.directory / state.hex() / hexkey[:2] / (hexkey[2:] + _FILE_SUFFIX)
 
+    def _fail(self, operation: str, err: OSError) -> None:
+        if self.failed is None:
+            self.failed = f"{operation} failed: {err}"
+            warnings.warn(
+                f"FeatureCache: the disk store in {str(self.directory)!r} is off from now on "
+                f"({self.failed}); "
+                "training goes on and computes every sample, with the results it would have without the "
+                "cache. Free space or fix the folder to cache again in a later run.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
     def held_bytes(self, state: bytes) -> int:
         """Bytes of the files stored for ``state`` (scanned once, then counted as written)."""
         if state not in self._held:
             total = 0
             root = self.directory / state.hex()
-            if root.is_dir():
-                for sub in os.scandir(root):
-                    if sub.is_dir():
-                        total += sum(
-                            f.stat().st_size for f in os.scandir(sub.path) if f.name.endswith(_FILE_SUFFIX)
-                        )
+            if self.failed is None:
+                try:
+                    if root.is_dir():
+                        for sub in os.scandir(root):
+                            if sub.is_dir():
+                                total += sum(
+                                    f.stat().st_size
+                                    for f in os.scandir(sub.path)
+                                    if f.name.endswith(_FILE_SUFFIX)
+                                )
+                except FileNotFoundError:  # removed by a concurrent process while scanning
+                    pass
+                except OSError as err:
+                    self._fail("scanning the cache folder", err)
             self._held[state] = total
         return self._held[state]
 
@@ -134,31 +167,44 @@ class DiskStore:
         return sum(self._held.values())
 
     def get(self, state: bytes, key: bytes) -> Entry | None:
-        """Read and verify the file of ``(state, key)``; ``None`` if absent or invalid."""
+        """Read and verify the file of ``(state, key)``; ``None``: absent, invalid or the store is off."""
+        if self.failed is not None:
+            return None
         path = self._path(state, key)
         try:
             with open(path, "rb") as fh:
                 data = fh.read()
         except (FileNotFoundError, NotADirectoryError):
             return None
+        except OSError as err:
+            self._fail("reading a cache file", err)
+            return None
         entry = _decode(data, state, key)
         if entry is None:
             self.corrupt += 1
             try:
                 os.remove(path)
-            except OSError:
+            except FileNotFoundError:
                 pass
+            except OSError as err:
+                self._fail("removing an invalid cache file", err)
         return entry
 
     def put(self, state: bytes, key: bytes, structure: Structure, leaves: list[torch.Tensor]) -> int:
-        """Write the entry atomically; returns the file size (0 if a valid file already exists)."""
-        path = self._path(state, key)
-        if path.exists():
+        """Write the entry atomically; returns the file size (0: a valid file exists or the store is off)."""
+        if self.failed is not None:
             return 0
+        path = self._path(state, key)
         held = self.held_bytes(state)
         data = _encode(state, key, structure, leaves)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, lambda handle: handle.write(data))
+        try:
+            if path.exists():
+                return 0
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, lambda handle: handle.write(data))
+        except OSError as err:
+            self._fail("writing a cache file", err)
+            return 0
         self._held[state] = held + len(data)
         return len(data)
 

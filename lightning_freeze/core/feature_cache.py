@@ -45,26 +45,35 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import json
+import logging
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from lightning_freeze._compat import tensor_version
 from lightning_freeze.core.cache_keys import (
     KEY_BYTES,
+    RowDigestMemo,
+    combine_row_digests,
     context_flags,
     module_modes,
     module_state_key,
+    row_digests,
     sample_keys,
     tensor_digest,
+    tensor_key,
 )
 from lightning_freeze.core.cache_stores import (
     MEMORY_DEVICES,
     STORES,
     DiskStore,
+    Entry,
     MemoryStore,
     check_max_bytes,
     check_writable_directory,
@@ -72,7 +81,13 @@ from lightning_freeze.core.cache_stores import (
     make_store,
 )
 from lightning_freeze.core.norm import find_dropout_layers, find_running_stat_norms
-from lightning_freeze.core.structure import Structure, flatten, unflatten
+from lightning_freeze.core.structure import (
+    Structure,
+    UnsupportedStructure,
+    flatten,
+    flatten_exact,
+    unflatten,
+)
 from lightning_freeze.core.validation import check_choice
 
 __all__ = [
@@ -93,6 +108,7 @@ __all__ = [
     "uncacheable_reasons",
 ]
 
+_log = logging.getLogger(__name__)
 _STOCHASTIC_LAYER_NAMES = frozenset({"DropPath", "StochasticDepth", "DropBlock2d", "DropBlock3d"})
 
 
@@ -148,10 +164,42 @@ def uncacheable_reasons(module: nn.Module, prefix: str = "", check_grad: bool = 
     return reasons
 
 
-def _stack_entries(entries: Sequence[tuple[Structure, list[torch.Tensor]]], device: torch.device) -> Any:
-    """The batched output of per-sample entries (same structure), on ``device``."""
+def _mode_sensitive_layers(module: nn.Module) -> list[nn.Module]:
+    """The submodules whose train/eval mode changes what they compute (see :func:`uncacheable_reasons`).
+
+    ``module`` itself first; then running-statistics norm layers, dropout, ``DropPath``-like layers
+    and ``nn.MultiheadAttention``.
+    """
+    sensitive = {id(m) for m in find_running_stat_norms(module).values()}
+    sensitive |= {id(m) for m in find_dropout_layers(module).values()}
+    return [module] + [
+        m
+        for m in module.modules()
+        if m is not module
+        and (
+            id(m) in sensitive
+            or isinstance(m, nn.MultiheadAttention)
+            or type(m).__name__ in _STOCHASTIC_LAYER_NAMES
+        )
+    ]
+
+
+def _same_structure(entries: Sequence[Entry | None]) -> bool:
+    """Whether the stored entries of a batch share one structure (one output of one call)."""
+    specs = [e[0] for e in entries if e is not None]
+    return all(spec is specs[0] or spec == specs[0] for spec in specs)
+
+
+def _stack_entries(entries: Sequence[Entry], device: torch.device) -> Any | None:
+    """The batched output of per-sample entries (same structure), on ``device``.
+
+    ``None`` when the structure names a class that is not loaded in this process.
+    """
     leaves = [torch.stack([e[1][j] for e in entries]).to(device) for j in range(len(entries[0][1]))]
-    return unflatten(leaves, entries[0][0])
+    try:
+        return unflatten(leaves, entries[0][0])
+    except UnsupportedStructure:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,6 +242,31 @@ class _CachedForward:
 
 def _plain_forward(module: nn.Module) -> Callable[..., Any]:
     return type(module).forward.__get__(module)
+
+
+class _RefreshOnLoad:
+    """The load_state_dict post-hook of an attached module: the next call hashes its tensors again.
+
+    A pickled or deep-copied module gets a hook that does nothing (the copy is not cached).
+    """
+
+    def __init__(self, cache: OutputCache) -> None:
+        self.cache = weakref.ref(cache)
+
+    def __call__(self, module: nn.Module, incompatible_keys: Any) -> None:
+        cache = self.cache()
+        if cache is not None:
+            cache.refresh()
+
+    def __reduce__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        return _IgnoreLoad, ()
+
+
+class _IgnoreLoad:
+    """What a copy of a module keeps of :class:`_RefreshOnLoad`: nothing to refresh."""
+
+    def __call__(self, module: nn.Module, incompatible_keys: Any) -> None:
+        return None
 
 
 class OutputCache:
@@ -246,6 +319,8 @@ class OutputCache:
         on_uncacheable: Literal["raise", "disable"] = "raise",
         on_disable: Callable[[str], None] | None = None,
         name: str | None = None,
+        tensor_check: Literal["call", "refresh"] = "call",
+        on_info: Callable[[str], None] | None = None,
     ) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(f"OutputCache caches an nn.Module, got {type(module).__name__}.")
@@ -256,6 +331,8 @@ class OutputCache:
         )
         self.on_uncacheable = check_choice("on_uncacheable", on_uncacheable, ("raise", "disable"))
         self.on_disable = on_disable
+        self.tensor_check = check_choice("tensor_check", tensor_check, ("call", "refresh"))
+        self.on_info = on_info
         self.name = name or type(module).__name__
         self._prefix = name or ""
         self.enabled = True
@@ -268,6 +345,13 @@ class OutputCache:
         self.last_call: tuple[bytes, list[bytes], int] | None = None
         # when set, every call of the attached forward goes to it instead (see FeatureCache skip_pipeline)
         self.redirect: Callable[..., Any] | None = None
+        # row digests of batch tensors computed where the batch was born (FeatureCache: on the host)
+        self.digests: RowDigestMemo | None = None
+        self._said: set[str] = set()
+        self._refreshes = 0
+        self._stale = True
+        self._watched: list[nn.Module] = []
+        self._load_hook: Any = None
         self._token: tuple[Any, ...] | None = None
         self._tensor_token: tuple[Any, ...] | None = None
         self._tensors: bytes | None = None
@@ -319,12 +403,18 @@ class OutputCache:
         if check:
             self.check()
         self.module.forward = _CachedForward(self)  # type: ignore[method-assign]
+        if self._load_hook is None:  # load_state_dict (also through a parent) is seen at the next call
+            self._load_hook = self.module.register_load_state_dict_post_hook(_RefreshOnLoad(self))
+        self.refresh()
         return self
 
     def detach(self) -> None:
         """Restore the module's own forward (the store keeps its entries)."""
         if self.attached:
             del self.module.forward
+        if self._load_hook is not None:
+            self._load_hook.remove()
+            self._load_hook = None
 
     def __enter__(self) -> OutputCache:
         return self.attach()
@@ -348,9 +438,17 @@ class OutputCache:
             )
 
     def refresh(self) -> None:
-        """Recompute the module key at the next call (sees even writes through ``tensor.data``)."""
+        """Hash the module's tensors again at the next call (sees even writes through ``tensor.data``).
+
+        Called by :meth:`attach`, after every ``load_state_dict`` of the module (or of a module
+        that contains it), and by the ``FeatureCache`` callback at the start of every Trainer call
+        and every training epoch.
+        """
+        self._refreshes += 1
+        self._stale = True
         self._token = None
         self._tensor_token = None
+        self._tensors = None
 
     def disable(self, reason: str) -> None:
         """Switch the cache off for good: calls run the plain module; ``on_disable(reason)`` once."""
@@ -359,6 +457,14 @@ class OutputCache:
             self.disabled_reason = reason
             if self.on_disable is not None:
                 self.on_disable(reason)
+
+    def call_keys(self, *args: Any, **kwargs: Any) -> list[bytes] | None:
+        """The sample keys a call ``module(*args, **kwargs)`` is looked up under (``None``: not cached).
+
+        Computes nothing and touches no store.
+        """
+        call = self._call_keys(args, kwargs)
+        return None if call is None else call[3]
 
     @property
     def state_key(self) -> bytes | None:
@@ -370,10 +476,24 @@ class OutputCache:
         return type(self.module).forward(self.module, *args, **kwargs)
 
     def current_tensor_digest(self) -> bytes:
-        """:func:`tensor_digest` of the module; hashed again only when a tensor changed or after refresh()."""
+        """:func:`tensor_digest` of the module; hashed again only after a change it can see.
+
+        With ``tensor_check="call"`` a change is any tensor whose identity, data pointer, version
+        counter, dtype or device changed; with ``"refresh"`` only :meth:`refresh` (and
+        ``load_state_dict``) make it hash again, and a digest asked for after a refresh but before
+        the next call does not stand in for that call's (the call hashes again).
+        """
+        if self.tensor_check == "refresh" and self._stale:
+            return tensor_digest(self.module)
+        return self._tensor_digest(self._tensor_state())
+
+    def _tensor_state(self) -> tuple[Any, ...]:
+        if self.tensor_check == "refresh":
+            return (self._refreshes,)
         tensors = [*self.module.parameters(), *self.module.buffers()]
-        return self._tensor_digest(
-            tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        return (
+            self._refreshes,
+            tuple((id(t), t.data_ptr(), tensor_version(t), t.dtype, t.device) for t in tensors),
         )
 
     def _tensor_digest(self, tensor_token: tuple[Any, ...]) -> bytes:
@@ -382,19 +502,37 @@ class OutputCache:
             self._tensor_token = tensor_token
         return self._tensors
 
-    def _current_state(self, device_type: str) -> bytes | None:
-        module = self.module
-        tensors = [*module.parameters(), *module.buffers()]
-        tensor_token = tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
-        grad = torch.is_grad_enabled()
-        token = (
-            tensor_token,
-            tuple(t.requires_grad for t in tensors),
+    def _call_token(self, device_type: str, grad: bool) -> tuple[Any, ...]:
+        """What is read at every call to decide whether the module key must be derived again."""
+        if self.tensor_check == "refresh":
+            # lean: the tensors, requires_grad and the modes of layers whose mode cannot change
+            # the output are read again only after refresh(); the grad mode, precision flags and
+            # the modes of mode-sensitive layers at every call
+            return (
+                self._refreshes,
+                grad,
+                tuple(m.training for m in self._watched),
+                context_flags(device_type),
+            )
+        return (
+            self._tensor_state(),
+            grad and any(p.requires_grad for p in self.module.parameters()),
             grad,
-            module_modes(module),
+            module_modes(self.module),
             context_flags(device_type),
         )
-        if token != self._token:
+
+    def _current_state(self, device_type: str) -> bytes | None:
+        """The module key now, or ``None`` when the module is no longer cacheable (cache disabled).
+
+        The key is derived again only when :meth:`_call_token` changed (or after :meth:`refresh`).
+        """
+        module = self.module
+        grad = torch.is_grad_enabled()
+        if self._stale:
+            self._watched = _mode_sensitive_layers(module)
+        token = self._call_token(device_type, grad)
+        if self._stale or token != self._token:
             reasons = uncacheable_reasons(module, prefix=self._prefix, check_grad=grad)
             if reasons:
                 message = f"{self.name} is no longer cacheable: " + "; ".join(reasons)
@@ -402,12 +540,60 @@ class OutputCache:
                     raise UncacheableModuleError(message)
                 self.disable(message + "; the cache is off from now on")
                 return None
-            self._tensor_digest(tensor_token)
+            if self._stale:
+                self._tensors = None
+            self._tensor_digest(token[0] if self.tensor_check == "call" else (self._refreshes,))
             self._state = module_state_key(module, device_type, tensors=self._tensors)
             self._token = token
+            self._stale = False
             self.store.held_bytes(self._state)  # the disk store scans what other runs stored
             self.stats["bytes"] = self.store.bytes
         return self._state
+
+    def _info(self, message: str) -> None:
+        """Say ``message`` once (to ``on_info``, else this module's logger at INFO)."""
+        if message in self._said:
+            return
+        self._said.add(message)
+        if self.on_info is not None:
+            self.on_info(message)
+        else:
+            _log.info(message)
+
+    def _call_keys(
+        self, args: Sequence[Any], kwargs: Mapping[str, Any]
+    ) -> tuple[list[torch.Tensor], Structure, list[bool], list[bytes]] | None:
+        """Leaves, structure, batched-leaf mask and sample keys of a call; ``None``: not cacheable.
+
+        Every tensor anywhere in the arguments contributes its exact bits: a tensor whose dim 0 is
+        the batch size (that of the first tensor with a dim 0) row by row to its sample's key, any
+        other tensor whole to every key. Every other argument is encoded exactly
+        (:mod:`lightning_freeze.core.structure`); a call with an argument that has no exact
+        encoding is computed, not cached (one info line).
+        """
+        try:
+            leaves, spec = flatten((tuple(args), dict(sorted(kwargs.items()))))
+        except UnsupportedStructure as err:
+            self.stats["bypassed"] += 1
+            self._info(
+                f"FeatureCache: {self.name} was called with an argument the cache key cannot encode "
+                f"exactly ({err}); such calls are computed, not cached."
+            )
+            return None
+        batch = next((t.shape[0] for t in leaves if t.dim() > 0), 0)
+        if not batch:
+            self.stats["bypassed"] += 1
+            return None
+        batched = [t.dim() > 0 and t.shape[0] == batch for t in leaves]
+        context = [json.dumps([spec, batched], separators=(",", ":")).encode()]
+        digests = []
+        for t, is_batched in zip(leaves, batched, strict=True):
+            if is_batched:
+                known = self.digests.lookup(t) if self.digests is not None else None
+                digests.append(known if known is not None else row_digests(t))
+            else:
+                context.append(tensor_key(t))
+        return leaves, spec, batched, combine_row_digests(digests, b"|".join(context))
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         if _BYPASS.get():  # e.g. FreezeBackbone's output probe: not counted as a call
@@ -418,38 +604,38 @@ class OutputCache:
             return self.redirect(*args, **kwargs)
         if not (self.enabled and self.lookup):
             return self._plain(*args, **kwargs)
-        batched = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-        batch = batched[0].shape[0] if batched and batched[0].dim() > 0 else None
-        others = [(i, a) for i, a in enumerate(args) if not isinstance(a, torch.Tensor)]
-        others += [(k, v) for k, v in sorted(kwargs.items()) if not isinstance(v, torch.Tensor)]
-        if batch is None or batch == 0 or any(t.dim() == 0 or t.shape[0] != batch for t in batched):
-            self.stats["bypassed"] += 1
+        call = self._call_keys(args, kwargs)
+        if call is None:
             return self._plain(*args, **kwargs)
-        context = repr(others).encode() if others else b""
-        if b" at 0x" in context:  # an object without a stable repr: cannot be part of a key
-            self.stats["bypassed"] += 1
-            return self._plain(*args, **kwargs)
-        device = batched[0].device
+        leaves, spec, batched, keys = call
+        batch = len(keys)
+        device = leaves[batched.index(True)].device
         state = self._current_state(device.type)
         if state is None:
             return self._plain(*args, **kwargs)
-        context += b"|" + "|".join(f"{k}" for k in kwargs if isinstance(kwargs[k], torch.Tensor)).encode()
-        keys = sample_keys(batched, context)
+        failed = self.store.failed
         entries = [self.store.get(state, k) for k in keys]
         self.stats["corrupt"] = getattr(self.store, "corrupt", 0) - self._corrupt_base
+        if self.store.failed != failed:  # the store broke during these reads: compute, as uncached
+            return self._plain(*args, **kwargs)
         missing = [i for i, e in enumerate(entries) if e is None]
+        if len(missing) < batch and not _same_structure(entries):
+            missing = list(range(batch))  # cannot be assembled: compute the batch as given
+            entries = [None] * batch
         self.last_call = (state, keys, len(missing))
         self.stats["hits"] += batch - len(missing)
         self.stats["misses"] += len(missing)
         if not missing:
-            self._account_saved()
-            return _stack_entries(entries, device)  # type: ignore[arg-type]
+            output = _stack_entries(entries, device)  # type: ignore[arg-type]
+            if output is not None:
+                self._account_saved()
+                return output
+            missing = list(range(batch))  # a class of the stored structure is not loaded here
 
         if len(missing) == batch:
             output = self._timed(args, kwargs, batch)
-            flat = flatten(output)
-            if flat is None or any(t.dim() == 0 or t.shape[0] != batch for t in flat[0]):
-                self._unsupported(output)
+            flat = self._flatten_output(output, batch)
+            if flat is None:
                 return output
             self._store(state, keys, flat[1], flat[0])
             self._account_saved()
@@ -457,33 +643,47 @@ class OutputCache:
 
         # mixed batch: compute the missing samples only, assemble in the batch's order
         index = torch.tensor(missing, device=device)
-        sub_args = [a.index_select(0, index) if isinstance(a, torch.Tensor) else a for a in args]
-        sub_kwargs = {
-            k: v.index_select(0, index) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()
-        }
+        try:
+            flatten_exact((tuple(args), dict(sorted(kwargs.items()))))
+            sub_args, sub_kwargs = unflatten(
+                [t.index_select(0, index) if b else t for t, b in zip(leaves, batched, strict=True)], spec
+            )
+        except UnsupportedStructure:  # arguments that do not rebuild exactly: compute the batch as given
+            return self._plain(*args, **kwargs)
         output = self._timed(sub_args, sub_kwargs, len(missing))
-        flat = flatten(output)
+        flat = self._flatten_output(output, len(missing))
         hit = next(e for e in entries if e is not None)
-        if (
-            flat is None
-            or flat[1] != hit[0]
-            or any(t.dim() == 0 or t.shape[0] != len(missing) for t in flat[0])
-        ):
+        if flat is None or flat[1] != hit[0]:
             # cannot assemble: recompute the whole batch plainly (correct, just not cached)
-            self._unsupported(output)
             return self._plain(*args, **kwargs)
         computed, structure = flat
         self._store(state, [keys[i] for i in missing], structure, computed)
         position = {i: n for n, i in enumerate(missing)}
-        leaves = []
+        out_leaves = []
         for j, leaf in enumerate(computed):
             rows = [
                 leaf[position[i]] if e is None else e[1][j].to(device)  # type: ignore[index]
                 for i, e in enumerate(entries)
             ]
-            leaves.append(torch.stack(rows))
+            out_leaves.append(torch.stack(rows))
         self._account_saved()
-        return unflatten(leaves, structure)
+        return unflatten(out_leaves, structure)
+
+    def _flatten_output(self, output: Any, batch: int) -> tuple[list[torch.Tensor], Structure] | None:
+        """Leaves and structure of an output a hit can rebuild exactly; ``None`` (cache off) otherwise."""
+        try:
+            leaves, structure = flatten_exact(output)
+        except UnsupportedStructure as err:
+            self._unsupported(output, str(err))
+            return None
+        if not leaves or any(
+            type(t) is not torch.Tensor or t.dim() == 0 or t.shape[0] != batch for t in leaves
+        ):
+            self._unsupported(
+                output, "not every tensor in it is a plain tensor with the batch dimension first"
+            )
+            return None
+        return leaves, structure
 
     def stored_output(self, state: bytes, keys: Sequence[bytes], device: torch.device) -> Any | None:
         """The batched output stored under ``state`` for ``keys`` (on ``device``); ``None`` if one is missing.
@@ -493,9 +693,12 @@ class OutputCache:
         entries = [self.store.get(state, k) for k in keys]
         if not entries or any(e is None for e in entries):
             return None
+        output = _stack_entries(entries, device) if _same_structure(entries) else None  # type: ignore[arg-type]
+        if output is None:
+            return None
         self.stats["hits"] += len(keys)
         self._account_saved()
-        return _stack_entries(entries, device)  # type: ignore[arg-type]
+        return output
 
     def _timed(self, args: Sequence[Any], kwargs: Mapping[str, Any], samples: int) -> Any:
         start = time.perf_counter()
@@ -508,11 +711,12 @@ class OutputCache:
         if self._compute_samples:
             self.stats["time_saved_s"] = self.stats["hits"] * self.stats["compute_s"] / self._compute_samples
 
-    def _unsupported(self, output: Any) -> None:
+    def _unsupported(self, output: Any, why: str) -> None:
         self.stats["bypassed"] += 1
         self.disable(
-            f"{self.name} returned {type(output).__name__}, not a tensor or a tuple/list/dict of tensors "
-            "with the batch dimension first; the cache is off from now on"
+            f"{self.name} returned a {type(output).__qualname__} that a cache hit cannot rebuild exactly "
+            f"({why}); outputs are cached when they are tensors with the batch dimension first, in "
+            "tuples, lists, namedtuples, dicts or dataclasses (HF ModelOutput); the cache is off from now on"
         )
 
     def _store(
