@@ -46,15 +46,21 @@ class FeatureCache(Callback):
     the output of each named module per sample; later epochs (and validation/test/predict) serve
     it from the store, so only what follows the module (the branches) runs.
 
-    **Exact.** An entry is keyed by the sample's input bits (BLAKE2b-128 of the raw bytes, dtype
-    and shape) *and* the module's key (BLAKE2b-128 over the bits of every parameter and buffer,
-    the mode of every submodule, device type, autocast state/dtype, matmul/cuDNN flags and the
-    torch version): another checkpoint, a changed buffer, another mode or precision never hits.
-    A served output is bitwise what the module produced for that sample; with a fixed batch
+    **Exact.** An entry is keyed by the sample's input bits (XXH3-128 over the exact bits, dtype and
+    shape of its row of every tensor argument; other arguments encoded exactly, or the call is not
+    cached) *and* the module's key (the bits of every parameter and buffer, the mode of every
+    submodule, device type, autocast state/dtype, matmul/cuDNN flags and the torch version): another
+    checkpoint, a changed buffer, another mode or precision never hits. The module's tensors are
+    hashed again at the start of every Trainer call, training epoch and validation run and after
+    ``load_state_dict`` (writes through ``tensor.data`` included), not at every batch. Batches are
+    keyed on the host before they move to the device, so a hit copies no input back to the host.
+    A served output is bitwise what the module produced for that sample, with the same structure
+    and types (tuples, namedtuples, dicts, dataclasses, HF ``ModelOutput``); with a fixed batch
     order (``shuffle=False``) a run ends with bitwise the same weights as without the cache.
     With shuffling a sample may be served from another batch composition than it would be computed
     in now, so results match an uncached run closely (batched kernels can differ in the last bit).
-    See :mod:`lightning_freeze.core.feature_cache` for the collision bound.
+    A disk store that fails (full disk, read-only folder, I/O error) turns itself off with one
+    warning and the fit goes on uncached. See ``docs/feature-cache.md`` for the collision bound.
 
     **Refuses what it cannot cache.** At fit start, a module with a parameter that requires grad,
     or with a norm/dropout layer that will run in train mode (``FreezeBackbone(norm="train")`` or

@@ -31,6 +31,7 @@ __all__ = [
     "combine_row_digests",
     "context_flags",
     "key_throughput",
+    "key_throughput_line",
     "module_modes",
     "module_state_key",
     "row_digests",
@@ -297,11 +298,15 @@ def key_throughput(
     }
 
 
-if __name__ == "__main__":  # python -m lightning_freeze.core.cache_keys
-    result = key_throughput()
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    print(
+def key_throughput_line(**kwargs: Any) -> str:
+    """One printable line of :func:`key_throughput` with the load average (for benchmarks and docs).
+
+    Example: ``python -c "from lightning_freeze.core.cache_keys import key_throughput_line as k; print(k())"``
+    """
+    result = key_throughput(**kwargs)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (
         f"sample_keys {result['sample_keys_gb_s']:.2f} GB/s, tensor.clone() {result['clone_gb_s']:.2f} GB/s "
-        f"({result['bytes'] / 1e6:.1f} MB batch, {int(result['threads'])} threads, "
-        f"load average {load[0]:.2f})"
+        f"({result['bytes'] / 1e6:.1f} MB float32 batch, {int(result['threads'])} threads, "
+        f"load average {load:.2f})"
     )

@@ -4,20 +4,28 @@ A frozen backbone computes the same features for the same sample every epoch. :c
 attaches to such a module (no trainer needed) and serves its output from a store instead of
 recomputing it, **exactly**:
 
-* **Sample key**: BLAKE2b-128 of each sample's raw input bytes plus its dtype and shape (the
-  sample is row ``i`` of every tensor argument of the forward call; other arguments go into the
-  call key). Hashed on the CPU; inputs on an accelerator are copied to the host for hashing.
-  Two different inputs share a key with probability at most ``n**2 / 2**129`` for ``n`` cached
-  samples (about ``1.5e-21`` for a billion samples), and the module key must match as well.
+* **Sample key**: XXH3-128 over each sample's row of every tensor argument (exact bits, dtype,
+  per-sample shape; :func:`~lightning_freeze.core.cache_keys.sample_keys`), any tensor argument
+  without the batch dimension whole, and an exact encoding of the other arguments
+  (:mod:`lightning_freeze.core.structure`); a call with an argument that has no exact encoding is
+  computed, not cached. Hashed on the CPU (the ``FeatureCache`` callback hashes batches before
+  they move to the device; on its own, inputs on an accelerator are copied to the host). Two
+  different inputs share a key with probability at most ``n**2 / 2**129`` for ``n`` cached samples
+  (non-adversarial data), and the module key must match as well.
 * **Module key**: BLAKE2b-128 over the fingerprint of every parameter and buffer (bits, dtype,
   shape), the type, ``extra_repr`` and train/eval mode of every submodule, the input's device
   type, the autocast state and dtype, the float32-matmul/TF32/cuDNN/deterministic flags and the
   torch version. Another checkpoint, a changed buffer, another mode or precision never hits.
-  The full fingerprint is recomputed whenever a cheap token (identity, data pointer, version
-  counter and ``requires_grad`` of every tensor, mode of every submodule, autocast state)
-  changes, so in-place updates and ``load_state_dict`` are seen at the next call. Writes through
-  ``tensor.data`` (which bypasses version counters) are only seen by :meth:`OutputCache.refresh`
-  (the Lightning callback refreshes at every epoch start).
+  With ``tensor_check="call"`` (default) every call compares cheap tokens (identity, data
+  pointer, version counter of every tensor, modes, autocast state), so in-place updates are seen
+  at the next call; with ``"refresh"`` (the Lightning callback) the tensors are hashed again only
+  after :meth:`OutputCache.refresh` or ``load_state_dict``. Writes through ``tensor.data`` (which
+  bypass version counters) are seen only after a refresh.
+* **Outputs**: a hit rebuilds the output with the structure and types of a miss (tuples, lists,
+  namedtuples, dicts, dataclasses, HF ``ModelOutput``); an output that cannot be rebuilt exactly
+  switches the cache off.
+* **Stores**: a failing disk store turns itself off with one warning (see
+  :class:`~lightning_freeze.core.cache_stores.DiskStore`); results never change.
 * **Exact**: an entry holds the bits the module produced for that sample. Batches whose samples
   all miss run the module on the batch as given, so a run in a fixed order computes every batch
   exactly as without the cache. With shuffling a sample may be served from another batch than
@@ -274,9 +282,10 @@ class OutputCache:
 
     Attach it (``attach()``, or ``with cache:``) and call the module as usual: the forward is
     replaced on the instance only, so ``state_dict``, hooks and the module's class are unchanged,
-    and :meth:`detach` restores the plain forward. A call is cached when its tensor arguments
-    share a batch dimension and its output is a tensor, or a tuple/list/dict of tensors, with that
-    batch dimension (e.g. a feature pyramid); any other call runs the module as usual
+    and :meth:`detach` restores the plain forward. A call is cached when one of its tensor
+    arguments has a batch dimension, every other argument has an exact encoding, and its output is
+    a tensor, or tensors in tuples/lists/namedtuples/dicts/dataclasses, with that batch dimension
+    first (e.g. a feature pyramid, a ``ModelOutput``); any other call runs the module as usual
     (``stats["bypassed"]``).
 
     Args:
@@ -294,6 +303,13 @@ class OutputCache:
             good and calls ``on_disable`` with the reason.
         on_disable: called once with a message when the cache switches itself off.
         name: the module's name in messages and parameter names (default: its class name).
+        tensor_check: ``"call"`` (default): every call compares the version counters of the
+            module's tensors (in-place updates are seen at the next call); ``"refresh"``: the
+            tensors are hashed again only after :meth:`refresh` and ``load_state_dict`` (the lean
+            per-call path the ``FeatureCache`` callback uses, refreshing at every Trainer call,
+            training epoch and validation run).
+        on_info: called once per message that explains a call not being cached (default: this
+            module's logger at INFO).
 
     Attributes:
         stats: ``hits``, ``misses`` (samples), ``bypassed`` (calls not cacheable), ``stored``,
