@@ -461,10 +461,9 @@ class OutputCache:
         and every training epoch.
         """
         self._refreshes += 1
-        self._stale = True
+        self._stale = True  # the next call hashes again (the last digest stays readable until then)
         self._token = None
         self._tensor_token = None
-        self._tensors = None
 
     def disable(self, reason: str) -> None:
         """Switch the cache off for good: calls run the plain module; ``on_disable(reason)`` once."""
