@@ -329,3 +329,19 @@ def test_load_state_dict_through_a_parent_is_seen_at_the_next_call() -> None:
             after = net(x)
         assert torch.equal(after, nn.Linear.forward(net, x)) and not torch.equal(before, after)
         assert cache.stats["hits"] == 0
+
+
+def test_a_crafted_structure_never_calls_a_loaded_callable_that_is_not_its_kind() -> None:
+    import subprocess  # noqa: F401  (loaded: a crafted name could reach it)
+
+    from lightning_freeze.core.structure import UnsupportedStructure, unflatten
+
+    crafted = [
+        ["dataclass", "subprocess:Popen", [["args", ["const", ["str", "true"]]]], None, None],
+        ["namedtuple", "subprocess:Popen", [["const", ["str", "true"]]]],
+        ["const", ["enum", "os:system", "x"]],
+        ["const", ["dtype", "load"]],
+    ]
+    for spec in crafted:
+        with pytest.raises(UnsupportedStructure):
+            unflatten([], spec)

@@ -59,14 +59,15 @@ def _type_name(cls: type) -> str:
     return name
 
 
-def _resolve(name: str) -> type:
+def _resolve(name: str, kind: str) -> type:
     """The class named ``module:qualname``: one seen by :func:`flatten` here, or an imported one.
 
     Never imports a module: a name from a file (the disk store) only resolves to a class the
-    process has already loaded.
+    process has already loaded, and only to one of the ``kind`` it is described as (a namedtuple,
+    a dataclass or an enum), so a crafted description cannot call any other loaded callable.
     """
     cls = _SEEN_TYPES.get(name)
-    if cls is not None:
+    if cls is not None and _is_kind(cls, kind):
         return cls
     module_name, _, qualname = name.partition(":")
     obj: Any = sys.modules.get(module_name)
@@ -74,7 +75,17 @@ def _resolve(name: str) -> type:
         obj = getattr(obj, part, None) if obj is not None and part != "<locals>" else None
     if not isinstance(obj, type):
         raise UnsupportedStructure(f"type {name} is not loaded in this process")
+    if not _is_kind(obj, kind):
+        raise UnsupportedStructure(f"type {name} is not a {kind}")
     return obj
+
+
+def _is_kind(cls: type, kind: str) -> bool:
+    if kind == "namedtuple":
+        return issubclass(cls, tuple) and hasattr(cls, "_fields")
+    if kind == "dataclass":
+        return dataclasses.is_dataclass(cls)
+    return kind == "enum" and issubclass(cls, enum.Enum)
 
 
 def _encode_constant(value: Any) -> list[Any]:
@@ -113,7 +124,7 @@ def _decode_constant(code: Sequence[Any]) -> Any:
     if kind == "bool":
         return bool(code[1])
     if kind == "enum":
-        return _resolve(code[1])[code[2]]
+        return _resolve(code[1], "enum")[code[2]]
     if kind == "int":
         return int(code[1])
     if kind == "float":
@@ -125,7 +136,10 @@ def _decode_constant(code: Sequence[Any]) -> Any:
     if kind == "bytes":
         return bytes.fromhex(code[1])
     if kind == "dtype":
-        return getattr(torch, code[1])
+        dtype = getattr(torch, code[1], None)
+        if not isinstance(dtype, torch.dtype):
+            raise UnsupportedStructure(f"{code[1]!r} is not a torch dtype")
+        return dtype
     if kind == "device":
         return torch.device(code[1])
     raise UnsupportedStructure(f"unknown constant kind {kind!r}")
@@ -184,12 +198,12 @@ def _build(spec: Structure, it: Iterator[torch.Tensor]) -> Any:
     if kind == "list":
         return [_build(s, it) for s in spec[1]]
     if kind == "namedtuple":
-        return _resolve(spec[1])(*[_build(s, it) for s in spec[2]])
+        return _resolve(spec[1], "namedtuple")(*[_build(s, it) for s in spec[2]])
     if kind in ("dict", "odict"):
         items = [(_decode_constant(k), _build(s, it)) for k, s in spec[1]]
         return dict(items) if kind == "dict" else OrderedDict(items)
     if kind == "dataclass":
-        cls = _resolve(spec[1])
+        cls = _resolve(spec[1], "dataclass")
         return cls(**{name: _build(s, it) for name, s in spec[2]})
     raise UnsupportedStructure(f"unknown structure kind {kind!r}")
 
