@@ -126,12 +126,14 @@ def instance_norm_no_batch_dim(module: nn.Module) -> int:
     return int(module._get_no_batch_dim())
 
 
-def tensor_version(tensor: torch.Tensor) -> int:
+def tensor_version(tensor: torch.Tensor) -> int | None:
     """The in-place write counter of ``tensor`` (bumped by ``copy_``, ``add_``, ``load_state_dict``...).
 
     Wraps ``Tensor._version`` (torch 2.6-2.14): no public counter. Writes through ``tensor.data``
-    do not bump it.
+    do not bump it. ``None`` for an inference tensor (made under ``torch.inference_mode``), which has none.
     """
+    if tensor.is_inference():
+        return None
     return int(tensor._version)
 
 

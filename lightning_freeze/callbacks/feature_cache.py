@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader
 from typing_extensions import override
 
-from lightning_freeze.callbacks.freeze_backbone import FreezeBackbone
+from lightning_freeze.core.cache_keys import RowDigestMemo
 from lightning_freeze.core.feature_cache import (
     MEMORY_DEVICES,
     STORES,
@@ -24,11 +24,11 @@ from lightning_freeze.core.feature_cache import (
     UncacheableModuleError,
     check_max_bytes,
     make_store,
-    sample_keys,
     uncacheable_reasons,
 )
 from lightning_freeze.core.norm import is_pinned
 from lightning_freeze.core.selection import resolve_modules
+from lightning_freeze.core.structure import tensor_leaves
 from lightning_freeze.core.validation import check_choice
 
 __all__ = ["FeatureCache"]
@@ -46,15 +46,21 @@ class FeatureCache(Callback):
     the output of each named module per sample; later epochs (and validation/test/predict) serve
     it from the store, so only what follows the module (the branches) runs.
 
-    **Exact.** An entry is keyed by the sample's input bits (BLAKE2b-128 of the raw bytes, dtype
-    and shape) *and* the module's key (BLAKE2b-128 over the bits of every parameter and buffer,
-    the mode of every submodule, device type, autocast state/dtype, matmul/cuDNN flags and the
-    torch version): another checkpoint, a changed buffer, another mode or precision never hits.
-    A served output is bitwise what the module produced for that sample; with a fixed batch
+    **Exact.** An entry is keyed by the sample's input bits (XXH3-128 over the exact bits, dtype and
+    shape of its row of every tensor argument; other arguments encoded exactly, or the call is not
+    cached) *and* the module's key (the bits of every parameter and buffer, the mode of every
+    submodule, device type, autocast state/dtype, matmul/cuDNN flags and the torch version): another
+    checkpoint, a changed buffer, another mode or precision never hits. The module's tensors are
+    hashed again at the start of every Trainer call, training epoch and validation run and after
+    ``load_state_dict`` (writes through ``tensor.data`` included), not at every batch. Batches are
+    keyed on the host before they move to the device, so a hit copies no input back to the host.
+    A served output is bitwise what the module produced for that sample, with the same structure
+    and types (tuples, namedtuples, dicts, dataclasses, HF ``ModelOutput``); with a fixed batch
     order (``shuffle=False``) a run ends with bitwise the same weights as without the cache.
     With shuffling a sample may be served from another batch composition than it would be computed
     in now, so results match an uncached run closely (batched kernels can differ in the last bit).
-    See :mod:`lightning_freeze.core.feature_cache` for the collision bound.
+    A disk store that fails (full disk, read-only folder, I/O error) turns itself off with one
+    warning and the fit goes on uncached. See ``docs/feature-cache.md`` for the collision bound.
 
     **Refuses what it cannot cache.** At fit start, a module with a parameter that requires grad,
     or with a norm/dropout layer that will run in train mode (``FreezeBackbone(norm="train")`` or
@@ -172,6 +178,7 @@ class FeatureCache(Callback):
         self._epoch_lookups: dict[str, int] = {}
         self._batch_start: dict[str, tuple[int, int]] = {}
         self._skip = _SkipPipeline(self) if skip_pipeline else None
+        self._memo = RowDigestMemo()
 
     @property
     @override
@@ -184,6 +191,8 @@ class FeatureCache(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._attach(pl_module)
+        self._refresh()  # every Trainer call (fit/validate/test/predict) sees every write before it
+        self._key_batches_on_host(pl_module)
         if stage == "fit":
             self.random_inputs = False
             self._first_epoch = None
@@ -215,11 +224,7 @@ class FeatureCache(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._first_epoch is None:
             self._first_epoch = trainer.current_epoch
-        verified = _verified_by_freeze_backbone(trainer)
-        for name, cache in self.caches.items():
-            if not any(name == v or name.startswith(v + ".") for v in verified):
-                # once per epoch, also see writes that bypass version counters (tensor.data)
-                cache.refresh()
+        self._refresh()  # every training epoch sees every write before it (also through tensor.data)
         self._epoch_hits = {name: 0 for name in self.caches}
         self._epoch_lookups = {name: 0 for name in self.caches}
         if self._skip is not None:
@@ -277,6 +282,10 @@ class FeatureCache(Callback):
         self._update_stats()
 
     @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._refresh()  # a validation run inside fit sees what the training epoch before it wrote
+
+    @override
     def on_validation_batch_start(
         self,
         trainer: pl.Trainer,
@@ -320,6 +329,7 @@ class FeatureCache(Callback):
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._refresh()  # training after a validation run inside an epoch sees what it changed
         self._update_stats()
 
     @override
@@ -333,6 +343,10 @@ class FeatureCache(Callback):
             self._skip.restore()
         for cache in self.caches.values():
             cache.detach()
+        transfer = pl_module.__dict__.get("transfer_batch_to_device")
+        if isinstance(transfer, _HostKeyedTransfer) and transfer.owner is self:
+            del pl_module.transfer_batch_to_device
+        self._memo.clear()
 
     @override
     def on_exception(
@@ -394,11 +408,36 @@ class FeatureCache(Callback):
                     on_uncacheable="disable",
                     on_disable=lambda reason: rank_zero_info(f"FeatureCache: {reason}."),
                     name=name,
+                    # tensors are hashed again at every Trainer call, training epoch and validation
+                    # run (and load_state_dict), not at every batch
+                    tensor_check="refresh",
+                    on_info=rank_zero_info,
                 )
+            cache.digests = self._memo
             # checked at fit start: FreezeBackbone may come later in the callback list
             self.caches[name] = cache if cache.attached else cache.attach(check=False)
         for cache in previous.values():
             cache.detach()
+
+    def _refresh(self) -> None:
+        for cache in self.caches.values():
+            cache.refresh()
+
+    def _key_batches_on_host(self, pl_module: pl.LightningModule) -> None:
+        """Hash every batch's tensors on the host, before Lightning moves them to the device.
+
+        Wraps ``pl_module.transfer_batch_to_device`` on the instance (restored at teardown): a
+        cached module called on a tensor of the moved batch, unchanged, finds its row digests
+        there, so inputs on an accelerator are never copied back to the host for their keys.
+        """
+        current = pl_module.__dict__.get("transfer_batch_to_device")
+        if isinstance(current, _HostKeyedTransfer):
+            if current.owner is self:
+                return
+            del pl_module.transfer_batch_to_device  # another FeatureCache's: ours takes over
+        pl_module.transfer_batch_to_device = _HostKeyedTransfer(  # type: ignore[method-assign]
+            self, self._memo, pl_module.transfer_batch_to_device
+        )
 
     def _lookup_on(self) -> None:
         for cache in self.caches.values():
@@ -448,26 +487,43 @@ class FeatureCache(Callback):
         }
 
 
+class _HostKeyedTransfer:
+    """``transfer_batch_to_device`` of a module with a :class:`FeatureCache`: hashes the host batch first.
+
+    Records the row digests of every CPU tensor of the batch, filed under the tensor that carries
+    the same values after the move; a copy or pickle of the module gets its plain method back.
+    """
+
+    def __init__(self, owner: FeatureCache, memo: RowDigestMemo, original: Any) -> None:
+        self.owner = owner
+        self.memo = memo
+        self.__wrapped__ = original  # Lightning's is_overridden() looks through it
+
+    def __call__(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        memo = self.memo
+        memo.clear()
+        host = tensor_leaves(batch)
+        moved = self.__wrapped__(batch, device, dataloader_idx)
+        if any(c.enabled and c.lookup for c in self.owner.caches.values()):
+            placed = tensor_leaves(moved)
+            if len(placed) == len(host):
+                for h, m in zip(host, placed, strict=True):
+                    if h.device.type == "cpu" and h.dim() > 0:
+                        memo.remember(h, m)
+        return moved
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        method = self.__wrapped__
+        return _plain_transfer, (method.__self__,)
+
+
+def _plain_transfer(module: pl.LightningModule) -> Any:
+    return type(module).transfer_batch_to_device.__get__(module)
+
+
 def _never_hits(cache: OutputCache, hits: int, lookups: int) -> bool:
     """No hit in ``lookups`` samples, although the cache was on and admitting entries."""
     return cache.enabled and hits == 0 and lookups > 0 and not cache.stats["full"]
-
-
-def _verified_by_freeze_backbone(trainer: pl.Trainer) -> list[str]:
-    """Modules whose tensors a FreezeBackbone(verify="raise") fingerprints at every epoch end.
-
-    Any change to them fails the run at that epoch's end, so re-hashing them at every epoch start
-    (to catch writes through ``tensor.data``) would only repeat that work.
-    """
-    names: list[str] = []
-    for callback in trainer.callbacks:
-        if (
-            isinstance(callback, FreezeBackbone)
-            and callback.verify == "raise"
-            and callback.frozen is not None
-        ):
-            names += callback._still_frozen_names()
-    return names
 
 
 def _reasons_during_training(module: nn.Module, name: str) -> list[str]:
@@ -675,7 +731,7 @@ class _SkipPipeline:
             self._ep_ok = False
             return
         state, keys, misses = cache.last_call
-        if len(keys) != x.shape[0] or sample_keys([x[:1]], b"|")[0] != keys[0]:
+        if len(keys) != x.shape[0] or cache.call_keys(x[:1]) != keys[:1]:
             return self._turn_off(f"{self.name} is not called on the batch input x of batch = (x, y)")
         recorder = self._recorder[1] if self._recorder else None
         indices = recorder.indices[self._ep_count : self._ep_count + len(keys)] if recorder else []

@@ -17,6 +17,7 @@ __all__ = [
     "is_sharded",
     "is_sparse",
     "quantization_equal",
+    "raw_bytes",
     "tensor_bits",
     "tensors_bitwise_equal",
     "ulp_distance",
@@ -51,6 +52,15 @@ def dense_cpu(tensor: torch.Tensor) -> torch.Tensor:
     if not data.is_cpu:
         data = data.cpu()
     return data
+
+
+def raw_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's elements as a flat byte view (row-major; no copy for a contiguous CPU tensor).
+
+    The bytes of :func:`dense_cpu`: complex tensors give (real, imag) pairs, lazy views are resolved,
+    tensors elsewhere are copied to the host.
+    """
+    return memoryview(dense_cpu(tensor).reshape(-1).view(torch.uint8).numpy())
 
 
 def is_sharded(tensor: object) -> bool:

@@ -8,11 +8,8 @@ zip entry (``torch.load`` alone loads flipped bits silently), and memory-maps th
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import stat
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +18,7 @@ from typing import Any
 import torch
 
 from lightning_freeze.core.errors import CheckpointError, CheckpointMismatchError
+from lightning_freeze.core.files import write_atomic
 from lightning_freeze.core.keys import EMA_STATE_PREFIX
 
 __all__ = [
@@ -234,34 +232,7 @@ def save_checkpoint_atomic(checkpoint: Mapping[str, Any], path: str | os.PathLik
 
     A crash or an error while writing leaves no partial file at ``path`` (and removes the
     temporary file). The file gets the mode a plain ``open(path, "wb")`` would give it: the mode
-    of the file it replaces, else ``0o666`` minus the umask.
+    of the file it replaces, else ``0o666`` minus the umask
+    (:func:`~lightning_freeze.core.files.write_atomic`).
     """
-    target = Path(path)
-    directory = target.parent if str(target.parent) else Path(".")
-    try:  # an overwritten file keeps its mode, as with open(path, "wb")
-        mode = stat.S_IMODE(target.stat().st_mode)
-    except OSError:
-        mode = 0o666 & ~_current_umask()
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
-    try:
-        os.chmod(tmp, mode)  # mkstemp creates 0600; a plain file create respects the umask
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(dict(checkpoint), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _current_umask() -> int:
-    """The process umask, read without changing it where the OS allows (Linux ``/proc``)."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    mask = os.umask(0o022)  # elsewhere: the classic set-and-restore
-    os.umask(mask)
-    return mask
+    write_atomic(path, lambda handle: torch.save(dict(checkpoint), handle))

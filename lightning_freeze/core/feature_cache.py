@@ -4,20 +4,28 @@ A frozen backbone computes the same features for the same sample every epoch. :c
 attaches to such a module (no trainer needed) and serves its output from a store instead of
 recomputing it, **exactly**:
 
-* **Sample key**: BLAKE2b-128 of each sample's raw input bytes plus its dtype and shape (the
-  sample is row ``i`` of every tensor argument of the forward call; other arguments go into the
-  call key). Hashed on the CPU; inputs on an accelerator are copied to the host for hashing.
-  Two different inputs share a key with probability at most ``n**2 / 2**129`` for ``n`` cached
-  samples (about ``1.5e-21`` for a billion samples), and the module key must match as well.
+* **Sample key**: XXH3-128 over each sample's row of every tensor argument (exact bits, dtype,
+  per-sample shape; :func:`~lightning_freeze.core.cache_keys.sample_keys`), any tensor argument
+  without the batch dimension whole, and an exact encoding of the other arguments
+  (:mod:`lightning_freeze.core.structure`); a call with an argument that has no exact encoding is
+  computed, not cached. Hashed on the CPU (the ``FeatureCache`` callback hashes batches before
+  they move to the device; on its own, inputs on an accelerator are copied to the host). Two
+  different inputs share a key with probability at most ``n**2 / 2**129`` for ``n`` cached samples
+  (non-adversarial data), and the module key must match as well.
 * **Module key**: BLAKE2b-128 over the fingerprint of every parameter and buffer (bits, dtype,
   shape), the type, ``extra_repr`` and train/eval mode of every submodule, the input's device
   type, the autocast state and dtype, the float32-matmul/TF32/cuDNN/deterministic flags and the
   torch version. Another checkpoint, a changed buffer, another mode or precision never hits.
-  The full fingerprint is recomputed whenever a cheap token (identity, data pointer, version
-  counter and ``requires_grad`` of every tensor, mode of every submodule, autocast state)
-  changes, so in-place updates and ``load_state_dict`` are seen at the next call. Writes through
-  ``tensor.data`` (which bypasses version counters) are only seen by :meth:`OutputCache.refresh`
-  (the Lightning callback refreshes at every epoch start).
+  With ``tensor_check="call"`` (default) every call compares cheap tokens (identity, data
+  pointer, version counter of every tensor, modes, autocast state), so in-place updates are seen
+  at the next call; with ``"refresh"`` (the Lightning callback) the tensors are hashed again only
+  after :meth:`OutputCache.refresh` or ``load_state_dict``. Writes through ``tensor.data`` (which
+  bypass version counters) are seen only after a refresh.
+* **Outputs**: a hit rebuilds the output with the structure and types of a miss (tuples, lists,
+  namedtuples, dicts, dataclasses, HF ``ModelOutput``); an output that cannot be rebuilt exactly
+  switches the cache off.
+* **Stores**: a failing disk store turns itself off with one warning (see
+  :class:`~lightning_freeze.core.cache_stores.DiskStore`); results never change.
 * **Exact**: an entry holds the bits the module produced for that sample. Batches whose samples
   all miss run the module on the batch as given, so a run in a fixed order computes every batch
   exactly as without the cache. With shuffling a sample may be served from another batch than
@@ -45,26 +53,53 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import hashlib
 import json
+import logging
 import os
-import struct
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from lightning_freeze import _compat
-from lightning_freeze.core.fingerprint import fingerprint
+from lightning_freeze._compat import tensor_version
+from lightning_freeze.core.cache_keys import (
+    KEY_BYTES,
+    RowDigestMemo,
+    combine_row_digests,
+    context_flags,
+    module_modes,
+    module_state_key,
+    row_digests,
+    sample_keys,
+    tensor_digest,
+    tensor_key,
+)
+from lightning_freeze.core.cache_stores import (
+    MEMORY_DEVICES,
+    STORES,
+    DiskStore,
+    Entry,
+    MemoryStore,
+    check_max_bytes,
+    check_writable_directory,
+    entry_bytes,
+    make_store,
+)
 from lightning_freeze.core.norm import find_dropout_layers, find_running_stat_norms
-from lightning_freeze.core.validation import check_choice, check_int, choices_of
+from lightning_freeze.core.structure import (
+    Structure,
+    UnsupportedStructure,
+    flatten,
+    flatten_exact,
+    unflatten,
+)
+from lightning_freeze.core.validation import check_choice
 
 __all__ = [
+    "KEY_BYTES",
     "MEMORY_DEVICES",
     "STORES",
     "DiskStore",
@@ -72,167 +107,21 @@ __all__ = [
     "OutputCache",
     "UncacheableModuleError",
     "bypass_output_caches",
+    "check_max_bytes",
+    "check_writable_directory",
+    "make_store",
     "module_state_key",
     "sample_keys",
     "tensor_digest",
     "uncacheable_reasons",
 ]
 
-StoreKind = Literal["memory", "disk"]
-MemoryDevice = Literal["cpu", "output"]
-STORES: tuple[str, ...] = choices_of(StoreKind)
-MEMORY_DEVICES: tuple[str, ...] = choices_of(MemoryDevice)
-KEY_BYTES = 16  # BLAKE2b-128
-_FORMAT = b"lightning_freeze.feature_cache.v1"
-_MAGIC = b"LFFCACHE1\n"
-# magic | module key | sample key | header length | payload length | checksum of header+payload
-_PREAMBLE = struct.Struct(f"<{len(_MAGIC)}s{KEY_BYTES}s{KEY_BYTES}sIQ{KEY_BYTES}s")
-_FILE_SUFFIX = ".feat"
+_log = logging.getLogger(__name__)
 _STOCHASTIC_LAYER_NAMES = frozenset({"DropPath", "StochasticDepth", "DropBlock2d", "DropBlock3d"})
-
-Structure = Any  # JSON-able description of an output: "T", ["tuple", [...]], ["list", [...]], ["dict", {...}]
 
 
 class UncacheableModuleError(ValueError):
     """A module whose output is not a pure function of its input: it must not be cached."""
-
-
-# ---------------------------------------------------------------------------------------------
-# keys
-# ---------------------------------------------------------------------------------------------
-def _host_bytes(tensor: torch.Tensor) -> memoryview:
-    data = tensor.detach()
-    if data.is_complex():
-        data = torch.view_as_real(data)
-    if data.device.type != "cpu":
-        data = data.cpu()
-    data = data.contiguous()
-    return memoryview(data.reshape(-1).view(torch.uint8).numpy())
-
-
-def sample_keys(tensors: Sequence[torch.Tensor], context: bytes = b"") -> list[bytes]:
-    """One 16-byte key per sample (row along dim 0) of ``tensors``.
-
-    The key is BLAKE2b-128 over ``context`` and, for every tensor, its dtype, its per-sample shape
-    and the raw bytes of row ``i`` (bits, not values: ``-0.0`` and ``0.0`` differ).
-
-    Args:
-        tensors: tensors with the same size along dim 0 (the batch).
-        context: bytes mixed into every key (e.g. the non-tensor arguments of the call).
-
-    Returns:
-        ``len(tensors[0])`` keys.
-
-    Raises:
-        ValueError: no tensor, a 0-dim tensor, or tensors with different batch sizes.
-
-    Example::
-
-        >>> x = torch.zeros(2, 3)
-        >>> a, b = sample_keys([x])
-        >>> a == b, a == sample_keys([torch.zeros(1, 3, dtype=torch.float64)])[0]
-        (True, False)
-    """
-    if not tensors or any(t.dim() == 0 for t in tensors):
-        raise ValueError("sample_keys needs tensors with a batch dimension (dim 0).")
-    batch = tensors[0].shape[0]
-    if any(t.shape[0] != batch for t in tensors):
-        raise ValueError(f"Tensors with different batch sizes: {[t.shape[0] for t in tensors]}.")
-    prefix = hashlib.blake2b(context, digest_size=KEY_BYTES)
-    views = []
-    for t in tensors:
-        prefix.update(f"{t.dtype}|{tuple(t.shape[1:])}|".encode())
-        raw = _host_bytes(t)
-        views.append((raw, len(raw) // batch if batch else 0))
-
-    def key(i: int) -> bytes:
-        h = prefix.copy()
-        for raw, row in views:
-            h.update(raw[i * row : (i + 1) * row])
-        return h.digest()
-
-    workers = min(torch.get_num_threads(), batch)
-    if workers > 1 and sum(len(raw) for raw, _ in views) >= _PARALLEL_HASH_BYTES:
-        # hashlib releases the GIL on large buffers: hash the samples on torch's intra-op threads
-        return list(_hash_pool(workers).map(key, range(batch)))
-    return [key(i) for i in range(batch)]
-
-
-_PARALLEL_HASH_BYTES = 1 << 20
-_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
-
-
-def _hash_pool(workers: int) -> ThreadPoolExecutor:
-    # keyed by process id too: a forked child (DataLoader worker, multiprocessing) has no threads
-    key = (os.getpid(), workers)
-    if key not in _POOLS:
-        _POOLS[key] = ThreadPoolExecutor(workers, thread_name_prefix="lightning_freeze_hash")
-    return _POOLS[key]
-
-
-def _modes(module: nn.Module) -> tuple[bool, ...]:
-    return tuple(m.training for m in module.modules())
-
-
-def _context_flags(device_type: str) -> tuple[Any, ...]:
-    """Global settings that change a module's output bits on ``device_type``."""
-    try:
-        autocast = (torch.is_autocast_enabled(device_type), str(torch.get_autocast_dtype(device_type)))
-    except (RuntimeError, TypeError):  # a device type without autocast support
-        autocast = (False, "")
-    return (
-        device_type,
-        autocast,
-        torch.get_float32_matmul_precision(),
-        torch.backends.cuda.matmul.allow_tf32,
-        torch.backends.cudnn.allow_tf32,
-        torch.backends.cudnn.deterministic,
-        torch.are_deterministic_algorithms_enabled(),
-        torch.__version__,
-    )
-
-
-def tensor_digest(module: nn.Module) -> bytes:
-    """BLAKE2b-128 over the fingerprint (bits, dtype, shape) of every parameter and buffer of ``module``.
-
-    Non-persistent buffers count too (they change the output as much as the others).
-    """
-    h = hashlib.blake2b(_FORMAT, digest_size=KEY_BYTES)
-    tensors = dict(module.named_parameters(remove_duplicate=False))
-    tensors.update(module.named_buffers(remove_duplicate=False))
-    for key, fp in fingerprint(tensors).items():
-        h.update(f"{key}|{fp.digest}|{fp.dtype}|{fp.shape}\n".encode())
-    return h.digest()
-
-
-def module_state_key(module: nn.Module, device_type: str = "cpu", tensors: bytes | None = None) -> bytes:
-    """16-byte key of everything about ``module`` that determines its output bits.
-
-    Covers every parameter and buffer (bits, dtype, shape: :func:`tensor_digest`), the type,
-    ``extra_repr`` and mode of every submodule, and the global state that changes results on
-    ``device_type`` (autocast enabled/dtype, float32 matmul precision, TF32 and cuDNN flags,
-    deterministic algorithms, the torch version).
-
-    Args:
-        module: the module.
-        device_type: where it computes (``"cpu"``, ``"cuda"``, ...).
-        tensors: a :func:`tensor_digest` of ``module`` computed earlier (saves hashing the weights).
-
-    Example::
-
-        >>> net = nn.Linear(2, 2)
-        >>> before = module_state_key(net)
-        >>> with torch.no_grad():
-        ...     _ = net.bias.add_(1)
-        >>> before == module_state_key(net), before == module_state_key(net.eval())
-        (False, False)
-    """
-    h = hashlib.blake2b(tensors if tensors is not None else tensor_digest(module), digest_size=KEY_BYTES)
-    for name, sub in module.named_modules():
-        cls = type(sub)
-        h.update(f"{name}|{cls.__module__}.{cls.__qualname__}|{sub.extra_repr()}|{sub.training}\n".encode())
-    h.update(repr(_context_flags(device_type)).encode())
-    return h.digest()
 
 
 def uncacheable_reasons(module: nn.Module, prefix: str = "", check_grad: bool = True) -> list[str]:
@@ -283,273 +172,42 @@ def uncacheable_reasons(module: nn.Module, prefix: str = "", check_grad: bool = 
     return reasons
 
 
-# ---------------------------------------------------------------------------------------------
-# output structures
-# ---------------------------------------------------------------------------------------------
-def _flatten(output: Any) -> tuple[list[torch.Tensor], Structure] | None:
-    """Leaves and structure of a tensor / tuple / list / dict-of-str output; None if unsupported."""
-    if isinstance(output, torch.Tensor):
-        return [output], "T"
-    if isinstance(output, (tuple, list)) and type(output) in (tuple, list):
-        leaves: list[torch.Tensor] = []
-        specs = []
-        for item in output:
-            flat = _flatten(item)
-            if flat is None:
-                return None
-            leaves += flat[0]
-            specs.append(flat[1])
-        return leaves, [type(output).__name__, specs]
-    if isinstance(output, Mapping) and all(isinstance(k, str) for k in output):
-        leaves, specs = [], {}
-        for key, item in output.items():
-            flat = _flatten(item)
-            if flat is None:
-                return None
-            leaves += flat[0]
-            specs[key] = flat[1]
-        return leaves, ["dict", specs]
-    return None
+def _mode_sensitive_layers(module: nn.Module) -> list[nn.Module]:
+    """The submodules whose train/eval mode changes what they compute (see :func:`uncacheable_reasons`).
+
+    ``module`` itself first; then running-statistics norm layers, dropout, ``DropPath``-like layers
+    and ``nn.MultiheadAttention``.
+    """
+    sensitive = {id(m) for m in find_running_stat_norms(module).values()}
+    sensitive |= {id(m) for m in find_dropout_layers(module).values()}
+    return [module] + [
+        m
+        for m in module.modules()
+        if m is not module
+        and (
+            id(m) in sensitive
+            or isinstance(m, nn.MultiheadAttention)
+            or type(m).__name__ in _STOCHASTIC_LAYER_NAMES
+        )
+    ]
 
 
-def _stack_entries(entries: Sequence[tuple[Structure, list[torch.Tensor]]], device: torch.device) -> Any:
-    """The batched output of per-sample entries (same structure), on ``device``."""
+def _same_structure(entries: Sequence[Entry | None]) -> bool:
+    """Whether the stored entries of a batch share one structure (one output of one call)."""
+    specs = [e[0] for e in entries if e is not None]
+    return all(spec is specs[0] or spec == specs[0] for spec in specs)
+
+
+def _stack_entries(entries: Sequence[Entry], device: torch.device) -> Any | None:
+    """The batched output of per-sample entries (same structure), on ``device``.
+
+    ``None`` when the structure names a class that is not loaded in this process.
+    """
     leaves = [torch.stack([e[1][j] for e in entries]).to(device) for j in range(len(entries[0][1]))]
-    return _unflatten(leaves, entries[0][0])
-
-
-def _unflatten(leaves: Iterable[torch.Tensor], structure: Structure) -> Any:
-    it = iter(leaves)
-
-    def build(spec: Structure) -> Any:
-        if spec == "T":
-            return next(it)
-        kind, items = spec
-        if kind == "dict":
-            return {k: build(s) for k, s in items.items()}
-        built = [build(s) for s in items]
-        return tuple(built) if kind == "tuple" else built
-
-    return build(structure)
-
-
-# ---------------------------------------------------------------------------------------------
-# stores
-# ---------------------------------------------------------------------------------------------
-Entry = tuple[Structure, list[torch.Tensor]]
-
-
-def _entry_bytes(leaves: Sequence[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in leaves)
-
-
-class MemoryStore:
-    """Entries in a dict, on the CPU (``device="cpu"``) or where the module produced them (``"output"``).
-
-    Attributes:
-        bytes: tensor bytes held (the dict itself adds about 200 bytes per entry).
-    """
-
-    kind = "memory"
-
-    def __init__(self, device: str = "cpu") -> None:
-        self.device = check_choice("device", device, MEMORY_DEVICES)
-        self._entries: dict[bytes, dict[bytes, Entry]] = {}
-        self.bytes = 0
-
-    def __len__(self) -> int:
-        return sum(len(v) for v in self._entries.values())
-
-    def get(self, state: bytes, key: bytes) -> Entry | None:
-        """The entry stored under ``(state, key)``, or ``None``."""
-        return self._entries.get(state, {}).get(key)
-
-    def put(self, state: bytes, key: bytes, structure: Structure, leaves: list[torch.Tensor]) -> int:
-        """Store an entry (the leaves are kept as given); returns the bytes added (0 if present)."""
-        bucket = self._entries.setdefault(state, {})
-        if key in bucket:
-            return 0
-        bucket[key] = (structure, leaves)
-        size = _entry_bytes(leaves)
-        self.bytes += size
-        return size
-
-    def held_bytes(self, state: bytes) -> int:
-        """Bytes held for ``state`` (the budget counts all states)."""
-        return self.bytes
-
-    def clear(self) -> None:
-        """Drop every entry."""
-        self._entries.clear()
-        self.bytes = 0
-
-
-class DiskStore:
-    """One file per sample under ``directory/<module key>/<2 hex>/<sample key>.feat``.
-
-    Safe to share between later runs and concurrent processes: a file is written to a temporary
-    name in the same folder and moved into place with ``os.replace`` (atomic), so a reader sees a
-    complete file or none. Every file starts with a magic string, the module key, the sample key,
-    the lengths and a BLAKE2b checksum of its content; a truncated, corrupt or foreign file is
-    never served: it counts as a miss, is deleted and rewritten by the next store.
-
-    Args:
-        directory: cache folder (created if missing; must be writable).
-    """
-
-    kind = "disk"
-
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
-        self.directory = Path(directory).expanduser()
-        check_writable_directory(self.directory)
-        self.corrupt = 0
-        self._held: dict[bytes, int] = {}
-
-    def _path(self, state: bytes, key: bytes) -> Path:
-        hexkey = key.hex()
-        return self.directory / state.hex() / hexkey[:2] / (hexkey[2:] + _FILE_SUFFIX)
-
-    def held_bytes(self, state: bytes) -> int:
-        """Bytes of the files stored for ``state`` (scanned once, then counted as written)."""
-        if state not in self._held:
-            total = 0
-            root = self.directory / state.hex()
-            if root.is_dir():
-                for sub in os.scandir(root):
-                    if sub.is_dir():
-                        total += sum(
-                            f.stat().st_size for f in os.scandir(sub.path) if f.name.endswith(_FILE_SUFFIX)
-                        )
-            self._held[state] = total
-        return self._held[state]
-
-    @property
-    def bytes(self) -> int:
-        """Bytes of the files of every module state this store has used."""
-        return sum(self._held.values())
-
-    def get(self, state: bytes, key: bytes) -> Entry | None:
-        """Read and verify the file of ``(state, key)``; ``None`` if absent or invalid."""
-        path = self._path(state, key)
-        try:
-            with open(path, "rb") as fh:
-                data = fh.read()
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        entry = _decode(data, state, key)
-        if entry is None:
-            self.corrupt += 1
-            try:
-                os.remove(path)
-            except OSError:
-                pass
-        return entry
-
-    def put(self, state: bytes, key: bytes, structure: Structure, leaves: list[torch.Tensor]) -> int:
-        """Write the entry atomically; returns the file size (0 if a valid file already exists)."""
-        path = self._path(state, key)
-        if path.exists():
-            return 0
-        held = self.held_bytes(state)
-        data = _encode(state, key, structure, leaves)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=_FILE_SUFFIX + ".part")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
-            raise
-        self._held[state] = held + len(data)
-        return len(data)
-
-
-def _encode(state: bytes, key: bytes, structure: Structure, leaves: Sequence[torch.Tensor]) -> bytes:
-    raws = [bytes(_host_bytes(t)) for t in leaves]
-    header = json.dumps(
-        {"structure": structure, "leaves": [[str(t.dtype), list(t.shape)] for t in leaves]},
-        separators=(",", ":"),
-    ).encode()
-    payload = b"".join(raws)
-    checksum = hashlib.blake2b(header + payload, digest_size=KEY_BYTES).digest()
-    return _PREAMBLE.pack(_MAGIC, state, key, len(header), len(payload), checksum) + header + payload
-
-
-def _decode(data: bytes, state: bytes, key: bytes) -> Entry | None:
-    if len(data) < _PREAMBLE.size:
-        return None
-    magic, file_state, file_key, header_len, payload_len, checksum = _PREAMBLE.unpack_from(data)
-    body = data[_PREAMBLE.size :]
-    if (
-        magic != _MAGIC
-        or file_state != state
-        or file_key != key
-        or len(body) != header_len + payload_len
-        or hashlib.blake2b(body, digest_size=KEY_BYTES).digest() != checksum
-    ):
-        return None
     try:
-        header = json.loads(body[:header_len])
-        leaves = []
-        offset = _PREAMBLE.size + header_len
-        buffer = bytearray(data)  # torch.frombuffer needs a writable buffer
-        for dtype_name, shape in header["leaves"]:
-            leaf = torch.empty(shape, dtype=getattr(torch, dtype_name.removeprefix("torch.")))
-            size = leaf.numel() * leaf.element_size()
-            if size:  # copied byte-wise into a fresh, aligned tensor
-                raw = torch.frombuffer(buffer, dtype=torch.uint8, count=size, offset=offset)
-                leaf.reshape(-1).view(torch.uint8).copy_(raw)
-            leaves.append(leaf)
-            offset += size
-        if offset != len(data):
-            return None
-        return header["structure"], leaves
-    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError):
+        return unflatten(leaves, entries[0][0])
+    except UnsupportedStructure:
         return None
-
-
-def check_writable_directory(directory: Path) -> None:
-    """Create ``directory`` if needed and check that files can be written there.
-
-    Raises:
-        ValueError: naming the directory and the OS error.
-    """
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=directory, prefix=".probe-")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as err:
-        raise ValueError(
-            f"Invalid directory={str(directory)!r} for store='disk': cannot write there ({err}); "
-            "valid choices: a writable folder (created if missing)."
-        ) from err
-
-
-def check_max_bytes(max_bytes: Any) -> int | None:
-    """Validate a byte budget: ``None`` (no limit) or an integer > 0."""
-    return check_int(
-        "max_bytes", max_bytes, minimum=1, allow_none=True, valid="None (no limit) or an integer > 0"
-    )
-
-
-def make_store(
-    store: str, directory: str | os.PathLike[str] | None, device: str = "cpu"
-) -> MemoryStore | DiskStore:
-    """Build the store named by ``store`` (``"memory"`` or ``"disk"``), validating its arguments."""
-    check_choice("store", store, STORES)
-    if store == "disk":
-        if directory is None:
-            raise ValueError(
-                "store='disk' needs directory=<a writable folder> (shared by later runs and parallel jobs); "
-                "got directory=None."
-            )
-        return DiskStore(directory)
-    return MemoryStore(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -594,14 +252,40 @@ def _plain_forward(module: nn.Module) -> Callable[..., Any]:
     return type(module).forward.__get__(module)
 
 
+class _RefreshOnLoad:
+    """The load_state_dict post-hook of an attached module: the next call hashes its tensors again.
+
+    A pickled or deep-copied module gets a hook that does nothing (the copy is not cached).
+    """
+
+    def __init__(self, cache: OutputCache) -> None:
+        self.cache = weakref.ref(cache)
+
+    def __call__(self, module: nn.Module, incompatible_keys: Any) -> None:
+        cache = self.cache()
+        if cache is not None:
+            cache.refresh()
+
+    def __reduce__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        return _IgnoreLoad, ()
+
+
+class _IgnoreLoad:
+    """What a copy of a module keeps of :class:`_RefreshOnLoad`: nothing to refresh."""
+
+    def __call__(self, module: nn.Module, incompatible_keys: Any) -> None:
+        return None
+
+
 class OutputCache:
     """Serve a frozen module's output from a store; compute it only for samples not seen before.
 
     Attach it (``attach()``, or ``with cache:``) and call the module as usual: the forward is
     replaced on the instance only, so ``state_dict``, hooks and the module's class are unchanged,
-    and :meth:`detach` restores the plain forward. A call is cached when its tensor arguments
-    share a batch dimension and its output is a tensor, or a tuple/list/dict of tensors, with that
-    batch dimension (e.g. a feature pyramid); any other call runs the module as usual
+    and :meth:`detach` restores the plain forward. A call is cached when one of its tensor
+    arguments has a batch dimension, every other argument has an exact encoding, and its output is
+    a tensor, or tensors in tuples/lists/namedtuples/dicts/dataclasses, with that batch dimension
+    first (e.g. a feature pyramid, a ``ModelOutput``); any other call runs the module as usual
     (``stats["bypassed"]``).
 
     Args:
@@ -619,6 +303,13 @@ class OutputCache:
             good and calls ``on_disable`` with the reason.
         on_disable: called once with a message when the cache switches itself off.
         name: the module's name in messages and parameter names (default: its class name).
+        tensor_check: ``"call"`` (default): every call compares the version counters of the
+            module's tensors (in-place updates are seen at the next call); ``"refresh"``: the
+            tensors are hashed again only after :meth:`refresh` and ``load_state_dict`` (the lean
+            per-call path the ``FeatureCache`` callback uses, refreshing at every Trainer call,
+            training epoch and validation run).
+        on_info: called once per message that explains a call not being cached (default: this
+            module's logger at INFO).
 
     Attributes:
         stats: ``hits``, ``misses`` (samples), ``bypassed`` (calls not cacheable), ``stored``,
@@ -644,6 +335,8 @@ class OutputCache:
         on_uncacheable: Literal["raise", "disable"] = "raise",
         on_disable: Callable[[str], None] | None = None,
         name: str | None = None,
+        tensor_check: Literal["call", "refresh"] = "call",
+        on_info: Callable[[str], None] | None = None,
     ) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(f"OutputCache caches an nn.Module, got {type(module).__name__}.")
@@ -654,6 +347,8 @@ class OutputCache:
         )
         self.on_uncacheable = check_choice("on_uncacheable", on_uncacheable, ("raise", "disable"))
         self.on_disable = on_disable
+        self.tensor_check = check_choice("tensor_check", tensor_check, ("call", "refresh"))
+        self.on_info = on_info
         self.name = name or type(module).__name__
         self._prefix = name or ""
         self.enabled = True
@@ -666,6 +361,13 @@ class OutputCache:
         self.last_call: tuple[bytes, list[bytes], int] | None = None
         # when set, every call of the attached forward goes to it instead (see FeatureCache skip_pipeline)
         self.redirect: Callable[..., Any] | None = None
+        # row digests of batch tensors computed where the batch was born (FeatureCache: on the host)
+        self.digests: RowDigestMemo | None = None
+        self._said: set[str] = set()
+        self._refreshes = 0
+        self._stale = True
+        self._watched: list[nn.Module] = []
+        self._load_hook: Any = None
         self._token: tuple[Any, ...] | None = None
         self._tensor_token: tuple[Any, ...] | None = None
         self._tensors: bytes | None = None
@@ -717,12 +419,18 @@ class OutputCache:
         if check:
             self.check()
         self.module.forward = _CachedForward(self)  # type: ignore[method-assign]
+        if self._load_hook is None:  # load_state_dict (also through a parent) is seen at the next call
+            self._load_hook = self.module.register_load_state_dict_post_hook(_RefreshOnLoad(self))
+        self.refresh()
         return self
 
     def detach(self) -> None:
         """Restore the module's own forward (the store keeps its entries)."""
         if self.attached:
             del self.module.forward
+        if self._load_hook is not None:
+            self._load_hook.remove()
+            self._load_hook = None
 
     def __enter__(self) -> OutputCache:
         return self.attach()
@@ -746,7 +454,14 @@ class OutputCache:
             )
 
     def refresh(self) -> None:
-        """Recompute the module key at the next call (sees even writes through ``tensor.data``)."""
+        """Hash the module's tensors again at the next call (sees even writes through ``tensor.data``).
+
+        Called by :meth:`attach`, after every ``load_state_dict`` of the module (or of a module
+        that contains it), and by the ``FeatureCache`` callback at the start of every Trainer call
+        and every training epoch.
+        """
+        self._refreshes += 1
+        self._stale = True  # the next call hashes again (the last digest stays readable until then)
         self._token = None
         self._tensor_token = None
 
@@ -758,6 +473,14 @@ class OutputCache:
             if self.on_disable is not None:
                 self.on_disable(reason)
 
+    def call_keys(self, *args: Any, **kwargs: Any) -> list[bytes] | None:
+        """The sample keys a call ``module(*args, **kwargs)`` is looked up under (``None``: not cached).
+
+        Computes nothing and touches no store.
+        """
+        call = self._call_keys(args, kwargs)
+        return None if call is None else call[3]
+
     @property
     def state_key(self) -> bytes | None:
         """Module key of the latest cached call (``None`` before the first)."""
@@ -768,10 +491,24 @@ class OutputCache:
         return type(self.module).forward(self.module, *args, **kwargs)
 
     def current_tensor_digest(self) -> bytes:
-        """:func:`tensor_digest` of the module; hashed again only when a tensor changed or after refresh()."""
+        """:func:`tensor_digest` of the module; hashed again only after a change it can see.
+
+        With ``tensor_check="call"`` a change is any tensor whose identity, data pointer, version
+        counter, dtype or device changed; with ``"refresh"`` only :meth:`refresh` (and
+        ``load_state_dict``) make it hash again, and a digest asked for after a refresh but before
+        the next call does not stand in for that call's (the call hashes again).
+        """
+        if self.tensor_check == "refresh" and self._stale:
+            return tensor_digest(self.module)
+        return self._tensor_digest(self._tensor_state())
+
+    def _tensor_state(self) -> tuple[Any, ...]:
+        if self.tensor_check == "refresh":
+            return (self._refreshes,)
         tensors = [*self.module.parameters(), *self.module.buffers()]
-        return self._tensor_digest(
-            tuple((id(t), t.data_ptr(), _compat.tensor_version(t), t.dtype, t.device) for t in tensors)
+        return (
+            self._refreshes,
+            tuple((id(t), t.data_ptr(), tensor_version(t), t.dtype, t.device) for t in tensors),
         )
 
     def _tensor_digest(self, tensor_token: tuple[Any, ...]) -> bytes:
@@ -780,21 +517,37 @@ class OutputCache:
             self._tensor_token = tensor_token
         return self._tensors
 
-    def _current_state(self, device_type: str) -> bytes | None:
-        module = self.module
-        tensors = [*module.parameters(), *module.buffers()]
-        tensor_token = tuple(
-            (id(t), t.data_ptr(), _compat.tensor_version(t), t.dtype, t.device) for t in tensors
-        )
-        grad = torch.is_grad_enabled()
-        token = (
-            tensor_token,
-            tuple(t.requires_grad for t in tensors),
+    def _call_token(self, device_type: str, grad: bool) -> tuple[Any, ...]:
+        """What is read at every call to decide whether the module key must be derived again."""
+        if self.tensor_check == "refresh":
+            # lean: the tensors, requires_grad and the modes of layers whose mode cannot change
+            # the output are read again only after refresh(); the grad mode, precision flags and
+            # the modes of mode-sensitive layers at every call
+            return (
+                self._refreshes,
+                grad,
+                tuple(m.training for m in self._watched),
+                context_flags(device_type),
+            )
+        return (
+            self._tensor_state(),
+            grad and any(p.requires_grad for p in self.module.parameters()),
             grad,
-            _modes(module),
-            _context_flags(device_type),
+            module_modes(self.module),
+            context_flags(device_type),
         )
-        if token != self._token:
+
+    def _current_state(self, device_type: str) -> bytes | None:
+        """The module key now, or ``None`` when the module is no longer cacheable (cache disabled).
+
+        The key is derived again only when :meth:`_call_token` changed (or after :meth:`refresh`).
+        """
+        module = self.module
+        grad = torch.is_grad_enabled()
+        if self._stale:
+            self._watched = _mode_sensitive_layers(module)
+        token = self._call_token(device_type, grad)
+        if self._stale or token != self._token:
             reasons = uncacheable_reasons(module, prefix=self._prefix, check_grad=grad)
             if reasons:
                 message = f"{self.name} is no longer cacheable: " + "; ".join(reasons)
@@ -802,12 +555,60 @@ class OutputCache:
                     raise UncacheableModuleError(message)
                 self.disable(message + "; the cache is off from now on")
                 return None
-            self._tensor_digest(tensor_token)
+            if self._stale:
+                self._tensors = None
+            self._tensor_digest(token[0] if self.tensor_check == "call" else (self._refreshes,))
             self._state = module_state_key(module, device_type, tensors=self._tensors)
             self._token = token
+            self._stale = False
             self.store.held_bytes(self._state)  # the disk store scans what other runs stored
             self.stats["bytes"] = self.store.bytes
         return self._state
+
+    def _info(self, message: str) -> None:
+        """Say ``message`` once (to ``on_info``, else this module's logger at INFO)."""
+        if message in self._said:
+            return
+        self._said.add(message)
+        if self.on_info is not None:
+            self.on_info(message)
+        else:
+            _log.info(message)
+
+    def _call_keys(
+        self, args: Sequence[Any], kwargs: Mapping[str, Any]
+    ) -> tuple[list[torch.Tensor], Structure, list[bool], list[bytes]] | None:
+        """Leaves, structure, batched-leaf mask and sample keys of a call; ``None``: not cacheable.
+
+        Every tensor anywhere in the arguments contributes its exact bits: a tensor whose dim 0 is
+        the batch size (that of the first tensor with a dim 0) row by row to its sample's key, any
+        other tensor whole to every key. Every other argument is encoded exactly
+        (:mod:`lightning_freeze.core.structure`); a call with an argument that has no exact
+        encoding is computed, not cached (one info line).
+        """
+        try:
+            leaves, spec = flatten((tuple(args), dict(sorted(kwargs.items()))))
+        except UnsupportedStructure as err:
+            self.stats["bypassed"] += 1
+            self._info(
+                f"FeatureCache: {self.name} was called with an argument the cache key cannot encode "
+                f"exactly ({err}); such calls are computed, not cached."
+            )
+            return None
+        batch = next((t.shape[0] for t in leaves if t.dim() > 0), 0)
+        if not batch:
+            self.stats["bypassed"] += 1
+            return None
+        batched = [t.dim() > 0 and t.shape[0] == batch for t in leaves]
+        context = [json.dumps([spec, batched], separators=(",", ":")).encode()]
+        digests = []
+        for t, is_batched in zip(leaves, batched, strict=True):
+            if is_batched:
+                known = self.digests.lookup(t) if self.digests is not None else None
+                digests.append(known if known is not None else row_digests(t))
+            else:
+                context.append(tensor_key(t))
+        return leaves, spec, batched, combine_row_digests(digests, b"|".join(context))
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         if _BYPASS.get():  # e.g. FreezeBackbone's output probe: not counted as a call
@@ -818,38 +619,38 @@ class OutputCache:
             return self.redirect(*args, **kwargs)
         if not (self.enabled and self.lookup):
             return self._plain(*args, **kwargs)
-        batched = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-        batch = batched[0].shape[0] if batched and batched[0].dim() > 0 else None
-        others = [(i, a) for i, a in enumerate(args) if not isinstance(a, torch.Tensor)]
-        others += [(k, v) for k, v in sorted(kwargs.items()) if not isinstance(v, torch.Tensor)]
-        if batch is None or batch == 0 or any(t.dim() == 0 or t.shape[0] != batch for t in batched):
-            self.stats["bypassed"] += 1
+        call = self._call_keys(args, kwargs)
+        if call is None:
             return self._plain(*args, **kwargs)
-        context = repr(others).encode() if others else b""
-        if b" at 0x" in context:  # an object without a stable repr: cannot be part of a key
-            self.stats["bypassed"] += 1
-            return self._plain(*args, **kwargs)
-        device = batched[0].device
+        leaves, spec, batched, keys = call
+        batch = len(keys)
+        device = leaves[batched.index(True)].device
         state = self._current_state(device.type)
         if state is None:
             return self._plain(*args, **kwargs)
-        context += b"|" + "|".join(f"{k}" for k in kwargs if isinstance(kwargs[k], torch.Tensor)).encode()
-        keys = sample_keys(batched, context)
+        failed = self.store.failed
         entries = [self.store.get(state, k) for k in keys]
         self.stats["corrupt"] = getattr(self.store, "corrupt", 0) - self._corrupt_base
+        if self.store.failed != failed:  # the store broke during these reads: compute, as uncached
+            return self._plain(*args, **kwargs)
         missing = [i for i, e in enumerate(entries) if e is None]
+        if len(missing) < batch and not _same_structure(entries):
+            missing = list(range(batch))  # cannot be assembled: compute the batch as given
+            entries = [None] * batch
         self.last_call = (state, keys, len(missing))
         self.stats["hits"] += batch - len(missing)
         self.stats["misses"] += len(missing)
         if not missing:
-            self._account_saved()
-            return _stack_entries(entries, device)  # type: ignore[arg-type]
+            output = _stack_entries(entries, device)  # type: ignore[arg-type]
+            if output is not None:
+                self._account_saved()
+                return output
+            missing = list(range(batch))  # a class of the stored structure is not loaded here
 
         if len(missing) == batch:
             output = self._timed(args, kwargs, batch)
-            flat = _flatten(output)
-            if flat is None or any(t.dim() == 0 or t.shape[0] != batch for t in flat[0]):
-                self._unsupported(output)
+            flat = self._flatten_output(output, batch)
+            if flat is None:
                 return output
             self._store(state, keys, flat[1], flat[0])
             self._account_saved()
@@ -857,33 +658,47 @@ class OutputCache:
 
         # mixed batch: compute the missing samples only, assemble in the batch's order
         index = torch.tensor(missing, device=device)
-        sub_args = [a.index_select(0, index) if isinstance(a, torch.Tensor) else a for a in args]
-        sub_kwargs = {
-            k: v.index_select(0, index) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()
-        }
+        try:
+            flatten_exact((tuple(args), dict(sorted(kwargs.items()))))
+            sub_args, sub_kwargs = unflatten(
+                [t.index_select(0, index) if b else t for t, b in zip(leaves, batched, strict=True)], spec
+            )
+        except UnsupportedStructure:  # arguments that do not rebuild exactly: compute the batch as given
+            return self._plain(*args, **kwargs)
         output = self._timed(sub_args, sub_kwargs, len(missing))
-        flat = _flatten(output)
+        flat = self._flatten_output(output, len(missing))
         hit = next(e for e in entries if e is not None)
-        if (
-            flat is None
-            or flat[1] != hit[0]
-            or any(t.dim() == 0 or t.shape[0] != len(missing) for t in flat[0])
-        ):
+        if flat is None or flat[1] != hit[0]:
             # cannot assemble: recompute the whole batch plainly (correct, just not cached)
-            self._unsupported(output)
             return self._plain(*args, **kwargs)
         computed, structure = flat
         self._store(state, [keys[i] for i in missing], structure, computed)
         position = {i: n for n, i in enumerate(missing)}
-        leaves = []
+        out_leaves = []
         for j, leaf in enumerate(computed):
             rows = [
                 leaf[position[i]] if e is None else e[1][j].to(device)  # type: ignore[index]
                 for i, e in enumerate(entries)
             ]
-            leaves.append(torch.stack(rows))
+            out_leaves.append(torch.stack(rows))
         self._account_saved()
-        return _unflatten(leaves, structure)
+        return unflatten(out_leaves, structure)
+
+    def _flatten_output(self, output: Any, batch: int) -> tuple[list[torch.Tensor], Structure] | None:
+        """Leaves and structure of an output a hit can rebuild exactly; ``None`` (cache off) otherwise."""
+        try:
+            leaves, structure = flatten_exact(output)
+        except UnsupportedStructure as err:
+            self._unsupported(output, str(err))
+            return None
+        if not leaves or any(
+            type(t) is not torch.Tensor or t.dim() == 0 or t.shape[0] != batch for t in leaves
+        ):
+            self._unsupported(
+                output, "not every tensor in it is a plain tensor with the batch dimension first"
+            )
+            return None
+        return leaves, structure
 
     def stored_output(self, state: bytes, keys: Sequence[bytes], device: torch.device) -> Any | None:
         """The batched output stored under ``state`` for ``keys`` (on ``device``); ``None`` if one is missing.
@@ -893,9 +708,12 @@ class OutputCache:
         entries = [self.store.get(state, k) for k in keys]
         if not entries or any(e is None for e in entries):
             return None
+        output = _stack_entries(entries, device) if _same_structure(entries) else None  # type: ignore[arg-type]
+        if output is None:
+            return None
         self.stats["hits"] += len(keys)
         self._account_saved()
-        return _stack_entries(entries, device)  # type: ignore[arg-type]
+        return output
 
     def _timed(self, args: Sequence[Any], kwargs: Mapping[str, Any], samples: int) -> Any:
         start = time.perf_counter()
@@ -908,11 +726,12 @@ class OutputCache:
         if self._compute_samples:
             self.stats["time_saved_s"] = self.stats["hits"] * self.stats["compute_s"] / self._compute_samples
 
-    def _unsupported(self, output: Any) -> None:
+    def _unsupported(self, output: Any, why: str) -> None:
         self.stats["bypassed"] += 1
         self.disable(
-            f"{self.name} returned {type(output).__name__}, not a tensor or a tuple/list/dict of tensors "
-            "with the batch dimension first; the cache is off from now on"
+            f"{self.name} returned a {type(output).__qualname__} that a cache hit cannot rebuild exactly "
+            f"({why}); outputs are cached when they are tensors with the batch dimension first, in "
+            "tuples, lists, namedtuples, dicts or dataclasses (HF ModelOutput); the cache is off from now on"
         )
 
     def _store(
@@ -932,7 +751,7 @@ class OutputCache:
         for row, key in enumerate(keys):
             sample = [c[row] for c in copies]
             if self.max_bytes is not None:
-                if self.store.held_bytes(state) + _entry_bytes(sample) > self.max_bytes:
+                if self.store.held_bytes(state) + entry_bytes(sample) > self.max_bytes:
                     self.stats["full"] = True
                     self.stats["rejected"] += 1
                     continue
