@@ -60,7 +60,7 @@ import torch
 from torch import nn
 
 from lightning_freeze.core.fingerprint import fingerprint
-from lightning_freeze.core.norm import find_dropout_layers, find_running_stat_norms
+from lightning_freeze.core.purity import purity_reasons
 from lightning_freeze.core.validation import check_choice, check_int, choices_of
 
 __all__ = [
@@ -87,8 +87,6 @@ _MAGIC = b"LFFCACHE1\n"
 # magic | module key | sample key | header length | payload length | checksum of header+payload
 _PREAMBLE = struct.Struct(f"<{len(_MAGIC)}s{KEY_BYTES}s{KEY_BYTES}sIQ{KEY_BYTES}s")
 _FILE_SUFFIX = ".feat"
-_STOCHASTIC_LAYER_NAMES = frozenset({"DropPath", "StochasticDepth", "DropBlock2d", "DropBlock3d"})
-
 Structure = Any  # JSON-able description of an output: "T", ["tuple", [...]], ["list", [...]], ["dict", {...}]
 
 
@@ -238,10 +236,12 @@ def uncacheable_reasons(module: nn.Module, prefix: str = "", check_grad: bool = 
     """Why ``module``'s output may change between two calls on the same input (empty: cacheable).
 
     Checks that no parameter requires grad (it would be trained, and its output would need a
-    gradient) and that no layer that is random or updates state in train mode is in train mode:
-    running-statistics norm layers, dropout, ``DropPath``/``StochasticDepth``/``DropBlock``,
-    ``nn.MultiheadAttention`` with dropout. A custom layer that branches on ``self.training`` is
-    not detected: put the module in eval mode (or freeze it with ``FreezeBackbone``) to be safe.
+    gradient) and that no layer that is random or updates state in train mode would run in train
+    mode: the one rule of :mod:`lightning_freeze.core.purity` (running-statistics norm layers,
+    dropout, ``DropPath``/``StochasticDepth``/``DropBlock``, ``nn.MultiheadAttention`` with
+    dropout; pinned layers and layers a freeze guard forces to eval count as eval). A custom layer
+    that branches on ``self.training`` is not detected: put the module in eval mode (or freeze it
+    with ``FreezeBackbone``) to be safe.
 
     Args:
         module: the module.
@@ -249,37 +249,7 @@ def uncacheable_reasons(module: nn.Module, prefix: str = "", check_grad: bool = 
         check_grad: also refuse parameters that require grad (``False`` under ``torch.no_grad()``,
             where a trainable module is as constant as a frozen one).
     """
-    name = prefix or type(module).__name__
-    reasons = []
-    trainable = (
-        [n for n, p in module.named_parameters(prefix=prefix) if p.requires_grad] if check_grad else []
-    )
-    if trainable:
-        shown = ", ".join(trainable[:3]) + (", ..." if len(trainable) > 3 else "")
-        reasons.append(f"{name} is trainable ({len(trainable)} parameter(s) require grad: {shown})")
-    norms = find_running_stat_norms(module, prefix=prefix)
-    dropouts = find_dropout_layers(module, prefix=prefix)
-    in_train = []
-    for n, m in module.named_modules(prefix=prefix):
-        if not m.training:
-            continue
-        if (
-            n in norms
-            or (n in dropouts and m.p > 0)
-            or (isinstance(m, nn.MultiheadAttention) and m.dropout > 0)
-            or (
-                type(m).__name__ in _STOCHASTIC_LAYER_NAMES
-                and float(getattr(m, "drop_prob", getattr(m, "p", 1.0)) or 0.0) > 0
-            )
-        ):
-            in_train.append(n)
-    if in_train:
-        shown = ", ".join(n or name for n in in_train[:3]) + (", ..." if len(in_train) > 3 else "")
-        reasons.append(
-            f"{name} has {len(in_train)} norm/dropout layer(s) in train mode ({shown}): their output "
-            "changes from call to call (norm='train' or dropout='train' in FreezeBackbone)"
-        )
-    return reasons
+    return purity_reasons(module, prefix, check_grad=check_grad)
 
 
 # ---------------------------------------------------------------------------------------------
