@@ -41,6 +41,7 @@ from lightning_freeze.core.freeze import (
     unfreeze,
 )
 from lightning_freeze.core.probe import OutputProbe, ProbeMismatch, capture_probe_input, function_token
+from lightning_freeze.core.purity import impure_layers, inherited_guard_rule
 from lightning_freeze.core.validation import (
     check_choice,
     check_int,
@@ -568,7 +569,9 @@ class FreezeBackbone(Callback):
                 continue
             module = pl_module.get_submodule(name)
             token = function_token(module)
-            if when == "if_changed" and unchanged and self._probe_tokens.get(name) == token:
+            # the one purity rule: a layer that would run in train mode is evidence enough to probe
+            pure = not impure_layers(module, name, guards=inherited_guard_rule(pl_module, name))
+            if when == "if_changed" and unchanged and pure and self._probe_tokens.get(name) == token:
                 self.probes_skipped.append(name)
                 continue
             mismatch = probe.check(module, name)

@@ -64,13 +64,14 @@ _OPTIONAL_RANDOM_LAYERS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def _optional_random_types() -> list[tuple[type, str]]:
-    found = []
+@functools.cache
+def _random_attribute(cls: type) -> str | None:
+    # the class's module is imported once an instance exists, so a per-class answer never goes stale
     for module_name, class_name, attribute in _OPTIONAL_RANDOM_LAYERS:
-        cls = getattr(sys.modules.get(module_name), class_name, None)
-        if isinstance(cls, type):
-            found.append((cls, attribute))
-    return found
+        known = getattr(sys.modules.get(module_name), class_name, None)
+        if isinstance(known, type) and issubclass(cls, known):
+            return attribute
+    return None
 
 
 def train_behaviour(layer: nn.Module) -> str | None:
@@ -96,10 +97,10 @@ def train_behaviour(layer: nn.Module) -> str | None:
         return None
     if isinstance(layer, nn.RReLU):
         return "draws random numbers (RReLU)" if layer.lower != layer.upper else None
-    for cls, attribute in _optional_random_types():
-        if isinstance(layer, cls):
-            prob = float(getattr(layer, attribute, 0.0) or 0.0)
-            return f"draws random numbers ({type(layer).__name__} {attribute}={prob:g})" if prob > 0 else None
+    attribute = _random_attribute(type(layer))
+    if attribute is not None:
+        prob = float(getattr(layer, attribute, 0.0) or 0.0)
+        return f"draws random numbers ({type(layer).__name__} {attribute}={prob:g})" if prob > 0 else None
     return None
 
 
