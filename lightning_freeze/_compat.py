@@ -150,3 +150,28 @@ def is_subprocess_script_launcher(launcher: object) -> bool:
     except ImportError:  # pragma: no cover - a Lightning that renamed it
         return False
     return isinstance(launcher, _SubprocessScriptLauncher)
+
+
+# --- purity ---
+def module_forward_hooks(module: nn.Module) -> tuple[list[Callable[..., Any]], list[Callable[..., Any]]]:
+    """``(forward pre-hooks, forward hooks)`` registered on ``module``, each in order.
+
+    Wraps ``nn.Module._forward_pre_hooks`` and ``nn.Module._forward_hooks`` (ordered
+    ``{handle id: hook}`` dicts; torch 2.6-2.14). torch has no public way to list a module's hooks.
+    """
+    return list(module._forward_pre_hooks.values()), list(module._forward_hooks.values())
+
+
+def global_forward_hooks() -> tuple[list[Callable[..., Any]], list[Callable[..., Any]]]:
+    """``(global forward pre-hooks, global forward hooks)``: those of ``register_module_forward_pre_hook``
+    and ``register_module_forward_hook``, which run around every module's forward.
+
+    Wraps ``torch.nn.modules.module._global_forward_pre_hooks`` and ``_global_forward_hooks``
+    (torch 2.6-2.14); torch has no public way to list them.
+    """
+    from torch.nn.modules import module as torch_module
+
+    return (
+        list(torch_module._global_forward_pre_hooks.values()),
+        list(torch_module._global_forward_hooks.values()),
+    )

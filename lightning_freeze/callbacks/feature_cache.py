@@ -24,9 +24,8 @@ from lightning_freeze.core.feature_cache import (
     UncacheableModuleError,
     check_max_bytes,
     make_store,
-    uncacheable_reasons,
 )
-from lightning_freeze.core.norm import is_pinned
+from lightning_freeze.core.purity import inherited_guard_rule, purity_reasons
 from lightning_freeze.core.selection import resolve_modules
 from lightning_freeze.core.structure import tensor_leaves
 from lightning_freeze.core.validation import check_choice
@@ -204,7 +203,7 @@ class FeatureCache(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._attach(pl_module)  # a module replaced since setup (e.g. a norm layer converted) is caught
         for name, cache in self.caches.items():
-            reasons = _reasons_during_training(cache.module, name)
+            reasons = _reasons_during_training(pl_module, name)
             if reasons:
                 raise UncacheableModuleError(
                     f"FeatureCache cannot cache {name}: " + "; ".join(reasons) + ". Freeze it with "
@@ -526,18 +525,14 @@ def _never_hits(cache: OutputCache, hits: int, lookups: int) -> bool:
     return cache.enabled and hits == 0 and lookups > 0 and not cache.stats["full"]
 
 
-def _reasons_during_training(module: nn.Module, name: str) -> list[str]:
-    """What :func:`uncacheable_reasons` will say once the Trainer puts the model in train mode."""
-    modes = [(m, m.training) for m in module.modules()]
-    try:
-        module.train()
-        for m in module.modules():
-            if is_pinned(m):
-                m.train(False)  # pinned layers are put back in eval before every forward
-        return uncacheable_reasons(module, prefix=name)
-    finally:
-        for m, mode in modes:
-            m.training = mode
+def _reasons_during_training(root: nn.Module, name: str) -> list[str]:
+    """What :func:`uncacheable_reasons` will say once the Trainer puts the model in train mode.
+
+    The one rule of :mod:`lightning_freeze.core.purity`: pinned layers and layers a freeze guard
+    (on the module or above it) forces to eval count as eval.
+    """
+    module = root.get_submodule(name)
+    return purity_reasons(module, name, during_training=True, guards=inherited_guard_rule(root, name))
 
 
 def _human_bytes(n: int) -> str:

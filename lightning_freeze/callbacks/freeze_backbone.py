@@ -40,7 +40,8 @@ from lightning_freeze.core.freeze import (
     pin_frozen_layers,
     unfreeze,
 )
-from lightning_freeze.core.probe import OutputProbe, ProbeMismatch, capture_probe_input
+from lightning_freeze.core.probe import OutputProbe, ProbeMismatch, capture_probe_input, function_token
+from lightning_freeze.core.purity import impure_layers, inherited_guard_rule
 from lightning_freeze.core.validation import (
     check_choice,
     check_int,
@@ -109,9 +110,15 @@ class FreezeBackbone(Callback):
     * fingerprints every frozen parameter and buffer at fit start and checks them at every train
       epoch end and at fit end (``verify``);
     * records each frozen module's output on a small probe input (the first two samples that
-      reach it in the first training batch) and checks at the same points that the module still
-      reproduces it: a replaced ``forward``, a layer left in train mode, a changed buffer or a
-      conversion that computes something else are caught even when no tensor changed. The check
+      reach it in the first training batch) and checks that the module still reproduces it: a
+      replaced ``forward``, a layer left in train mode, a changed buffer or a conversion that
+      computes something else are caught even when no tensor changed. The probe (one forward of
+      the module on two samples) runs at fit end, on demand (:meth:`check`), and at a train epoch
+      end only when a frozen tensor changed or the module's
+      :func:`~lightning_freeze.core.probe.function_token` did (its modules, classes, forwards,
+      hooks, simple attributes, non-persistent buffers, global flags): so a change of function is
+      caught at the end of the epoch it happened in, except a replaced function the module calls
+      (a monkeypatched library function), caught at fit end. The check
       consumes no random number, changes no buffer and builds no autograd graph (see
       :mod:`lightning_freeze.core.probe`); it is bitwise on CPU (and on any device with
       ``torch.use_deterministic_algorithms(True)``), within ``1e-5 + 1e-3 * max|output|`` otherwise.
@@ -168,6 +175,9 @@ class FreezeBackbone(Callback):
         probes: ``{module name: OutputProbe}`` recorded in the first training batch (modules that do
             not run in training, e.g. inactive branches, have none and are checked by fingerprint).
         last_probe_check: the probe mismatches of the latest verification (empty: all reproduced).
+        probes_skipped: the modules whose probe the latest verification skipped (an epoch end at
+            which no frozen tensor and no :func:`~lightning_freeze.core.probe.function_token`
+            changed since the probe last passed).
         last_rank_check: ``{rank: [keys]}`` of the ranks whose frozen tensors differed from the
             others' at the latest verification (empty: all ranks agree, or a single process).
 
@@ -214,6 +224,8 @@ class FreezeBackbone(Callback):
         self.last_check: FingerprintDiff | None = None
         self.probes: dict[str, OutputProbe] = {}
         self.last_probe_check: list[ProbeMismatch] = []
+        self.probes_skipped: list[str] = []
+        self._probe_tokens: dict[str, tuple[Any, ...]] = {}  # function_token when a probe last passed
         self.last_rank_check: dict[int, list[str]] = {}
         self._unfrozen = False
         self._reference: dict[str, TensorFingerprint] | None = None
@@ -250,6 +262,7 @@ class FreezeBackbone(Callback):
             )
         # a callback object reused for a second fit starts from scratch
         self.last_check, self.probes, self.last_probe_check, self.last_rank_check = None, {}, [], {}
+        self.probes_skipped, self._probe_tokens = [], {}
         self._reference = None
         names, inactive = self._names_to_freeze(pl_module)
         self.frozen = freeze(pl_module, names + inactive, norm=self.norm, dropout=self.dropout)
@@ -357,7 +370,8 @@ class FreezeBackbone(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.check(pl_module, trainer)
+        # the probe (a forward) only where cheap evidence says the function may have changed
+        self.check(pl_module, trainer, probe="if_changed")
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -402,7 +416,11 @@ class FreezeBackbone(Callback):
     # public helpers
     # ------------------------------------------------------------------------------------------
     def check(
-        self, pl_module: torch.nn.Module, trainer: pl.Trainer | None = None, across_ranks: bool = True
+        self,
+        pl_module: torch.nn.Module,
+        trainer: pl.Trainer | None = None,
+        across_ranks: bool = True,
+        probe: Literal["always", "if_changed"] = "always",
     ) -> FingerprintDiff | None:
         """Compare every frozen tensor with its fingerprint from fit start, each probe output and each rank.
 
@@ -417,6 +435,10 @@ class FreezeBackbone(Callback):
             pl_module: the LightningModule being trained.
             trainer: the trainer (to name an optimizer holding a frozen tensor as the likely cause).
             across_ranks: also compare with the other ranks (a collective). Default ``True``.
+            probe: ``"always"`` (default): rerun every module on its probe input;
+                ``"if_changed"``: skip a module's probe when no frozen tensor changed and its
+                :func:`~lightning_freeze.core.probe.function_token` equals the one taken when its
+                probe last passed (listed in :attr:`probes_skipped`).
 
         Returns:
             the :class:`~lightning_freeze.core.fingerprint.FingerprintDiff` of this rank (also kept as
@@ -449,13 +471,9 @@ class FreezeBackbone(Callback):
             else {}
         )
         still_frozen = set(self._still_frozen_names()) if self.frozen is not None else set()
-        mismatches = [
-            m
-            for name, probe in self.probes.items()
-            if name in still_frozen
-            for m in [probe.check(pl_module.get_submodule(name), name)]
-            if m is not None
-        ]
+        mismatches = self._check_probes(
+            pl_module, still_frozen, probe, unchanged=not (diff.changed or diff.missing)
+        )
         self.last_probe_check = mismatches
         if diff.changed or diff.missing or mismatches or ranks or shard_changes:
             optimizers = trainer.optimizers if trainer is not None else []
@@ -540,6 +558,30 @@ class FreezeBackbone(Callback):
             self._holding = False
             unfreeze(pl_module, self.frozen, mode=None)
 
+    def _check_probes(
+        self, pl_module: torch.nn.Module, names: set[str], when: str, unchanged: bool
+    ) -> list[ProbeMismatch]:
+        """Run the probes of ``names`` (or skip those whose function token is unchanged); mismatches."""
+        check_choice("probe", when, ("always", "if_changed"))
+        mismatches, self.probes_skipped = [], []
+        for name, probe in self.probes.items():
+            if name not in names:
+                continue
+            module = pl_module.get_submodule(name)
+            token = function_token(module)
+            # the one purity rule: a layer that would run in train mode is evidence enough to probe
+            pure = not impure_layers(module, name, guards=inherited_guard_rule(pl_module, name))
+            if when == "if_changed" and unchanged and pure and self._probe_tokens.get(name) == token:
+                self.probes_skipped.append(name)
+                continue
+            mismatch = probe.check(module, name)
+            if mismatch is None:
+                self._probe_tokens[name] = token
+            else:
+                self._probe_tokens.pop(name, None)
+                mismatches.append(mismatch)
+        return mismatches
+
     def _record_probes(self, pl_module: pl.LightningModule) -> None:
         for name in [n for n, (_, store) in self._captures.items() if "args" in store]:
             _, store = self._captures.pop(name)
@@ -548,6 +590,7 @@ class FreezeBackbone(Callback):
                 self.probes[name] = OutputProbe.record(module, store["args"], store["kwargs"])
             except Exception:  # an input with a first dimension that is not the batch: keep it whole
                 self.probes[name] = OutputProbe.record(module, store["full_args"], store["full_kwargs"])
+            self._probe_tokens[name] = function_token(module)
 
     def _unfreeze_if_due(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if (

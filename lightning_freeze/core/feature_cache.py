@@ -88,7 +88,6 @@ from lightning_freeze.core.cache_stores import (
     entry_bytes,
     make_store,
 )
-from lightning_freeze.core.norm import find_dropout_layers, find_running_stat_norms
 from lightning_freeze.core.structure import (
     Structure,
     UnsupportedStructure,
@@ -97,6 +96,7 @@ from lightning_freeze.core.structure import (
     unflatten,
 )
 from lightning_freeze.core.validation import check_choice
+from lightning_freeze.core.purity import purity_reasons, train_behaviour
 
 __all__ = [
     "KEY_BYTES",
@@ -117,7 +117,6 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
-_STOCHASTIC_LAYER_NAMES = frozenset({"DropPath", "StochasticDepth", "DropBlock2d", "DropBlock3d"})
 
 
 class UncacheableModuleError(ValueError):
@@ -128,10 +127,12 @@ def uncacheable_reasons(module: nn.Module, prefix: str = "", check_grad: bool = 
     """Why ``module``'s output may change between two calls on the same input (empty: cacheable).
 
     Checks that no parameter requires grad (it would be trained, and its output would need a
-    gradient) and that no layer that is random or updates state in train mode is in train mode:
-    running-statistics norm layers, dropout, ``DropPath``/``StochasticDepth``/``DropBlock``,
-    ``nn.MultiheadAttention`` with dropout. A custom layer that branches on ``self.training`` is
-    not detected: put the module in eval mode (or freeze it with ``FreezeBackbone``) to be safe.
+    gradient) and that no layer that is random or updates state in train mode would run in train
+    mode: the one rule of :mod:`lightning_freeze.core.purity` (running-statistics norm layers,
+    dropout, ``DropPath``/``StochasticDepth``/``DropBlock``, ``nn.MultiheadAttention`` with
+    dropout; pinned layers and layers a freeze guard forces to eval count as eval). A custom layer
+    that branches on ``self.training`` is not detected: put the module in eval mode (or freeze it
+    with ``FreezeBackbone``) to be safe.
 
     Args:
         module: the module.
@@ -139,57 +140,16 @@ def uncacheable_reasons(module: nn.Module, prefix: str = "", check_grad: bool = 
         check_grad: also refuse parameters that require grad (``False`` under ``torch.no_grad()``,
             where a trainable module is as constant as a frozen one).
     """
-    name = prefix or type(module).__name__
-    reasons = []
-    trainable = (
-        [n for n, p in module.named_parameters(prefix=prefix) if p.requires_grad] if check_grad else []
-    )
-    if trainable:
-        shown = ", ".join(trainable[:3]) + (", ..." if len(trainable) > 3 else "")
-        reasons.append(f"{name} is trainable ({len(trainable)} parameter(s) require grad: {shown})")
-    norms = find_running_stat_norms(module, prefix=prefix)
-    dropouts = find_dropout_layers(module, prefix=prefix)
-    in_train = []
-    for n, m in module.named_modules(prefix=prefix):
-        if not m.training:
-            continue
-        if (
-            n in norms
-            or (n in dropouts and m.p > 0)
-            or (isinstance(m, nn.MultiheadAttention) and m.dropout > 0)
-            or (
-                type(m).__name__ in _STOCHASTIC_LAYER_NAMES
-                and float(getattr(m, "drop_prob", getattr(m, "p", 1.0)) or 0.0) > 0
-            )
-        ):
-            in_train.append(n)
-    if in_train:
-        shown = ", ".join(n or name for n in in_train[:3]) + (", ..." if len(in_train) > 3 else "")
-        reasons.append(
-            f"{name} has {len(in_train)} norm/dropout layer(s) in train mode ({shown}): their output "
-            "changes from call to call (norm='train' or dropout='train' in FreezeBackbone)"
-        )
-    return reasons
+    return purity_reasons(module, prefix, check_grad=check_grad)
 
 
 def _mode_sensitive_layers(module: nn.Module) -> list[nn.Module]:
     """The submodules whose train/eval mode changes what they compute (see :func:`uncacheable_reasons`).
 
-    ``module`` itself first; then running-statistics norm layers, dropout, ``DropPath``-like layers
-    and ``nn.MultiheadAttention``.
+    ``module`` itself first; then every layer :func:`~lightning_freeze.core.purity.train_behaviour`
+    knows (the one rule the freeze guard and the cacheability check share).
     """
-    sensitive = {id(m) for m in find_running_stat_norms(module).values()}
-    sensitive |= {id(m) for m in find_dropout_layers(module).values()}
-    return [module] + [
-        m
-        for m in module.modules()
-        if m is not module
-        and (
-            id(m) in sensitive
-            or isinstance(m, nn.MultiheadAttention)
-            or type(m).__name__ in _STOCHASTIC_LAYER_NAMES
-        )
-    ]
+    return [module] + [m for m in module.modules() if m is not module and train_behaviour(m) is not None]
 
 
 def _same_structure(entries: Sequence[Entry | None]) -> bool:

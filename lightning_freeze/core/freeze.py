@@ -23,18 +23,15 @@ from torch import nn
 from lightning_freeze import _compat
 from lightning_freeze.core.fingerprint import TensorFingerprint, fingerprint
 from lightning_freeze.core.norm import (
-    FrozenBatchNorm,
-    FrozenInstanceNorm,
     convert_from_frozen_norm,
     convert_to_frozen_norm,
-    find_dropout_layers,
     find_running_stat_norms,
-    is_pinned,
     is_running_stat_norm,
     pin_eval,
     running_stat_buffer_names,
     unpin_eval,
 )
+from lightning_freeze.core.purity import eval_guard_pre_hook, forced_to_eval, guard_rule, train_behaviour
 from lightning_freeze.core.selection import resolve_modules
 from lightning_freeze.core.validation import check_choice, choices_of
 
@@ -72,8 +69,10 @@ class FrozenModules:
         parameter_keys: ``state_dict`` keys of the frozen parameters.
         tensor_keys: ``state_dict`` keys of every tensor that must stay bitwise identical
             (parameters and buffers; the running statistics are left out when ``norm="train"``).
-        pinned: number of layers newly given a per-layer eval pin (running-statistics layers, and
-            ``nn.Dropout*`` with ``dropout="eval"``).
+        pinned: number of layers newly given a per-layer eval pin: every layer forced to eval
+            that behaves differently in train mode (running-statistics layers unless
+            ``norm="train"``; dropout-likes, see :func:`~lightning_freeze.core.purity.train_behaviour`,
+            with ``dropout="eval"``), whatever mode it was in when frozen.
         converted: number of norm layers replaced by frozen equivalents (``norm="frozen"``).
         kept_pinned: with ``norm="frozen"``, dotted names of the running-statistics layers that
             were not converted (their forward is not reproduced exactly, e.g. timm
@@ -134,21 +133,17 @@ def _set_submodule(root: nn.Module, dotted: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _forced_to_eval(layer: nn.Module, norm: NormMode, dropout: DropoutMode) -> bool:
-    # the rule: a frozen module runs entirely in eval mode, except the opted-out kinds of layer
-    if is_running_stat_norm(layer):
-        return norm != "train"
-    return dropout == "eval"
-
-
 def pin_frozen_layers(root: nn.Module, names: Iterable[str], *, norm: NormMode, dropout: DropoutMode) -> int:
     """(Re-)pin already frozen modules to eval mode, following the rule of :func:`freeze`.
 
     Every layer inside the modules is put in eval mode now, except running-statistics layers with
-    ``norm="train"`` and all other layers with ``dropout="train"``. The running-statistics layers
-    (and ``nn.Dropout*`` with ``dropout="eval"``) also get a per-layer pin (:func:`pin_eval`), and
-    each module gets one guard (:func:`guard_frozen_module`) that re-applies the rule before
-    every forward of the module.
+    ``norm="train"`` and all other layers with ``dropout="train"``. Every layer forced to eval that
+    behaves differently in train mode (:func:`~lightning_freeze.core.purity.train_behaviour`:
+    running-statistics layers, and with ``dropout="eval"`` every dropout-like: ``nn.Dropout*``,
+    timm ``DropPath``/``DropBlock2d``, torchvision ``StochasticDepth``, ``nn.MultiheadAttention``
+    with dropout, ...) also gets a per-layer pin (:func:`pin_eval`, which holds even when the layer
+    is called directly), and each module gets one guard (:func:`guard_frozen_module`) that
+    re-applies the rule before every forward of the module.
 
     Cheap and idempotent; call it whenever layers may have been replaced or put in train mode
     (the Lightning callback calls it at fit start and at every train epoch start). Layers created
@@ -161,55 +156,37 @@ def pin_frozen_layers(root: nn.Module, names: Iterable[str], *, norm: NormMode, 
     for name in names:
         module = root.get_submodule(name)
         guard_frozen_module(module, norm=norm, dropout=dropout)
+        count += pin_eval(
+            [
+                m
+                for m in module.modules()
+                if train_behaviour(m) is not None and forced_to_eval(m, norm, dropout)
+            ]
+        )
         # the rule now, not only at the next forward: the modes read true from the start (a cache
         # keyed by the modes, Lightning's eval-mode check, the user inspecting the model)
-        _repin_pre_hook(module, (), norm=norm, dropout=dropout)
-        if norm != "train":
-            count += pin_eval([m for m in module.modules() if _needs_layer_pin(m)])
-        if dropout == "eval":
-            count += pin_eval(find_dropout_layers(module))
+        eval_guard_pre_hook(module, (), norm=norm, dropout=dropout)
     return count
 
 
-def _needs_layer_pin(layer: nn.Module) -> bool:
-    return is_running_stat_norm(layer) and not isinstance(layer, (FrozenBatchNorm, FrozenInstanceNorm))
-
-
-def _repin_pre_hook(module: nn.Module, args: object, *, norm: NormMode, dropout: DropoutMode) -> None:
-    # Runs before every forward of a frozen module: whatever called .train() since (Lightning,
-    # LightningModule.unfreeze(), a .train() in training_step), the module computes in eval mode
-    # (but for the opted-out layers); layers created or replaced inside it since the last pin (a
-    # SyncBatchNorm conversion) get their per-layer pin before they can compute in train mode.
-    # Cheap: a layer in eval mode computes nothing train-dependent, so only layers found in train
-    # mode (after a .train() call, or new) are looked at; a plain walk, no names built.
-    stack = [module]
-    while stack:
-        layer = stack.pop()
-        stack.extend(layer.children())
-        if not layer.training or not _forced_to_eval(layer, norm, dropout):
-            continue
-        layer.training = False  # not .train(False): that would recurse once per layer
-        if _needs_layer_pin(layer) and not is_pinned(layer):
-            pin_eval(layer)
-
-
 def _is_repin_hook(hook: object) -> bool:
-    return isinstance(hook, functools.partial) and hook.func is _repin_pre_hook
+    return isinstance(hook, functools.partial) and hook.func is eval_guard_pre_hook
 
 
 def guard_frozen_module(module: nn.Module, *, norm: NormMode, dropout: DropoutMode) -> None:
     """Install (once) a forward pre-hook on a frozen module that re-applies the eval rule.
 
-    Before every forward of ``module`` the hook puts every layer inside it in eval mode (except
-    running-statistics layers with ``norm="train"``, and every other layer with
-    ``dropout="train"``) and pins running-statistics layers created since freezing. It complements
-    the per-layer pins of :func:`~lightning_freeze.core.norm.pin_eval`, which also hold when a
-    layer is called directly (not through ``module``). No-op when both are ``"train"``.
+    Before every forward of ``module`` the hook (:func:`~lightning_freeze.core.purity.eval_guard_pre_hook`)
+    puts every layer inside it in eval mode (except running-statistics layers with
+    ``norm="train"``, and every other layer with ``dropout="train"``) and pins layers created
+    since freezing. It complements the per-layer pins of
+    :func:`~lightning_freeze.core.norm.pin_eval`, which also hold when a layer is called directly
+    (not through ``module``). No-op when both are ``"train"``.
     """
     if norm == "train" and dropout == "train":
         return
-    if not any(_is_repin_hook(h) for h in _compat.forward_pre_hooks(module)):
-        module.register_forward_pre_hook(functools.partial(_repin_pre_hook, norm=norm, dropout=dropout))
+    if guard_rule(module) is None:
+        module.register_forward_pre_hook(functools.partial(eval_guard_pre_hook, norm=norm, dropout=dropout))
 
 
 def _remove_guard(module: nn.Module) -> None:
@@ -414,7 +391,7 @@ def _warn_if_inside_a_guarded_module(root: nn.Module, name: str) -> None:
     parts = name.split(".")
     for i in range(len(parts) - 1, 0, -1):
         outer = ".".join(parts[:i])
-        if any(_is_repin_hook(h) for h in _compat.forward_pre_hooks(root.get_submodule(outer))):
+        if guard_rule(root.get_submodule(outer)) is not None:
             warnings.warn(
                 f"unfreeze: {name!r} lies inside the frozen module {outer!r}, whose guard keeps every "
                 f"layer inside it in eval mode: {name!r} gets gradients again but still computes in eval "

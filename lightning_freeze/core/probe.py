@@ -20,6 +20,12 @@ A check must not perturb training, so :func:`run_module` runs the module
 The module runs in whatever train/eval state it is in, with its own hooks, exactly like a training
 forward would: if a training forward would compute something else, the probe does too.
 
+Cost: a check is one forward of the module on the probe input. :func:`function_token` is the cheap
+evidence that says when a check can be skipped: it changes whenever anything a probe could see
+changes, except the code the module calls (a monkeypatched library function) and tensors kept
+as plain attributes (not parameters or buffers). ``FreezeBackbone`` compares it at each epoch
+end and runs the probe only when it changed, and always at fit end.
+
 Comparison: bitwise (``torch.equal``) on CPU and whenever ``torch.are_deterministic_algorithms_enabled()``
 is set. On other devices without deterministic algorithms, kernels (cuDNN autotuning, atomics) may
 legitimately differ in the last bits between two calls, so outputs must agree within
@@ -31,14 +37,16 @@ get the bitwise check there too.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_freeze._compat import global_forward_hooks, module_forward_hooks
 from lightning_freeze.core.feature_cache import bypass_output_caches
+from lightning_freeze.core.fingerprint import fingerprint
 
 __all__ = [
     "DEVICE_ATOL",
@@ -47,6 +55,7 @@ __all__ = [
     "OutputProbe",
     "ProbeMismatch",
     "capture_probe_input",
+    "function_token",
     "run_module",
 ]
 
@@ -152,6 +161,74 @@ def run_module(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] 
         stack.enter_context(_buffers_restored(module))
         stack.enter_context(bypass_output_caches())  # the module's real function, not a cached output
         return module(*args, **(kwargs or {}))
+
+
+_SIMPLE = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
+
+
+def _simple(value: Any) -> bool:
+    if isinstance(value, (tuple, list)):
+        return all(_simple(v) for v in value)
+    return isinstance(value, _SIMPLE)
+
+
+def function_token(module: nn.Module, state_tensors: Iterable[str] = ()) -> tuple[Any, ...]:
+    """Cheap evidence of everything but tensor values that decides ``module``'s function.
+
+    Equal tokens taken at two times mean the module computes the same function at both, provided
+    its ``state_dict`` tensors kept their values (a fingerprint check says so) and no code it calls
+    was replaced. The token holds, for every submodule: the module object itself (a replaced
+    module is another object), its class and the class's ``forward``, an instance-level
+    ``forward``, its forward (pre-)hooks, and its plain attributes of simple types (numbers,
+    strings, ``None``, dtypes, devices, tuples of them: ``p``, ``eps``, ``stride``, ...); the dtype
+    and device of every parameter and buffer; the exact bits of every buffer that is not in the
+    ``state_dict`` (non-persistent buffers: no fingerprint covers them); the global forward hooks
+    and the float32-matmul, TF32, cuDNN and deterministic-algorithm settings. Train/eval flags are
+    left out (the freeze guard sets them before every forward; a removed guard shows as a changed
+    hook).
+
+    Not seen: a replaced function that the module calls (``torch.nn.functional.relu = ...``, a
+    patched library helper) and tensors kept as plain attributes: only a probe run sees those.
+
+    Args:
+        module: the module.
+        state_tensors: names (relative to ``module``) of the buffers that are in the
+            ``state_dict`` and checked by fingerprints; default: every persistent buffer.
+
+    Returns:
+        a tuple; compare two with ``==`` (modules and hooks by identity).
+    """
+    persistent = set(state_tensors) or set(module.state_dict(keep_vars=True))
+    parts: list[Any] = []
+    for name, sub in module.named_modules(remove_duplicate=False):
+        cls = type(sub)
+        attributes = tuple(
+            (key, repr(value))
+            for key, value in vars(sub).items()
+            if not key.startswith("_") and key != "training" and _simple(value)
+        )
+        pre, post = module_forward_hooks(sub)
+        parts.append(
+            (name, sub, cls, cls.forward, vars(sub).get("forward"), tuple(pre), tuple(post), attributes)
+        )
+    parts.append(tuple((n, t.dtype, t.device) for n, t in module.named_parameters(remove_duplicate=False)))
+    buffers = dict(module.named_buffers(remove_duplicate=False))
+    parts.append(tuple((n, t.dtype, t.device) for n, t in buffers.items()))
+    transient = {n: t for n, t in buffers.items() if n not in persistent}
+    parts.append(tuple((n, fp.digest) for n, fp in fingerprint(transient).items()))
+    pre, post = global_forward_hooks()
+    parts.append((tuple(pre), tuple(post)))
+    parts.append(
+        (
+            torch.get_float32_matmul_precision(),
+            torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32,
+            torch.backends.cudnn.deterministic,
+            torch.backends.cudnn.benchmark,
+            torch.are_deterministic_algorithms_enabled(),
+        )
+    )
+    return tuple(parts)
 
 
 def capture_probe_input(
