@@ -13,7 +13,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_freeze.callbacks.freeze_backbone import FreezeBackbone
-from lightning_freeze.callbacks.skip_pipeline import _SkipPipeline
+from lightning_freeze.callbacks.skip_pipeline import _SkipPipeline, check_batch_keys
 from lightning_freeze.core.feature_cache import (
     MEMORY_DEVICES,
     STORES,
@@ -137,6 +137,8 @@ class FeatureCache(Callback):
         max_bytes: int | None = None,
         device: Literal["cpu", "output"] = "cpu",
         skip_pipeline: bool = False,
+        input_key: str | int | None = None,
+        target_key: str | int | None = None,
     ) -> None:
         super().__init__()
         names = (
@@ -155,6 +157,7 @@ class FeatureCache(Callback):
                 f"skip_pipeline=True needs exactly one module (no pattern), got modules={modules!r}; "
                 "valid choices: one dotted submodule name, e.g. 'backbone'."
             )
+        check_batch_keys(input_key, target_key, skip_pipeline)
         self.skip_pipeline = skip_pipeline
         self.store_kind = check_choice("store", store, STORES)
         self.device = check_choice("device", device, MEMORY_DEVICES)
@@ -169,7 +172,7 @@ class FeatureCache(Callback):
         self._epoch_hits: dict[str, int] = {}
         self._epoch_lookups: dict[str, int] = {}
         self._batch_start: dict[str, tuple[int, int]] = {}
-        self._skip = _SkipPipeline(self) if skip_pipeline else None
+        self._skip = _SkipPipeline(self, input_key, target_key) if skip_pipeline else None
 
     @property
     @override
