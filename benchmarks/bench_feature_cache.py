@@ -1,25 +1,23 @@
-"""FeatureCache speed-up on a frozen torchvision ResNet-18 + linear head, measured side by side.
+"""FeatureCache speed on a frozen torchvision ResNet-18 + linear head, measured side by side.
 
-Rows, each a full Lightning fit of ``--epochs`` epochs on the same in-memory samples:
+Rows, each a full Lightning fit of ``--epochs`` epochs on the same samples (shuffled):
 
 * ``uncached``: FreezeBackbone only (the backbone runs every epoch);
 * ``cached (memory)``: FreezeBackbone + FeatureCache(store="memory");
 * ``skip pipeline (memory)``: FeatureCache(store="memory", skip_pipeline=True): from epoch 3 on
-  (epoch 1 computes, epoch 2 checks that every sample hits) no sample is loaded;
-* ``precomputed``: the hand-written alternative: features computed once in a plain loop, then the
-  head trained on a TensorDataset of (feature, target) pairs (its "epoch 1" includes the
+  (epoch 1 computes, epoch 2 verifies inputs and targets) no sample is loaded but the random check;
+* ``precomputed (hand-written)``: features computed once in a plain loop, then the head trained on
+  a TensorDataset of (feature, target) pairs in the same Lightning loop (its "epoch 1" includes the
   precompute);
-* ``disk, 2nd process``: FeatureCache(store="disk") in a fresh process after a first process
-  filled the directory (every sample hits from its first epoch).
+* with ``--disk``: FeatureCache(store="disk"), and a fresh process after a first one filled it.
 
-With ``--jpeg``, the samples are real JPEG files written to a temporary folder and read through
-``torchvision.datasets.ImageFolder`` (decode, resize, to tensor, normalize: deterministic), so the
-data pipeline costs what it costs in practice, in every row (the precompute script decodes once).
+Each row runs for in-memory tensors and for real JPEG files read through
+``torchvision.datasets.ImageFolder`` (decode, resize, crop, normalize: deterministic). The rows are
+interleaved round by round (U, C, S, P, U, C, S, P, ...) so that a shared, loaded machine slows them
+alike; the last epoch is reported as median [min-max] with "vs hand-written" ratios and the load
+average, after a key-throughput line (``sample_keys`` GB/s next to ``tensor.clone()`` GB/s).
 
-Uncached and cached runs are interleaved (U, C, U, C, ...) so that a shared, loaded machine slows
-both alike; the medians per epoch are reported with the load average.
-
-Run by hand:  python benchmarks/bench_feature_cache.py [--quick] [--samples 512] [--size 96] [--repeats 3] [--disk]
+Run by hand:  python benchmarks/bench_feature_cache.py [--quick] [--samples 512] [--size 96] [--disk]
 """
 
 from __future__ import annotations
