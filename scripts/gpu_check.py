@@ -315,7 +315,10 @@ def cache(args: argparse.Namespace) -> str:
     rows: dict[str, float] = {}
     heads: dict[str, dict[str, torch.Tensor]] = {}
     for name in ("uncached", "FeatureCache (memory, all hit)", "skip_pipeline"):
-        callbacks: list[Any] = [FreezeBackbone("backbone"), timer := _EpochTimer()]
+        # verify="warn": FreezeBackbone's end-of-fit output probe reports a change under bf16-mixed on
+        # CUDA (0 frozen tensors changed; the probe compares outputs computed under other autocast
+        # states) - reported separately, not what this section measures
+        callbacks: list[Any] = [FreezeBackbone("backbone", verify="warn"), timer := _EpochTimer()]
         if name != "uncached":
             callbacks.append(FeatureCache("backbone", skip_pipeline=name == "skip_pipeline"))
         model = _ResNet50Head()
