@@ -65,18 +65,19 @@ class FeatureCache(Callback):
     after the frozen module.
 
     **Skip the data pipeline too** (``skip_pipeline=True``). Once a complete training epoch has hit
-    the cache for every sample under one module key (the pipeline is deterministic: every dataset
-    index gave the same input bits as before), later epochs no longer load, decode or collate any
+    the cache for every sample under one module key *and* every dataset index gave the same input
+    bits and target bits as in an earlier epoch, later epochs no longer load, decode or collate any
     sample: they iterate the loader's batch sampler (same order, same ``set_epoch``, same draws from
-    the global RNG) and yield ``(indices, targets)``; the module's call on ``indices`` returns the
-    stored features of those samples, bitwise what it computed. With a fresh memory store this is
-    epoch 3 on (epoch 1 computes, epoch 2 checks); with a disk store filled by an earlier run,
-    epoch 2 on. Applies when: one module (no pattern), one training ``DataLoader`` with a torch
-    ``BatchSampler``, training batches ``(x, y)`` of tensors, and the model calls the module exactly
-    once per batch on ``x`` unchanged (``self.backbone(x)``), single process. Otherwise every epoch
-    loads its samples (one info line). A module whose key changes (a changed parameter or buffer,
-    another mode or precision, an unfreeze) is never served: its batches are loaded and computed
-    again (one info line), and skipping resumes only after another all-hit epoch.
+    the global RNG) and yield batches whose input is a zero placeholder shaped like ``x`` and whose
+    target is the recorded one; the module's call on the placeholder returns the stored features,
+    bitwise what it computed. Epoch 1 records, epoch 2 verifies, epochs 3+ skip. Every skipped epoch
+    first loads 32 random indices and compares their input keys and targets with the records (a
+    change loads the epoch). Applies when: one module (no pattern), one training ``DataLoader`` with
+    a torch ``BatchSampler``, training batches of two tensors (``(x, y)``, or a dict named by
+    ``input_key``/``target_key``), and the model calls the module exactly once per batch on ``x``
+    itself; under DDP every rank skips its own indices. Otherwise every epoch loads its samples
+    (one info line). A module whose key changes is never served: its batches are loaded and computed
+    again (one info line). See ``docs/feature-cache.md`` for the residual risk of the random check.
 
     The module's forward is replaced on the instance during ``fit``/``validate``/``test``/
     ``predict`` only and restored at teardown: ``state_dict`` keys, checkpoints and inference outside
@@ -98,6 +99,11 @@ class FeatureCache(Callback):
         skip_pipeline: once every training sample is cached and the inputs repeat, train later
             epochs on the cached (feature, target) pairs in the sampler's order without loading
             samples (see above). Default False.
+        input_key: ``skip_pipeline`` only: the entry of a training batch that is the module's input:
+            a dict key, or a position in a tuple/list batch (default: position 0; required for
+            dict batches).
+        target_key: ``skip_pipeline`` only: the entry that is the target (default: position 1;
+            required for dict batches).
 
     Attributes:
         stats: ``hits``, ``misses`` (samples), ``bytes`` (held by the store), ``hit_rate``,
@@ -109,7 +115,9 @@ class FeatureCache(Callback):
     Raises:
         ValueError: unknown ``store``/``device``, ``max_bytes <= 0``, ``store="disk"`` without a
             writable ``directory``, invalid ``modules``, a non-bool ``skip_pipeline``, or
-            ``skip_pipeline=True`` with more than one module or a pattern.
+            ``skip_pipeline=True`` with more than one module or a pattern, or a bad
+            ``input_key``/``target_key``; (in the first training batch) a dict batch without them,
+            or a name the batch lacks.
         ModuleSelectionError: (at setup) a module name that is not a submodule.
         UncacheableModuleError: (at fit start) a module that is trainable or random in train mode.
 

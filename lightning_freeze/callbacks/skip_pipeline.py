@@ -98,7 +98,7 @@ class _CachedEpoch:
         return len(self.loader)
 
     def __iter__(self) -> Any:
-        return self.skip._batches(self.loader)
+        return self.skip.cached_batches(self.loader)
 
     def __getattr__(self, name: str) -> Any:  # dataset, sampler, batch_sampler... (set_epoch goes through)
         if name in ("loader", "skip"):
@@ -558,7 +558,7 @@ class _SkipPipeline:
             )
         return all(_gather(ok))
 
-    def _batches(self, loader: DataLoader) -> Iterator[Any]:
+    def cached_batches(self, loader: DataLoader) -> Iterator[Any]:
         # the DataLoader draws its base seed from the global RNG on every new iterator (not again
         # with persistent workers, whose iterator the earlier, loading epochs created): so do we,
         # so that the random stream (dropout in the head, ...) is the one of an epoch that loads
