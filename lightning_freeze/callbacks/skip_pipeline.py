@@ -127,6 +127,10 @@ class _Record:
     target: torch.Tensor  # the target row, on the CPU
 
 
+# one recorded batch: dataset indices, input keys, the cache's keys, the targets (CPU)
+_Batch = tuple[list[int], list[bytes], list[bytes], torch.Tensor]
+
+
 def _same_tensor(a: Any, x: torch.Tensor | None) -> bool:
     """``a`` is ``x`` itself or a view of all of it with the same layout (bitwise ``x``)."""
     return isinstance(a, torch.Tensor) and (
@@ -186,7 +190,7 @@ class _SkipPipeline:
         self._ep_all_hit = True
         self._ep_count = 0
         self._ep_states: set[bytes] = set()
-        self._ep_records: list[tuple[int, _Record]] = []
+        self._ep_records: list[_Batch] = []
         self._epoch_state: bytes | bool | None = None
         self._calls = 0
         self._on_x = False
@@ -398,11 +402,8 @@ class _SkipPipeline:
         self._ep_count += n
         self._ep_states.add(state)
         self._ep_all_hit &= misses == 0
-        keys = sample_keys([x])
-        targets = y.detach().to("cpu", copy=True)
-        self._ep_records += [
-            (index, _Record(keys[row], cache_keys[row], targets[row])) for row, index in enumerate(indices)
-        ]
+        # one entry per batch (compact to gather across ranks): indices, input keys, cache keys, targets
+        self._ep_records.append((indices, sample_keys([x]), cache_keys, y.detach().to("cpu", copy=True)))
 
     def epoch_end(self) -> None:
         if self._off_at_start:
@@ -440,7 +441,7 @@ class _SkipPipeline:
             return
         verified = all(r["ok"] for r in ranks)
         for r in ranks:
-            for index, record in r["records"]:
+            for index, record in _rows(r["records"]):
                 known = self.table.get(index)
                 if known is None:
                     verified = False
@@ -608,6 +609,13 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.is_floating_point() or a.is_complex():
         a, b = a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)
     return torch.equal(a, b)
+
+
+def _rows(batches: list[_Batch]) -> Iterator[tuple[int, _Record]]:
+    """(index, record) of every sample of the recorded batches."""
+    for indices, keys, cache_keys, targets in batches:
+        for row, index in enumerate(indices):
+            yield index, _Record(keys[row], cache_keys[row], targets[row])
 
 
 def _dense_targets(table: dict[int, _Record]) -> torch.Tensor:
