@@ -149,6 +149,17 @@ def test_shuffled_run_keeps_the_sampler_order() -> None:
     assert all(torch.allclose(sp[k].float(), sm[k].float(), atol=1e-5) for k in sp)
 
 
+def test_shuffled_skip_run_ends_bitwise_as_the_cached_run() -> None:
+    # both serve the same stored features; equal weights need the same sampler orders, i.e. the same
+    # global random stream (the skipped epochs draw the DataLoader's base seed, the check draws none)
+    cached, _ = fit([FeatureCache("backbone"), FreezeBackbone("backbone")], shuffle=True)
+    skipped, data = fit(
+        [FeatureCache("backbone", skip_pipeline=True), FreezeBackbone("backbone")], shuffle=True
+    )
+    assert data.loads == {0: N_TRAIN, 1: N_TRAIN, **CHECKED}
+    assert same(skipped, cached)
+
+
 @pytest.mark.parametrize("change_first", [True, False])
 def test_a_changed_buffer_falls_back_to_loading(
     uncached: L.LightningModule, caplog: pytest.LogCaptureFixture, change_first: bool
