@@ -353,3 +353,19 @@ def test_dict_batch_with_a_bad_or_missing_name(kwargs: dict[str, Any], match: st
 def test_bad_batch_keys(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         FeatureCache(**kwargs)
+
+
+def test_the_random_check_leaves_the_global_random_streams_as_they_were() -> None:
+    import random
+
+    import numpy as np
+
+    def draws() -> tuple[float, float, float]:
+        return torch.rand(()).item(), random.random(), float(np.random.rand())
+
+    torch.manual_seed(1), random.seed(1), np.random.seed(1)
+    expected = draws()
+    torch.manual_seed(1), random.seed(1), np.random.seed(1)
+    with skip_pipeline._global_rng_kept():
+        draws()  # what a dataset's __getitem__ may draw while the check loads its samples
+    assert draws() == expected

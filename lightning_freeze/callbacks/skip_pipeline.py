@@ -17,6 +17,7 @@ on the real input: one info line, never an error.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -627,23 +628,21 @@ def _dense_targets(table: dict[int, _Record]) -> torch.Tensor:
     return out
 
 
-class _global_rng_kept:
-    """Leave torch's CPU RNG, Python's ``random`` and NumPy's global RNG as they were."""
+@contextlib.contextmanager
+def _global_rng_kept() -> Iterator[None]:
+    """Leave torch's CPU (and initialised CUDA) RNG, Python's ``random`` and NumPy's RNG as they were."""
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    state = random.getstate()
+    try:
+        import numpy as np
 
-    def __enter__(self) -> None:
-        self._torch = torch.get_rng_state()
-        self._py = random.getstate()
-        try:
-            import numpy as np
-
-            self._np: Any = np.random.get_state()
-        except ImportError:  # pragma: no cover - numpy ships with torch wheels
-            self._np = None
-
-    def __exit__(self, *exc: object) -> None:
-        torch.set_rng_state(self._torch)
-        random.setstate(self._py)
-        if self._np is not None:
-            import numpy as np
-
-            np.random.set_state(self._np)
+        np_state: Any = np.random.get_state()
+    except ImportError:  # pragma: no cover - numpy ships with torch wheels
+        np, np_state = None, None
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            yield
+    finally:
+        random.setstate(state)
+        if np is not None:
+            np.random.set_state(np_state)
