@@ -369,3 +369,25 @@ def test_the_random_check_leaves_the_global_random_streams_as_they_were() -> Non
     with skip_pipeline._global_rng_kept():
         draws()  # what a dataset's __getitem__ may draw while the check loads its samples
     assert draws() == expected
+
+
+class CopyWhenZero(TinyNet):
+    """Calls the backbone on x itself for real data, on a copy of x for an all-zero input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x if bool(x.abs().sum() > 0) else x.clone()))
+
+
+def test_a_skipped_batch_called_on_a_copy_is_loaded_and_computed(
+    uncached: L.LightningModule, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO):
+        model, data = fit(
+            [FeatureCache("backbone", skip_pipeline=True), FreezeBackbone("backbone")],
+            model_class=CopyWhenZero,
+        )
+    # epoch 2: the check, then its first batch is loaded for the real input and so are the others
+    assert data.loads == {0: N_TRAIN, 1: N_TRAIN, 2: CHECK_SAMPLES + N_TRAIN, 3: N_TRAIN}
+    assert same(model, uncached)
+    lines = info(caplog, "skip_pipeline does not apply")
+    assert len(lines) == 1 and "called on something else than the batch input" in lines[0]
