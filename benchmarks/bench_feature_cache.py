@@ -1,25 +1,23 @@
-"""FeatureCache speed-up on a frozen torchvision ResNet-18 + linear head, measured side by side.
+"""FeatureCache speed on a frozen torchvision ResNet-18 + linear head, measured side by side.
 
-Rows, each a full Lightning fit of ``--epochs`` epochs on the same in-memory samples:
+Rows, each a full Lightning fit of ``--epochs`` epochs on the same samples (shuffled):
 
 * ``uncached``: FreezeBackbone only (the backbone runs every epoch);
 * ``cached (memory)``: FreezeBackbone + FeatureCache(store="memory");
 * ``skip pipeline (memory)``: FeatureCache(store="memory", skip_pipeline=True): from epoch 3 on
-  (epoch 1 computes, epoch 2 checks that every sample hits) no sample is loaded;
-* ``precomputed``: the hand-written alternative: features computed once in a plain loop, then the
-  head trained on a TensorDataset of (feature, target) pairs (its "epoch 1" includes the
+  (epoch 1 computes, epoch 2 verifies inputs and targets) no sample is loaded but the random check;
+* ``precomputed (hand-written)``: features computed once in a plain loop, then the head trained on
+  a TensorDataset of (feature, target) pairs in the same Lightning loop (its "epoch 1" includes the
   precompute);
-* ``disk, 2nd process``: FeatureCache(store="disk") in a fresh process after a first process
-  filled the directory (every sample hits from its first epoch).
+* with ``--disk``: FeatureCache(store="disk"), and a fresh process after a first one filled it.
 
-With ``--jpeg``, the samples are real JPEG files written to a temporary folder and read through
-``torchvision.datasets.ImageFolder`` (decode, resize, to tensor, normalize: deterministic), so the
-data pipeline costs what it costs in practice, in every row (the precompute script decodes once).
+Each row runs for in-memory tensors and for real JPEG files read through
+``torchvision.datasets.ImageFolder`` (decode, resize, crop, normalize: deterministic). The rows are
+interleaved round by round (U, C, S, P, U, C, S, P, ...) so that a shared, loaded machine slows them
+alike; the last epoch is reported as median [min-max] with "vs hand-written" ratios and the load
+average, after a key-throughput line (``sample_keys`` GB/s next to ``tensor.clone()`` GB/s).
 
-Uncached and cached runs are interleaved (U, C, U, C, ...) so that a shared, loaded machine slows
-both alike; the medians per epoch are reported with the load average.
-
-Run by hand:  python benchmarks/bench_feature_cache.py [--size 128] [--samples 256] [--repeats 2] [--jpeg]
+Run by hand:  python benchmarks/bench_feature_cache.py [--quick] [--samples 512] [--size 96] [--disk]
 """
 
 from __future__ import annotations
@@ -230,120 +228,161 @@ def _median(runs: list[dict[str, Any]], epoch: int) -> float:
     return statistics.median(r["epochs"][epoch] for r in runs)
 
 
+def key_throughput(batch: int, size: int, repeats: int = 5) -> dict[str, float]:
+    """GB/s of ``sample_keys`` next to ``tensor.clone()`` on one float32 batch (medians, interleaved)."""
+    from lightning_freeze.core.feature_cache import sample_keys
+
+    x = torch.randn(batch, 3, size, size)
+    keys, clones = [], []
+    sample_keys([x])  # warm-up (thread pool)
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sample_keys([x])
+        keys.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        x.clone()
+        clones.append(time.perf_counter() - t0)
+    gb = x.numel() * x.element_size() / 1e9
+    return {
+        "bytes": gb * 1e9,
+        "sample_keys_gbps": gb / statistics.median(keys),
+        "clone_gbps": gb / statistics.median(clones),
+    }
+
+
+ROWS = ("uncached", "cached (memory)", "skip pipeline (memory)", "precomputed (hand-written)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=128, help="image side in pixels")
-    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--size", type=int, default=96, help="image side in pixels")
+    parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved uncached/cached pairs")
+    parser.add_argument("--epochs", type=int, default=4, help="at least 3 (skip_pipeline skips from epoch 3)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of every row")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--quick", action="store_true", help="128 samples at 64 px, 3 epochs, 2 rounds (< 2 min)"
+    )
+    parser.add_argument("--data", choices=["both", "memory", "jpeg"], default="both")
+    parser.add_argument("--disk", action="store_true", help="also the disk-store rows (1st and 2nd process)")
     parser.add_argument("--worker", choices=["disk"], help=argparse.SUPPRESS)
     parser.add_argument("--directory", help=argparse.SUPPRESS)
-    parser.add_argument("--jpeg", action="store_true", help="real JPEG files through ImageFolder")
     parser.add_argument("--jpeg-dir", help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--overhead-only", action="store_true", help="only the isolated miss-path overhead")
     args = parser.parse_args()
+    if args.quick:
+        args.samples, args.size, args.epochs, args.repeats = 128, 64, 3, 2
+    if args.epochs < 3:
+        parser.error(f"--epochs={args.epochs}; valid choices: 3 or more (skip_pipeline skips from epoch 3)")
     torch.set_num_threads(args.threads)
     L.seed_everything(0, verbose=False)
 
     if args.worker == "disk":  # the second process of the disk row
         print(json.dumps(run("disk", args, args.directory)))
         return
-    with tempfile.TemporaryDirectory() as jpeg_dir:
-        if args.jpeg:
-            args.jpeg_dir = jpeg_dir
-            write_jpegs(jpeg_dir, args.samples, args.size)
-        measure(args)
+    measure(args)
 
 
-def measure(args: argparse.Namespace) -> None:
-    """All rows, printed as a Markdown table."""
-
-    overhead = miss_overhead(args)
-    print(
-        f"isolated miss path, batch {args.batch_size} at {args.size} px: plain trunk "
-        f"{1000 * overhead['plain_s']:.0f} ms, cached (all miss) {1000 * overhead['miss_s']:.0f} ms: "
-        f"{100 * overhead['overhead']:+.1f}% (medians of 15 interleaved); all hit "
-        f"{1000 * overhead['hit_s']:.0f} ms; load average {os.getloadavg()[0]:.1f}"
-    )
-    if args.overhead_only:
-        return
-    load_before = os.getloadavg()
-    runs: dict[str, list[dict[str, Any]]] = {
-        "uncached": [],
-        "cached (memory)": [],
-        "skip pipeline (memory)": [],
-    }
+def _rounds(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    """Every row once per round, rounds interleaved: a loaded machine slows every row alike."""
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in ROWS}
     for _ in range(args.repeats):
         runs["uncached"].append(run("uncached", args))
         runs["cached (memory)"].append(run("cached", args))
         runs["skip pipeline (memory)"].append(run("skip", args))
-    runs["precomputed (hand-written)"] = [precomputed(args)]
-    with tempfile.TemporaryDirectory() as directory:
-        runs["disk, 1st process"] = [run("disk", args, directory)]
-        command = [sys.executable, __file__, "--worker", "disk", "--directory", directory]
-        command += [
-            f"--{k.replace('_', '-')}={getattr(args, k)}"
-            for k in ("size", "samples", "batch_size", "epochs", "threads")
-        ]
-        command += [f"--jpeg-dir={args.jpeg_dir}"] if args.jpeg_dir else []
-        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        runs["disk, 2nd process"] = [json.loads(out.strip().splitlines()[-1])]
-    load_after = os.getloadavg()
+        runs["precomputed (hand-written)"].append(precomputed(args))
+    if args.disk:
+        with tempfile.TemporaryDirectory() as directory:
+            runs["disk, 1st process"] = [run("disk", args, directory)]
+            command = [sys.executable, __file__, "--worker", "disk", "--directory", directory]
+            command += [
+                f"--{k.replace('_', '-')}={getattr(args, k)}"
+                for k in ("size", "samples", "batch_size", "epochs", "threads")
+            ]
+            command += [f"--jpeg-dir={args.jpeg_dir}"] if args.jpeg_dir else []
+            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            runs["disk, 2nd process"] = [json.loads(out.strip().splitlines()[-1])]
+    return runs
 
-    base = [_median(runs["uncached"], e) for e in range(args.epochs)]
+
+def measure(args: argparse.Namespace) -> None:
+    """All rows for in-memory tensors and JPEG files, printed as one Markdown table."""
+    keys = key_throughput(16 if args.quick else 64, 224)
     print(
-        f"\nResNet-18 (weights=None, frozen) + linear head, {args.samples} "
-        f"{'JPEG files (ImageFolder, resized to' if args.jpeg_dir else 'in-memory samples of'} "
-        f"3x{args.size}x{args.size}{')' if args.jpeg_dir else ''}, "
-        f"batch {args.batch_size}, {args.epochs} epochs, CPU {platform.processor() or platform.machine()}, "
-        f"{args.threads} threads, torch {torch.__version__}; load average "
-        f"{load_before[0]:.1f} before, {load_after[0]:.1f} after (1 min); "
-        f"medians of {args.repeats} interleaved runs\n"
+        f"key throughput on one {16 if args.quick else 64}x3x224x224 float32 batch "
+        f"({keys['bytes'] / 1e6:.0f} MB): "
+        f"sample_keys {keys['sample_keys_gbps']:.2f} GB/s, tensor.clone() {keys['clone_gbps']:.2f} GB/s "
+        f"({args.threads} threads; load average {os.getloadavg()[0]:.1f})"
     )
-    header = "| run | " + " | ".join(f"epoch {e + 1} (s)" for e in range(args.epochs))
-    header += " | later epochs vs uncached | last epoch vs precomputed | fit total (s) | total vs precomputed"
-    header += " | hit rate | cache bytes |"
-    print(header)
-    print("|" + "---|" * (args.epochs + 7))
-    pre_last = statistics.median(r["epochs"][-1] for r in runs["precomputed (hand-written)"])
-    pre_total = statistics.median(sum(r["epochs"]) for r in runs["precomputed (hand-written)"])
-    results = {}
-    for name, rs in runs.items():
-        per_epoch = [_median(rs, e) for e in range(args.epochs)]
-        later = (
-            statistics.mean(base[1:]) / statistics.mean(per_epoch[1:]) if args.epochs > 1 else float("nan")
-        )
-        stats = rs[-1]["stats"]
+    overhead = miss_overhead(args, repeats=5 if args.quick else 15)
+    print(
+        f"isolated miss path, batch {args.batch_size} at {args.size} px: plain trunk "
+        f"{1000 * overhead['plain_s']:.0f} ms, cached (all miss) {1000 * overhead['miss_s']:.0f} ms: "
+        f"{100 * overhead['overhead']:+.1f}%; all hit {1000 * overhead['hit_s']:.0f} ms; load average "
+        f"{os.getloadavg()[0]:.1f}"
+    )
+    if args.overhead_only:
+        return
+    load_before = os.getloadavg()
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    kinds = ["memory", "jpeg"] if args.data == "both" else [args.data]
+    for kind in kinds:
+        with tempfile.TemporaryDirectory() as jpeg_dir:
+            args.jpeg_dir = None
+            if kind == "jpeg":
+                args.jpeg_dir = jpeg_dir
+                write_jpegs(jpeg_dir, args.samples, args.size)
+            results[kind] = _rounds(args)
+    args.jpeg_dir = None
+    load_after = os.getloadavg()
+    print(
+        f"\nResNet-18 (weights=None, frozen) + linear head, {args.samples} samples of "
+        f"3x{args.size}x{args.size} "
+        f"(in-memory tensors; JPEG files through ImageFolder: decode, resize, crop, normalize), batch "
+        f"{args.batch_size}, shuffled, {args.epochs} epochs, "
+        f"CPU {platform.processor() or platform.machine()}, "
+        f"{args.threads} threads, torch {torch.__version__}; load average {load_before[0]:.1f} before, "
+        f"{load_after[0]:.1f} after (1 min); last epoch (skip_pipeline skips from epoch 3): median "
+        f"[min-max] of {args.repeats} interleaved rounds\n"
+    )
+    header = "| run |"
+    for kind in kinds:
+        what = "in-memory tensors" if kind == "memory" else "JPEG files"
+        header += f" last epoch, {what} (s) | vs hand-written |"
+    print(header + " hit rate |")
+    print("|---|" + "---|---|" * len(kinds) + "---|")
+    table: dict[str, Any] = {}
+    for name in results[kinds[0]]:
+        line = f"| {name} |"
+        for kind in kinds:
+            rs = results[kind].get(name)
+            if not rs:
+                line += " - | - |"
+                continue
+            last = [r["epochs"][-1] for r in rs]
+            pre = statistics.median(r["epochs"][-1] for r in results[kind]["precomputed (hand-written)"])
+            med = statistics.median(last)
+            line += f" {med:.3f} [{min(last):.3f}-{max(last):.3f}] | {med / pre:.2f}x |"
+            table.setdefault(name, {})[kind] = {
+                "last_s": last,
+                "vs_hand_written": med / pre,
+                "all": [r["epochs"] for r in rs],
+            }
+        stats = results[kinds[0]][name][-1]["stats"]
         lookups = stats.get("hits", 0) + stats.get("misses", 0)
-        rate = f"{100 * stats['hits'] / lookups:.1f}%" if lookups else "-"
-        print(
-            f"| {name} | "
-            + " | ".join(f"{t:.2f}" for t in per_epoch)
-            + f" | {later:.1f}x | {per_epoch[-1] / pre_last:.2f}x | {sum(per_epoch):.2f}"
-            + f" | {sum(per_epoch) / pre_total:.2f}x | {rate} | {stats.get('bytes', 0):,} |"
-        )
-        results[name] = {"per_epoch_s": per_epoch, "stats": stats, "all": [r["epochs"] for r in rs]}
-    cached = results["cached (memory)"]["per_epoch_s"]
-    print(
-        f"\nfirst-epoch overhead of the cache: {100 * (cached[0] / base[0] - 1):+.1f}% "
-        f"(uncached epoch 1 runs: {[round(r['epochs'][0], 2) for r in runs['uncached']]}, "
-        f"cached: {[round(r['epochs'][0], 2) for r in runs['cached (memory)']]})"
-    )
-    print(
-        f"memory cache bytes {results['cached (memory)']['stats']['bytes']:,} = samples x feature bytes "
-        f"{args.samples} x {FEATURES * 4} = {args.samples * FEATURES * 4:,}"
-    )
+        print(line + (f" {100 * stats['hits'] / lookups:.1f}% |" if lookups else " - |"))
+    print("\ntargets: cached later epoch within 1.5x of the hand-written epoch, skip_pipeline within 1.1x")
     if args.json:
         args.json.write_text(
             json.dumps(
                 {
                     "args": vars(args) | {"json": str(args.json)},
                     "load": [load_before, load_after],
+                    "key_throughput": keys,
                     "miss_overhead": overhead,
-                    "results": results,
+                    "results": table,
                 },
                 indent=2,
             )

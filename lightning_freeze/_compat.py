@@ -175,3 +175,13 @@ def global_forward_hooks() -> tuple[list[Callable[..., Any]], list[Callable[...,
         list(torch_module._global_forward_pre_hooks.values()),
         list(torch_module._global_forward_hooks.values()),
     )
+
+
+def fit_loop_combined_loader(trainer: Any) -> Any:
+    """``trainer.fit_loop._combined_loader``: the ``CombinedLoader`` the fit loop iterates this epoch.
+
+    Lightning has no public route to replace what the training epoch iterates; ``skip_pipeline``
+    sets the (public) ``CombinedLoader.flattened`` of this object in ``on_train_epoch_start``.
+    ``None`` before the fit loop set up its data.
+    """
+    return getattr(trainer.fit_loop, "_combined_loader", None)

@@ -31,6 +31,8 @@ run() {  # run NAME COMMAND...
 
 run pytest-cuda "$PY" -m pytest -q -m cuda tests
 run bf16 "$PY" scripts/gpu_check.py bf16 --devices 1
+run cache "$PY" scripts/gpu_check.py cache --devices 1
+grep -E '^(ResNet-50|\|)' "$LOG/cache.log" || true  # the table for docs/feature-cache.md
 for section in ddp_unfreeze syncbn fsdp fsdp2; do
   run "$section-1gpu" "$PY" scripts/gpu_check.py "$section" --devices 1
   if [ "$GPUS" -ge 2 ]; then

@@ -11,9 +11,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader
 from typing_extensions import override
 
+from lightning_freeze.callbacks.skip_pipeline import _SkipPipeline, check_batch_keys
 from lightning_freeze.core.cache_keys import RowDigestMemo
 from lightning_freeze.core.feature_cache import (
     MEMORY_DEVICES,
@@ -72,18 +72,19 @@ class FeatureCache(Callback):
     after the frozen module.
 
     **Skip the data pipeline too** (``skip_pipeline=True``). Once a complete training epoch has hit
-    the cache for every sample under one module key (the pipeline is deterministic: every dataset
-    index gave the same input bits as before), later epochs no longer load, decode or collate any
+    the cache for every sample under one module key *and* every dataset index gave the same input
+    bits and target bits as in an earlier epoch, later epochs no longer load, decode or collate any
     sample: they iterate the loader's batch sampler (same order, same ``set_epoch``, same draws from
-    the global RNG) and yield ``(indices, targets)``; the module's call on ``indices`` returns the
-    stored features of those samples, bitwise what it computed. With a fresh memory store this is
-    epoch 3 on (epoch 1 computes, epoch 2 checks); with a disk store filled by an earlier run,
-    epoch 2 on. Applies when: one module (no pattern), one training ``DataLoader`` with a torch
-    ``BatchSampler``, training batches ``(x, y)`` of tensors, and the model calls the module exactly
-    once per batch on ``x`` unchanged (``self.backbone(x)``), single process. Otherwise every epoch
-    loads its samples (one info line). A module whose key changes (a changed parameter or buffer,
-    another mode or precision, an unfreeze) is never served: its batches are loaded and computed
-    again (one info line), and skipping resumes only after another all-hit epoch.
+    the global RNG) and yield batches whose input is a zero placeholder shaped like ``x`` and whose
+    target is the recorded one; the module's call on the placeholder returns the stored features,
+    bitwise what it computed. Epoch 1 records, epoch 2 verifies, epochs 3+ skip. Every skipped epoch
+    first loads 32 random indices and compares their input keys and targets with the records (a
+    change loads the epoch). Applies when: one module (no pattern), one training ``DataLoader`` with
+    a torch ``BatchSampler``, training batches of two tensors (``(x, y)``, or a dict named by
+    ``input_key``/``target_key``), and the model calls the module exactly once per batch on ``x``
+    itself; under DDP every rank skips its own indices. Otherwise every epoch loads its samples
+    (one info line). A module whose key changes is never served: its batches are loaded and computed
+    again (one info line). See ``docs/feature-cache.md`` for the residual risk of the random check.
 
     The module's forward is replaced on the instance during ``fit``/``validate``/``test``/
     ``predict`` only and restored at teardown: ``state_dict`` keys, checkpoints and inference outside
@@ -105,6 +106,11 @@ class FeatureCache(Callback):
         skip_pipeline: once every training sample is cached and the inputs repeat, train later
             epochs on the cached (feature, target) pairs in the sampler's order without loading
             samples (see above). Default False.
+        input_key: ``skip_pipeline`` only: the entry of a training batch that is the module's input:
+            a dict key, or a position in a tuple/list batch (default: position 0; required for
+            dict batches).
+        target_key: ``skip_pipeline`` only: the entry that is the target (default: position 1;
+            required for dict batches).
 
     Attributes:
         stats: ``hits``, ``misses`` (samples), ``bytes`` (held by the store), ``hit_rate``,
@@ -116,7 +122,9 @@ class FeatureCache(Callback):
     Raises:
         ValueError: unknown ``store``/``device``, ``max_bytes <= 0``, ``store="disk"`` without a
             writable ``directory``, invalid ``modules``, a non-bool ``skip_pipeline``, or
-            ``skip_pipeline=True`` with more than one module or a pattern.
+            ``skip_pipeline=True`` with more than one module or a pattern, or a bad
+            ``input_key``/``target_key``; (in the first training batch) a dict batch without them,
+            or a name the batch lacks.
         ModuleSelectionError: (at setup) a module name that is not a submodule.
         UncacheableModuleError: (at fit start) a module that is trainable or random in train mode.
 
@@ -144,6 +152,8 @@ class FeatureCache(Callback):
         max_bytes: int | None = None,
         device: Literal["cpu", "output"] = "cpu",
         skip_pipeline: bool = False,
+        input_key: str | int | None = None,
+        target_key: str | int | None = None,
     ) -> None:
         super().__init__()
         names = (
@@ -162,6 +172,7 @@ class FeatureCache(Callback):
                 f"skip_pipeline=True needs exactly one module (no pattern), got modules={modules!r}; "
                 "valid choices: one dotted submodule name, e.g. 'backbone'."
             )
+        check_batch_keys(input_key, target_key, skip_pipeline)
         self.skip_pipeline = skip_pipeline
         self.store_kind = check_choice("store", store, STORES)
         self.device = check_choice("device", device, MEMORY_DEVICES)
@@ -176,7 +187,7 @@ class FeatureCache(Callback):
         self._epoch_hits: dict[str, int] = {}
         self._epoch_lookups: dict[str, int] = {}
         self._batch_start: dict[str, tuple[int, int]] = {}
-        self._skip = _SkipPipeline(self) if skip_pipeline else None
+        self._skip = _SkipPipeline(self, input_key, target_key) if skip_pipeline else None
         self._memo = RowDigestMemo()
 
     @property
@@ -541,317 +552,3 @@ def _human_bytes(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
-
-
-class _RecordingSampler:
-    """Stands in for a ``BatchSampler``'s sampler: yields the same indices, records them per pass."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.indices: list[int] = []
-
-    def __iter__(self) -> Any:
-        self.indices = indices = []
-        for index in self.inner:
-            indices.append(int(index))
-            yield index
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __getattr__(self, name: str) -> Any:  # set_epoch, generator, ... of the wrapped sampler
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-
-class _CachedEpoch:
-    """What the fit loop iterates in a skipped epoch: the loader's batch sampler, batches from the table."""
-
-    def __init__(self, skip: _SkipPipeline, loader: DataLoader) -> None:
-        self.skip = skip
-        self.loader = loader
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Any:
-        return self.skip._batches(self.loader)
-
-    def __getattr__(self, name: str) -> Any:  # dataset, batch_size, ... as trainer.train_dataloader
-        if name in ("loader", "skip"):
-            raise AttributeError(name)
-        return getattr(self.loader, name)
-
-
-class _SkipPipeline:
-    """The ``skip_pipeline=True`` mode of :class:`FeatureCache` (one module).
-
-    Every normal training epoch records, per dataset index (from the loader's sampler), the sample
-    key the module saw and the target. After a complete epoch in which every sample hit the cache
-    under one module key, the next epochs iterate the loader's batch sampler and yield
-    ``(indices, targets)``; the module's call returns the stored features of those indices.
-    """
-
-    def __init__(self, owner: FeatureCache) -> None:
-        self.owner = owner
-        self.name = owner.modules[0]
-        self.table: dict[int, tuple[bytes, torch.Tensor]] = {}
-        self.off: str | None = None
-        self.said: set[str] = set()
-        self.ready = False
-        self.ready_state: bytes | None = None
-        self.ready_digest: bytes | None = None
-        self.skipped_epochs = 0
-        self._reset_epoch()
-        self._loader: DataLoader | None = None
-        self._combined: Any = None
-        self._recorder: tuple[BatchSampler, _RecordingSampler] | None = None
-        self._pending: list[tuple[bool, list[int]]] = []
-        self._current: tuple[bool, list[int]] | None = None
-        self._served = 0
-
-    # -- bookkeeping -------------------------------------------------------------------------------
-    def _reset_epoch(self) -> None:
-        self.mode = "normal"
-        self.fell_back = False
-        self._ep_ok = True
-        self._ep_all_hit = True
-        self._ep_count = 0
-        self._ep_states: set[bytes] = set()
-
-    def _info(self, message: str) -> None:
-        if message not in self.said:
-            self.said.add(message)
-            rank_zero_info(f"FeatureCache: {message}")
-
-    def _turn_off(self, reason: str) -> None:
-        self.off = reason
-        self.ready = False
-        self._info(f"skip_pipeline does not apply ({reason}); every epoch loads its samples.")
-
-    def reset(self) -> None:
-        """A new fit: start over (its loader may give other samples under the same indices)."""
-        self.table.clear()
-        self.skipped_epochs = 0
-        self.off = None
-        self.ready = False
-        self._reset_epoch()
-
-    # -- hooks ---------------------------------------------------------------------------------------
-    def epoch_start(self, trainer: pl.Trainer) -> None:
-        self._reset_epoch()
-        self._pending.clear()
-        if self.off:
-            return
-        if trainer.world_size > 1:
-            return self._turn_off("multi-process training: only single-process runs are supported")
-        combined = trainer.fit_loop._combined_loader
-        loaders = combined.flattened if combined is not None else []
-        if len(loaders) != 1 or not isinstance(loaders[0], DataLoader):
-            return self._turn_off("it needs exactly one training DataLoader")
-        loader = loaders[0]
-        batch_sampler = loader.batch_sampler
-        if not isinstance(batch_sampler, BatchSampler):
-            return self._turn_off(
-                "the training DataLoader has no torch BatchSampler (batch_size=None or custom)"
-            )
-        if not isinstance(batch_sampler.sampler, _RecordingSampler):
-            self._restore_recorder()
-            recorder = _RecordingSampler(batch_sampler.sampler)
-            batch_sampler.sampler = recorder
-            self._recorder = (batch_sampler, recorder)
-        cache = self.owner.caches.get(self.name)
-        # the fit loop calls iter() on the loader after this hook only in these cases
-        iterates_after = (
-            trainer.current_epoch > 0
-            and not trainer.fit_loop.is_resuming
-            and not trainer.fit_loop.epoch_loop.restarting
-        )
-        if not (self.ready and cache is not None and cache.enabled and iterates_after):
-            return
-        if cache.current_tensor_digest() != self.ready_digest:
-            self.ready = False
-            self._info(
-                f"{self.name}'s parameters/buffers changed since its features were cached: "
-                "skip_pipeline falls back to loading the samples until they are cached again."
-            )
-            return
-        self._loader, self._combined = loader, combined
-        combined.flattened = [_CachedEpoch(self, loader)]
-        self.mode = "skip"
-        self._info(
-            f"skip_pipeline: from epoch {trainer.current_epoch} on, training batches are the cached "
-            f"features of {self.name} and the stored targets, in the sampler's order (no sample is loaded)."
-        )
-
-    def batch_start(self, batch: Any) -> None:
-        cache = self.owner.caches.get(self.name)
-        if cache is None:
-            return
-        self._calls0 = cache.calls
-        self._current = None
-        if self.mode == "skip" and self._pending:
-            self._current = self._pending.pop(0)
-            if self._current[0]:
-                self._served = 0
-                cache.redirect = self._serve
-
-    def batch_end(self, batch: Any) -> None:
-        cache = self.owner.caches.get(self.name)
-        if cache is None:
-            return
-        cache.redirect = None
-        if self.mode == "skip":
-            if self._current is not None and self._current[0] and self._served != 1:
-                raise RuntimeError(
-                    f"FeatureCache(skip_pipeline=True): {self.name} was not called in a training batch; "
-                    "in this mode the model must call it once per batch on the batch input x "
-                    "(batch = (x, y)). Use skip_pipeline=False for this model."
-                )
-            return
-        if self.off or not self._ep_ok:
-            return
-        if not (
-            isinstance(batch, (tuple, list))
-            and len(batch) == 2
-            and all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in batch)
-            and batch[0].shape[0] == batch[1].shape[0]
-        ):
-            return self._turn_off("training batches are not (x, y) pairs of tensors with one batch size")
-        x, y = batch
-        if cache.calls - self._calls0 != 1 or cache.last_call is None:
-            if cache.enabled and not self.owner.random_inputs:
-                self._turn_off(f"{self.name} is not called exactly once per training batch")
-            self._ep_ok = False
-            return
-        state, keys, misses = cache.last_call
-        if len(keys) != x.shape[0] or cache.call_keys(x[:1]) != keys[:1]:
-            return self._turn_off(f"{self.name} is not called on the batch input x of batch = (x, y)")
-        recorder = self._recorder[1] if self._recorder else None
-        indices = recorder.indices[self._ep_count : self._ep_count + len(keys)] if recorder else []
-        if len(indices) != len(keys):  # the sampler was iterated before it was wrapped (epoch 0 with workers)
-            self._ep_ok = False
-            return
-        self._ep_count += len(keys)
-        self._ep_states.add(state)
-        self._ep_all_hit &= misses == 0
-        targets = y.detach().to("cpu", copy=True)
-        for row, (index, key) in enumerate(zip(indices, keys, strict=True)):
-            known = self.table.get(index)
-            if known is not None and known[0] != key:
-                self._ep_ok = False
-                self._info(
-                    f"skip_pipeline: sample {index} gave {self.name} another input than before (random "
-                    "augmentation?): the pipeline is not deterministic, so every epoch loads its samples."
-                )
-                return
-            self.table[index] = (key, targets[row])
-
-    def epoch_end(self) -> None:
-        cache = self.owner.caches.get(self.name)
-        if self.mode == "skip":
-            self._restore_loader()
-            self.skipped_epochs += 1
-            if self.fell_back:
-                self.ready = False
-            return
-        recorder = self._recorder[1] if self._recorder else None
-        self.ready = bool(
-            not self.off
-            and cache is not None
-            and cache.enabled
-            and self._ep_ok
-            and self._ep_all_hit
-            and self._ep_count > 0
-            and recorder is not None
-            and self._ep_count == len(recorder.indices)
-            and len(self._ep_states) == 1
-        )
-        if self.ready:
-            self.ready_state = next(iter(self._ep_states))
-            self.ready_digest = cache._tensors  # type: ignore[union-attr]
-
-    def restore(self) -> None:
-        """Put back the fit loop's loader and the sampler (teardown, exception)."""
-        self._restore_loader()
-        self._restore_recorder()
-        cache = self.owner.caches.get(self.name)
-        if cache is not None:
-            cache.redirect = None
-
-    # -- internals -----------------------------------------------------------------------------------
-    def _restore_loader(self) -> None:
-        if self._combined is not None and self._loader is not None:
-            if isinstance(self._combined.flattened[0], _CachedEpoch):
-                self._combined.flattened = [self._loader]
-        self._combined = self._loader = None
-        self.mode = "normal"
-
-    def _restore_recorder(self) -> None:
-        if self._recorder is not None:
-            batch_sampler, recorder = self._recorder
-            if batch_sampler.sampler is recorder:
-                batch_sampler.sampler = recorder.inner
-            self._recorder = None
-
-    def _batches(self, loader: DataLoader) -> Any:
-        # the DataLoader draws its base seed from the global RNG on every new iterator: so do we,
-        # so that the RNG stream (dropout in the head, ...) is the same as with loading
-        if not (loader.persistent_workers and loader.num_workers > 0 and loader._iterator is not None):
-            torch.empty((), dtype=torch.int64).random_(generator=loader.generator)
-        self._pending.clear()
-        for indices in loader.batch_sampler:  # type: ignore[union-attr]
-            indices = [int(i) for i in indices]
-            if all(i in self.table for i in indices):
-                self._pending.append((True, indices))
-                yield (
-                    torch.tensor(indices, dtype=torch.int64),
-                    torch.stack([self.table[i][1] for i in indices]),
-                )
-            else:  # a sample never seen: load this batch
-                self._pending.append((False, indices))
-                self.fell_back = True
-                yield self._load(loader, indices)
-
-    @staticmethod
-    def _load(loader: DataLoader, indices: list[int]) -> Any:
-        return loader.collate_fn([loader.dataset[i] for i in indices])
-
-    def _serve(self, *args: Any, **kwargs: Any) -> Any:
-        """The module's forward in a skipped batch: the stored features of the batch's indices."""
-        cache = self.owner.caches[self.name]
-        self._served += 1
-        indices = self._current[1] if self._current else []
-        x = args[0] if len(args) == 1 and not kwargs else None
-        if (
-            self._served > 1
-            or not isinstance(x, torch.Tensor)
-            or x.dim() != 1
-            or x.dtype != torch.int64
-            or x.tolist() != indices
-        ):
-            what = "more than once" if self._served > 1 else "on something else than the batch input x"
-            raise RuntimeError(
-                f"FeatureCache(skip_pipeline=True): {self.name} was called {what} in a training batch; "
-                "in this mode x of batch = (x, y) carries the dataset indices whose cached features the "
-                "call returns, so the model must call it once per batch on x, unchanged. Use "
-                "skip_pipeline=False for this model."
-            )
-        state = cache._current_state(x.device.type)
-        if state is not None and state == self.ready_state:
-            output = cache.stored_output(state, [self.table[i][0] for i in indices], x.device)
-            if output is not None:
-                return output
-        # the module key changed (a changed buffer, an unfreeze, ...) or an entry is gone: load
-        self.fell_back = True
-        self._info(
-            f"{self.name} no longer matches its cached features (changed parameters/buffers/mode, or "
-            "unfrozen): skip_pipeline loads the samples again."
-        )
-        real = self._load(self._loader, indices)[0].to(x.device)  # type: ignore[arg-type]
-        cache.redirect = None
-        try:
-            return cache._forward(real)
-        finally:
-            cache.redirect = self._serve

@@ -88,6 +88,7 @@ from lightning_freeze.core.cache_stores import (
     entry_bytes,
     make_store,
 )
+from lightning_freeze.core.purity import purity_reasons, train_behaviour
 from lightning_freeze.core.structure import (
     Structure,
     UnsupportedStructure,
@@ -96,7 +97,6 @@ from lightning_freeze.core.structure import (
     unflatten,
 )
 from lightning_freeze.core.validation import check_choice
-from lightning_freeze.core.purity import purity_reasons, train_behaviour
 
 __all__ = [
     "KEY_BYTES",

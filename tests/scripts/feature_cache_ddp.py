@@ -1,9 +1,10 @@
 """2-process CPU DDP fit with FeatureCache(store="disk") (run by tests/test_feature_cache_ddp.py).
 
-Usage: python feature_cache_ddp.py OUT_DIR {cached,plain}
+Usage: python feature_cache_ddp.py OUT_DIR {cached,plain,skip}
 The sampler shuffles, so each rank gets other samples every epoch: with a shared disk store every
-rank hits what the other computed. Writes OUT_DIR/<mode>/rank{R}.pt: the state_dict and, per train
-epoch, this rank's (hits, misses) of training samples.
+rank hits what the other computed; "skip" adds skip_pipeline=True (epochs 2-3 load no sample).
+Writes OUT_DIR/<mode>/rank{R}.pt: the state_dict and, per train epoch, this rank's (hits, misses)
+of training samples.
 """
 
 from __future__ import annotations
@@ -51,14 +52,14 @@ def main(out: Path, mode: str) -> None:
     L.seed_everything(0, verbose=False)
     model = TinyNet()
     callbacks: list[Any] = [FreezeBackbone("backbone")]
-    if mode == "cached":
-        cache = FeatureCache("backbone", store="disk", directory=out / "cache")
+    if mode in ("cached", "skip"):
+        cache = FeatureCache("backbone", store="disk", directory=out / "cache", skip_pipeline=mode == "skip")
         callbacks += [cache, EpochHits(cache)]
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
         strategy="ddp",
-        max_epochs=3,
+        max_epochs=4,
         deterministic=True,
         callbacks=callbacks,
         logger=False,
@@ -74,7 +75,8 @@ def main(out: Path, mode: str) -> None:
         DataLoader(make_data(32, 1), batch_size=8),
     )
     result: dict[str, Any] = {"state_dict": model.state_dict()}
-    if mode == "cached":
+    if mode in ("cached", "skip"):
+        result["skipped_epochs"] = cache.stats["skipped_epochs"]
         result["epochs"] = torch.tensor(callbacks[-1].epochs)
         result["bytes"] = cache.stats["bytes"]
     (out / mode).mkdir(exist_ok=True)
