@@ -124,3 +124,33 @@ def test_opt_outs_are_impure_as_asked() -> None:
         "backbone.0.bn",
         "backbone.1.bn",
     ]
+
+
+TIMM_ZOO = [
+    "test_efficientnet",  # BatchNormAct2d (norm + activation + drop), DropPath
+    "test_efficientnet_evos",  # EvoNorm2dS0
+    "test_efficientnet_gn",  # GroupNorm: no running statistics
+    "test_nfnet",  # scaled weight standardisation, DropPath
+    "test_maxvit",  # attention, BatchNorm, DropPath
+    "test_vit_relpos",  # relative-position attention, non-persistent buffers
+]
+
+
+@pytest.mark.parametrize("name", TIMM_ZOO)
+def test_timm_test_models_frozen_with_the_defaults_are_cacheable(name: str) -> None:
+    torch.manual_seed(0)
+    kwargs = {"img_size": 32} if "vit" in name or "maxvit" in name else {}
+    model = timm.create_model(name, pretrained=False, drop_path_rate=0.2, drop_rate=0.2, **kwargs)
+    net = nn.ModuleDict({"backbone": model, "head": nn.Linear(1, 1)})
+    net.train()
+    x = torch.randn(2, 3, 32, 32)
+    before = uncacheable_reasons(model, "backbone", check_grad=False)
+    assert before and "in train mode" in before[0]  # control: random or stateful layers in train mode
+    freeze(net, "backbone")
+    with torch.no_grad():
+        expected = model(x)  # through the guard: the eval-mode function
+    net.train()
+    assert uncacheable_reasons(model, "backbone") == []
+    with OutputCache(model), torch.no_grad():
+        first, second = model(x), model(x)
+    assert torch.equal(first, expected) and torch.equal(second, expected)

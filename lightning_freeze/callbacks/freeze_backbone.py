@@ -450,6 +450,7 @@ class FreezeBackbone(Callback):
                 no longer reproduces its output on the probe input, or a rank holds other frozen
                 tensors than the others (raised on every rank, naming the rank and the tensors).
         """
+        check_choice("probe", probe, ("always", "if_changed"))
         if self.verify == "off" or self._reference is None:
             return None
         tensors, sharded = local_shards(pl_module.state_dict(keep_vars=True))
@@ -562,7 +563,6 @@ class FreezeBackbone(Callback):
         self, pl_module: torch.nn.Module, names: set[str], when: str, unchanged: bool
     ) -> list[ProbeMismatch]:
         """Run the probes of ``names`` (or skip those whose function token is unchanged); mismatches."""
-        check_choice("probe", when, ("always", "if_changed"))
         mismatches, self.probes_skipped = [], []
         for name, probe in self.probes.items():
             if name not in names:
