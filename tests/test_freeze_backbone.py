@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers.freeze import TinyNet, changed_keys, loaders, snapshot, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from packaging.version import Version
 from torch import nn
 
 from lightning_freeze import FreezeBackbone, FrozenStateError
@@ -212,6 +213,10 @@ def test_optimizer_holding_frozen_params_warns(tmp_path) -> None:
         _fit(Careless(), tmp_path, [FreezeBackbone()], max_epochs=1)
 
 
+@pytest.mark.skipif(
+    Version(L.__version__) < Version("2.5.5"),
+    reason=f"lightning {L.__version__} has no eval-mode notice at fit start (2.5.5 added it)",
+)
 def test_eval_mode_notice_is_silenced_only_for_pinned_layers(tmp_path) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
