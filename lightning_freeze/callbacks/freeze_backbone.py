@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.optim import lr_scheduler as torch_lr_scheduler
 from typing_extensions import override
 
+from lightning_freeze.callbacks.unfreeze import (
+    add_to_optimizer,
+    can_unfreeze_under,
+    check_compiled_gradients,
+    check_schedulers,
+    is_compiled,
+    rewrap_ddp,
+)
 from lightning_freeze.core.distributed import (
     compare_across_ranks,
     describe_rank_mismatch,
@@ -40,6 +45,7 @@ from lightning_freeze.core.freeze import (
     pin_frozen_layers,
     unfreeze,
 )
+from lightning_freeze.core.param_groups import SUPPORTED_SCHEDULERS
 from lightning_freeze.core.probe import OutputProbe, ProbeMismatch, capture_probe_input
 from lightning_freeze.core.validation import (
     check_choice,
@@ -53,43 +59,6 @@ __all__ = ["SUPPORTED_SCHEDULERS", "VERIFY_MODES", "FreezeBackbone"]
 
 VerifyMode = Literal["raise", "warn", "off"]
 VERIFY_MODES: tuple[str, ...] = choices_of(VerifyMode)
-
-#: The ``torch.optim.lr_scheduler`` classes (and their subclasses) that ``unfreeze_at_epoch`` extends
-#: to the new param group. Any other scheduler on the first optimizer is refused at fit start.
-SUPPORTED_SCHEDULERS: tuple[type, ...] = (
-    torch_lr_scheduler.LambdaLR,
-    torch_lr_scheduler.MultiplicativeLR,
-    torch_lr_scheduler.StepLR,
-    torch_lr_scheduler.MultiStepLR,
-    torch_lr_scheduler.ConstantLR,
-    torch_lr_scheduler.LinearLR,
-    torch_lr_scheduler.ExponentialLR,
-    torch_lr_scheduler.SequentialLR,
-    torch_lr_scheduler.PolynomialLR,
-    torch_lr_scheduler.CosineAnnealingLR,
-    torch_lr_scheduler.ChainedScheduler,
-    torch_lr_scheduler.ReduceLROnPlateau,
-    torch_lr_scheduler.CyclicLR,
-    torch_lr_scheduler.CosineAnnealingWarmRestarts,
-    torch_lr_scheduler.OneCycleLR,
-)
-# per-param-group lists a scheduler keeps, and whether the new group's entry scales with the lr
-_SCHEDULER_GROUP_LISTS: tuple[tuple[str, bool], ...] = (
-    ("base_lrs", True),
-    ("max_lrs", True),  # CyclicLR
-    ("min_lrs", True),  # ReduceLROnPlateau
-    ("lr_lambdas", False),  # LambdaLR, MultiplicativeLR: the first group's function
-    ("base_momentums", False),  # CyclicLR
-    ("max_momentums", False),
-    ("_last_lr", True),
-)
-# per-param-group keys some schedulers store in the optimizer's groups (OneCycleLR, CyclicLR)
-_SCHEDULER_GROUP_KEYS: tuple[tuple[str, bool], ...] = (
-    ("max_lr", True),
-    ("min_lr", True),
-    ("max_momentum", False),
-    ("base_momentum", False),
-)
 
 
 class FreezeBackbone(Callback):
@@ -239,7 +208,7 @@ class FreezeBackbone(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if self.unfreeze_at_epoch is not None and not _can_unfreeze_under(trainer.strategy):
+        if self.unfreeze_at_epoch is not None and not can_unfreeze_under(trainer.strategy):
             raise ValueError(
                 f"FreezeBackbone(unfreeze_at_epoch={self.unfreeze_at_epoch}) cannot unfreeze under "
                 f"{type(trainer.strategy).__name__}: a sharded or engine-managed strategy builds its "
@@ -580,8 +549,8 @@ class FreezeBackbone(Callback):
             raise RuntimeError(
                 "FreezeBackbone cannot unfreeze: the trainer has no optimizer to add parameters to."
             )
-        rewrapped = _rewrap_ddp(trainer)
-        if _is_compiled(pl_module):
+        rewrapped = rewrap_ddp(trainer)
+        if is_compiled(pl_module):
             self._grad_watch, self._dynamo_reset = list(params), False
             rank_zero_info(
                 "FreezeBackbone: the model is compiled (torch.compile): dynamo recompiles the graphs that "
@@ -589,15 +558,11 @@ class FreezeBackbone(Callback):
                 "gradients at the first optimizer step (a stale compiled frame, PyTorch #139476, resets "
                 "dynamo once)."
             )
-        optimizer = trainer.optimizers[0]
-        _add_param_group(optimizer, params, self.unfreeze_lr_scale)
-        for config in trainer.lr_scheduler_configs:
-            if getattr(config.scheduler, "optimizer", None) is optimizer:
-                _extend_scheduler(config.scheduler, optimizer, self.unfreeze_lr_scale)
+        lr = add_to_optimizer(trainer, params, self.unfreeze_lr_scale)
         when = when or f"at epoch {trainer.current_epoch}"
         rank_zero_info(
             f"FreezeBackbone: unfroze {', '.join(self._scheduled)} {when}: "
-            f"{len(params)} parameters in a new param group with lr={optimizer.param_groups[-1]['lr']:g}"
+            f"{len(params)} parameters in a new param group with lr={lr:g}"
             + (
                 "; DistributedDataParallel rebuilt so it synchronises their gradients (parameters "
                 "broadcast from rank 0)"
@@ -607,48 +572,11 @@ class FreezeBackbone(Callback):
         )
 
     def _check_compiled_gradients(self) -> None:
-        """After an unfreeze under torch.compile: did every unfrozen parameter get a gradient?
-
-        A compiled frame traced while they were frozen and reused after (PyTorch #139476) computes
-        no gradient for them, and they would silently never train. First time: reset dynamo's
-        caches (everything recompiles at the next step, once). Still none after that: warn (the
-        parameters are not used in the forward at all).
-        """
-        missing = [p for p in self._grad_watch if p.grad is None]
-        if not missing:
-            self._grad_watch = []
-            return
-        if not self._dynamo_reset:
-            self._dynamo_reset = True
-            torch._dynamo.reset()
-            rank_zero_info(
-                f"FreezeBackbone: {len(missing)} of {len(self._grad_watch)} unfrozen parameters got no "
-                "gradient in a compiled step (a stale compiled frame, PyTorch #139476): "
-                "torch._dynamo.reset(), the model recompiles at the next step."
-            )
-            return
-        self._grad_watch = []
-        rank_zero_warn(
-            f"FreezeBackbone: {len(missing)} unfrozen parameters still got no gradient after recompiling: "
-            "they are not used in the forward (check the model), or the compiled model hides them."
-        )
+        """After an unfreeze under torch.compile: see :func:`.unfreeze.check_compiled_gradients`."""
+        self._grad_watch, self._dynamo_reset = check_compiled_gradients(self._grad_watch, self._dynamo_reset)
 
     def _check_schedulers(self, trainer: pl.Trainer) -> None:
-        if not trainer.optimizers:
-            return
-        optimizer = trainer.optimizers[0]
-        for config in trainer.lr_scheduler_configs:
-            if getattr(config.scheduler, "optimizer", None) is not optimizer:
-                continue
-            for scheduler in _scheduler_tree(config.scheduler):
-                if not isinstance(scheduler, SUPPORTED_SCHEDULERS):
-                    raise ValueError(
-                        f"FreezeBackbone(unfreeze_at_epoch={self.unfreeze_at_epoch}) cannot extend the "
-                        f"learning-rate scheduler {type(scheduler).__name__} to the new param group: it may "
-                        "keep per-group state this callback does not know. Supported schedulers: "
-                        f"{', '.join(c.__name__ for c in SUPPORTED_SCHEDULERS)} (and their subclasses). "
-                        "Use one of them, or train the unfrozen model as a new stage."
-                    )
+        check_schedulers(trainer, f"FreezeBackbone(unfreeze_at_epoch={self.unfreeze_at_epoch})")
 
     def _warn_if_optimizer_holds_frozen(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         frozen_ids = {
@@ -719,86 +647,5 @@ class FreezeBackbone(Callback):
             )
 
 
-def _can_unfreeze_under(strategy: Any) -> bool:
-    """Single device, or plain DDP (whose wrapper :func:`_rewrap_ddp` can rebuild); not sharded/DeepSpeed."""
-    if not isinstance(strategy, ParallelStrategy):
-        return True
-    return isinstance(strategy, DDPStrategy) and "DeepSpeed" not in type(strategy).__name__
-
-
-def _is_compiled(pl_module: nn.Module) -> bool:
-    """``trainer.fit(torch.compile(model))`` (Lightning keeps a ``_compiler_ctx``), ``module.compile()``
-    on the module or a submodule, or a ``torch.compile``-d submodule."""
-    if getattr(pl_module, "_compiler_ctx", None):
-        return True
-    return any(
-        getattr(m, "_compiled_call_impl", None) is not None or hasattr(m, "_orig_mod")
-        for m in pl_module.modules()
-    )
-
-
-def _rewrap_ddp(trainer: pl.Trainer) -> bool:
-    """Rebuild the strategy's ``DistributedDataParallel`` wrapper after parameters were unfrozen.
-
-    DDP registers the parameters that require grad when it wraps the model (its reducer's buckets
-    and autograd hooks): a parameter unfrozen later would get a local gradient only, and the ranks
-    would drift apart (Lightning's ``BackboneFinetuning``, their issue #20340). A new wrapper of the
-    same LightningModule, built by the strategy with its own arguments (``find_unused_parameters``,
-    ``static_graph``, communication hooks), broadcasts every parameter and buffer from rank 0 (so
-    the ranks start the new stage identical) and synchronises the new parameters from the next
-    backward on. The old wrapper's reducer is released with it (its autograd hooks go away).
-
-    Returns:
-        ``True`` when a wrapper was rebuilt, ``False`` when the model is not wrapped in DDP.
-    """
-    strategy = trainer.strategy
-    old = strategy.model
-    if not isinstance(old, DistributedDataParallel) or not isinstance(strategy, DDPStrategy):
-        return False
-    module = old.module
-    del old
-    strategy.model = None  # drop the last reference to the old reducer before the new one is built
-    strategy.model = strategy._setup_model(module)
-    strategy._register_ddp_hooks()
-    return True
-
-
 def _fingerprints_from_state(state: dict[str, Any]) -> dict[str, TensorFingerprint]:
     return {k: TensorFingerprint(digest, dtype, tuple(shape)) for k, (digest, dtype, shape) in state.items()}
-
-
-def _add_param_group(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], scale: float) -> None:
-    """Add ``params`` as a new group at ``scale`` x the first group's lr, moving any already held."""
-    moving = {id(p) for p in params}
-    for group in optimizer.param_groups:
-        # an optimizer built over self.parameters() already holds them: they join the new group
-        group["params"] = [p for p in group["params"] if id(p) not in moving]
-    first = optimizer.param_groups[0]
-    lr = first["lr"] * scale
-    optimizer.add_param_group(
-        {"params": params, "lr": lr, "initial_lr": first.get("initial_lr", first["lr"]) * scale}
-    )
-    new = optimizer.param_groups[-1]
-    for key, scaled in _SCHEDULER_GROUP_KEYS:
-        if key in first:
-            new[key] = first[key] * scale if scaled else first[key]
-    # schedulers that cycle momentum set it per group: start the new group where the first one is
-    for key in ("momentum", "betas"):
-        if "max_momentum" in first and key in first:
-            new[key] = first[key]
-
-
-def _scheduler_tree(scheduler: Any) -> Iterator[Any]:
-    yield scheduler
-    for child in getattr(scheduler, "_schedulers", None) or []:  # SequentialLR, ChainedScheduler
-        yield from _scheduler_tree(child)
-
-
-def _extend_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, scale: float) -> None:
-    """Append the new (last) param group's entry to every per-group list a scheduler keeps."""
-    n_groups = len(optimizer.param_groups)
-    for sched in _scheduler_tree(scheduler):
-        for attr, scaled in _SCHEDULER_GROUP_LISTS:
-            values = getattr(sched, attr, None)
-            if isinstance(values, list) and len(values) == n_groups - 1 and values:
-                values.append(values[0] * scale if scaled else values[0])
