@@ -48,9 +48,8 @@ def test_is_compiled_sees_each_way_of_compiling() -> None:
     assert _compat.is_compiled(nn.Sequential(torch.compile(nn.Linear(2, 2)))), (
         f"OptimizedModule._orig_mod changed in {VERSIONS}"
     )
-    from lightning.pytorch.utilities.compile import from_compiled
-
     from helpers.freeze import TinyNet
+    from lightning.pytorch.utilities.compile import from_compiled
 
     model = from_compiled(torch.compile(TinyNet()))
     assert _compat.is_compiled(model), f"LightningModule._compiler_ctx changed in {VERSIONS}"
