@@ -14,6 +14,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_freeze.callbacks.unfreeze import (
+    PhaseRunner,
     add_to_optimizer,
     can_unfreeze_under,
     check_compiled_gradients,
@@ -45,8 +46,10 @@ from lightning_freeze.core.freeze import (
     pin_frozen_layers,
     unfreeze,
 )
+from lightning_freeze.core.norm import find_running_stat_norms, pin_eval, running_stat_buffer_names
 from lightning_freeze.core.param_groups import SUPPORTED_SCHEDULERS
 from lightning_freeze.core.probe import OutputProbe, ProbeMismatch, capture_probe_input
+from lightning_freeze.core.unfreeze_schedule import UnfreezeSchedule
 from lightning_freeze.core.validation import (
     check_choice,
     check_int,
@@ -121,6 +124,11 @@ class FreezeBackbone(Callback):
         unfreeze_lr_scale: learning rate of the new param group, as a multiple of the first param
             group's (its current lr, and its scheduler's base/max/min lr). A finite number > 0.
             Default ``0.1``.
+        schedule: an :class:`~lightning_freeze.UnfreezeSchedule`: phases that unfreeze parts of
+            ``modules`` one after the other (by epoch or on a validation plateau), each as a new
+            param group with its own learning rate, warm-up and norm handling; what is still frozen
+            stays verified at every phase. Exclusive with ``unfreeze_at_epoch``. See
+            ``docs/finetuning.md``.
         verify: ``"raise"`` (default): raise :class:`~lightning_freeze.FrozenStateError` naming every
             changed tensor by its full ``state_dict`` key and every module whose probe output changed;
             ``"warn"``: warn instead; ``"off"``: no fingerprints, no probes.
@@ -158,6 +166,7 @@ class FreezeBackbone(Callback):
         unfreeze_lr_scale: float = 0.1,
         verify: VerifyMode = "raise",
         dropout: DropoutMode = "eval",
+        schedule: UnfreezeSchedule | None = None,
     ) -> None:
         super().__init__()
         self.modules = check_str_list(
@@ -178,6 +187,20 @@ class FreezeBackbone(Callback):
         )
         self.unfreeze_lr_scale = check_positive_finite("unfreeze_lr_scale", unfreeze_lr_scale)
         self.freeze_inactive_branches = bool(freeze_inactive_branches)
+        if schedule is not None and not isinstance(schedule, UnfreezeSchedule):
+            raise ValueError(
+                f"FreezeBackbone(schedule={schedule!r}): expected None or an UnfreezeSchedule "
+                "(UnfreezeSchedule([...phases]) or UnfreezeSchedule.gradual('backbone'))."
+            )
+        if schedule is not None and self.unfreeze_at_epoch is not None:
+            raise ValueError(
+                f"FreezeBackbone(unfreeze_at_epoch={self.unfreeze_at_epoch}, schedule=...): give one of "
+                "them; "
+                "unfreeze_at_epoch=N is the one-phase schedule UnfreezeSchedule([UnfreezePhase(modules, "
+                "epoch=N, lr_scale=unfreeze_lr_scale)])."
+            )
+        self.schedule = schedule
+        self.phases: PhaseRunner | None = None
 
         self.frozen: FrozenModules | None = None
         self.last_check: FingerprintDiff | None = None
@@ -185,6 +208,7 @@ class FreezeBackbone(Callback):
         self.last_probe_check: list[ProbeMismatch] = []
         self.last_rank_check: dict[int, list[str]] = {}
         self._unfrozen = False
+        self._released: list[str] = []  # frozen names unfrozen since setup
         self._reference: dict[str, TensorFingerprint] | None = None
         self._restored: dict[str, Any] | None = None
         self._scheduled: list[
@@ -208,9 +232,11 @@ class FreezeBackbone(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if self.unfreeze_at_epoch is not None and not can_unfreeze_under(trainer.strategy):
+        unfreezes = self.unfreeze_at_epoch is not None or self.schedule is not None
+        if unfreezes and not can_unfreeze_under(trainer.strategy):
+            what = f"unfreeze_at_epoch={self.unfreeze_at_epoch}" if self.schedule is None else "schedule=..."
             raise ValueError(
-                f"FreezeBackbone(unfreeze_at_epoch={self.unfreeze_at_epoch}) cannot unfreeze under "
+                f"FreezeBackbone({what}) cannot unfreeze under "
                 f"{type(trainer.strategy).__name__}: a sharded or engine-managed strategy builds its "
                 "parameter groups (flat parameters, shards) once, from what requires grad at setup. "
                 "Supported: single device and DDPStrategy ('ddp', 'ddp_spawn', 'ddp_fork', "
@@ -221,10 +247,13 @@ class FreezeBackbone(Callback):
         self.last_check, self.probes, self.last_probe_check, self.last_rank_check = None, {}, [], {}
         self._reference = None
         names, inactive = self._names_to_freeze(pl_module)
+        if self.schedule is not None:
+            self.phases = PhaseRunner(self.schedule)
+            names = self.phases.names_to_freeze(pl_module, names)
         self.frozen = freeze(pl_module, names + inactive, norm=self.norm, dropout=self.dropout)
         self._holding = True
         self._scheduled = [n for n in self.frozen.names if n not in inactive]
-        self._unfrozen = False
+        self._unfrozen, self._released = False, []
         if not any(p.requires_grad for p in pl_module.parameters()):
             frozen_names = self.frozen.names
             # nothing requires grad now: parameters outside what we froze were frozen before we came
@@ -250,12 +279,18 @@ class FreezeBackbone(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         restored, self._restored = self._restored, None
-        if self.unfreeze_at_epoch is not None:
+        if self.unfreeze_at_epoch is not None or self.phases is not None:
             self._check_schedulers(trainer)
         if restored is not None and restored.get("unfrozen"):
             self._unfreeze(
                 trainer, pl_module, when="on resume (the checkpoint was written after the unfreeze)"
             )
+        if self.phases is not None:
+            self.phases.attach(trainer)
+            if restored is not None and restored.get("schedule"):
+                for index in range(int(restored["schedule"]["begun"])):
+                    self._begin_phase(trainer, pl_module, index, resumed=True)
+                self.phases.load_state_dict(restored["schedule"])
         frozen = self._require_frozen()
         # the strategy may have replaced layers since setup (e.g. a SyncBatchNorm conversion)
         pin_frozen_layers(pl_module, self._still_frozen_names(), norm=frozen.norm, dropout=frozen.dropout)
@@ -284,6 +319,7 @@ class FreezeBackbone(Callback):
         for module in self._shown_as_training:
             module.training = False
         self._shown_as_training = []
+        self._unfreeze_if_due(trainer, pl_module)
         frozen = self._require_frozen()
         # a frozen module whose norm layers or dropout keep training computes something new at every
         # call: its tensors are still fingerprinted, but there is no fixed output to check
@@ -325,7 +361,14 @@ class FreezeBackbone(Callback):
             self._record_probes(pl_module)
 
     @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.phases is not None:
+            self.phases.record_validation(trainer)
+
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.phases is not None:
+            self.phases.take_pending_best()
         self.check(pl_module, trainer)
 
     @override
@@ -336,6 +379,8 @@ class FreezeBackbone(Callback):
                 f"; {len(self.probes)} module output(s) reproduced on the probe input" if self.probes else ""
             )
             rank_zero_info(f"FreezeBackbone: {diff.summary()}{probes}")
+        if self.phases is not None and self.phases.timeline:
+            rank_zero_info("FreezeBackbone: fine-tuning phases:\n" + self.phases.summary())
 
     @override
     def on_exception(
@@ -360,6 +405,7 @@ class FreezeBackbone(Callback):
                 k: [fp.digest, fp.dtype, list(fp.shape)] for k, fp in (self._reference or {}).items()
             },
             "probes": {name: probe.state_dict() for name, probe in self.probes.items()},
+            "schedule": self.phases.state_dict() if self.phases is not None else None,
         }
 
     @override
@@ -494,14 +540,15 @@ class FreezeBackbone(Callback):
         return list(self.modules), inactive
 
     def _still_frozen_names(self) -> list[str]:
-        names = self._require_frozen().names
-        return [n for n in names if n not in self._scheduled] if self._unfrozen else names
+        return [n for n in self._require_frozen().names if n not in self._released]
 
     def _release(self, pl_module: pl.LightningModule) -> None:
         """Give the model back as setup found it (idempotent): no hook, flags as before."""
         for handle, _ in self._captures.values():
             handle.remove()
         self._captures = {}
+        if self.phases is not None:
+            self.phases.detach()
         for module in self._shown_as_training:
             module.training = False
         self._shown_as_training = []
@@ -519,6 +566,10 @@ class FreezeBackbone(Callback):
                 self.probes[name] = OutputProbe.record(module, store["full_args"], store["full_kwargs"])
 
     def _unfreeze_if_due(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.phases is not None:
+            for index in self.phases.due(trainer):
+                self._begin_phase(trainer, pl_module, index)
+            return
         if (
             self.unfreeze_at_epoch is not None
             and not self._unfrozen
@@ -526,25 +577,80 @@ class FreezeBackbone(Callback):
         ):
             self._unfreeze(trainer, pl_module)
 
-    def _unfreeze(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str = "") -> None:
+    def _begin_phase(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int, resumed: bool = False
+    ) -> None:
+        """Phase ``index`` of the schedule begins: restore the best weights (``restore_best``), unfreeze."""
+        runner = self.phases
+        assert runner is not None
+        phase = runner.phases[index]
+        if not resumed and trainer.optimizers and runner.restore_best_into(pl_module, trainer.optimizers[0]):
+            rank_zero_info(f"FreezeBackbone: phase {index}'s best weights restored before phase {index + 1}")
+        first_lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else 1.0
+        when = "on resume" if resumed else f"at epoch {trainer.current_epoch} (phase {index + 1})"
+        lr = self._unfreeze(
+            trainer,
+            pl_module,
+            when=when,
+            names=list(phase.modules),
+            scale=phase.scale_for(first_lr),
+            lr=phase.lr,
+            pin_norms=phase.norm == "eval",
+        )
+        if not resumed:
+            group = len(trainer.optimizers[0].param_groups) - 1 if trainer.optimizers else 0
+            count = sum(p.numel() for m in phase.modules for p in pl_module.get_submodule(m).parameters())
+            runner.begin(index, trainer.current_epoch, trainer.global_step, group, lr, count)
+
+    def _unfreeze(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        when: str = "",
+        names: list[str] | None = None,
+        scale: float | None = None,
+        lr: float | None = None,
+        pin_norms: bool = False,
+    ) -> float:
+        """Unfreeze ``names`` (default: what ``unfreeze_at_epoch`` unfreezes) into a new param group.
+
+        ``pin_norms``: their running-statistics layers stay pinned in eval mode, and their running
+        statistics stay verified. Returns the new group's lr (``0.0`` when no parameter joined).
+        """
         frozen = self._require_frozen()
-        params = unfreeze(pl_module, frozen.subset(self._scheduled), mode=True)
-        self._unfrozen = True
-        prefixes = tuple(f"{n}." for n in self._scheduled)
+        legacy = names is None
+        names = list(self._scheduled) if names is None else names
+        scale = self.unfreeze_lr_scale if scale is None else scale
+        params = unfreeze(pl_module, frozen.subset(names), mode=True)
+        kept: set[str] = set()
+        if pin_norms:
+            for name in names:
+                layers = find_running_stat_norms(pl_module.get_submodule(name), prefix=name)
+                pin_eval(list(layers.values()))
+                kept.update(
+                    f"{n}.{b}" for n, layer in layers.items() for b in running_stat_buffer_names(layer)
+                )
+        self._unfrozen = self._unfrozen or legacy
+        self._released.extend(names)
+        prefixes = tuple(f"{n}." for n in names)
+
+        def released(key: str) -> bool:
+            return key.startswith(prefixes) and key not in kept
+
         self.frozen = dataclasses.replace(
             frozen,
             parameter_keys=[k for k in frozen.parameter_keys if not k.startswith(prefixes)],
-            tensor_keys=[k for k in frozen.tensor_keys if not k.startswith(prefixes)],
+            tensor_keys=[k for k in frozen.tensor_keys if not released(k)],
         )
         if self._reference is not None:
-            self._reference = {k: v for k, v in self._reference.items() if not k.startswith(prefixes)}
-        for name in self._scheduled:
+            self._reference = {k: v for k, v in self._reference.items() if not released(k)}
+        for name in names:
             self.probes.pop(name, None)
             handle_store = self._captures.pop(name, None)
             if handle_store is not None:
                 handle_store[0].remove()
         if not params:
-            return
+            return 0.0
         if not trainer.optimizers:
             raise RuntimeError(
                 "FreezeBackbone cannot unfreeze: the trainer has no optimizer to add parameters to."
@@ -558,10 +664,10 @@ class FreezeBackbone(Callback):
                 "gradients at the first optimizer step (a stale compiled frame, PyTorch #139476, resets "
                 "dynamo once)."
             )
-        lr = add_to_optimizer(trainer, params, self.unfreeze_lr_scale)
+        lr = add_to_optimizer(trainer, params, scale, lr=lr)
         when = when or f"at epoch {trainer.current_epoch}"
         rank_zero_info(
-            f"FreezeBackbone: unfroze {', '.join(self._scheduled)} {when}: "
+            f"FreezeBackbone: unfroze {', '.join(names)} {when}: "
             f"{len(params)} parameters in a new param group with lr={lr:g}"
             + (
                 "; DistributedDataParallel rebuilt so it synchronises their gradients (parameters "
@@ -570,13 +676,15 @@ class FreezeBackbone(Callback):
                 else ""
             )
         )
+        return lr
 
     def _check_compiled_gradients(self) -> None:
         """After an unfreeze under torch.compile: see :func:`.unfreeze.check_compiled_gradients`."""
         self._grad_watch, self._dynamo_reset = check_compiled_gradients(self._grad_watch, self._dynamo_reset)
 
     def _check_schedulers(self, trainer: pl.Trainer) -> None:
-        check_schedulers(trainer, f"FreezeBackbone(unfreeze_at_epoch={self.unfreeze_at_epoch})")
+        what = f"unfreeze_at_epoch={self.unfreeze_at_epoch}" if self.phases is None else "schedule=..."
+        check_schedulers(trainer, f"FreezeBackbone({what})")
 
     def _warn_if_optimizer_holds_frozen(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         frozen_ids = {
