@@ -340,6 +340,7 @@ class PhaseRunner:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (the phases themselves are re-applied by the callback)."""
+        self.begun = int(state["begun"])
         self.phase_epoch = int(state["phase_epoch"])
         self.decided_epoch = int(state["decided_epoch"])
         self.tracker.best, self.tracker.wait = state["best_value"], int(state["wait"])
