@@ -25,6 +25,7 @@ from lightning_freeze.core.unfreeze_schedule import (
     PlateauTracker,
     UnfreezePhase,
     UnfreezeSchedule,
+    format_timeline,
     split_frozen_names,
 )
 
@@ -270,8 +271,8 @@ class PhaseRunner:
     def record_validation(self, trainer: pl.Trainer) -> None:
         """Feed the monitored metric of the validation that just ended to the plateau rule."""
         monitor = self.schedule.monitor
-        if monitor is None or trainer.sanity_checking:
-            return
+        if monitor is None or trainer.sanity_checking or trainer.state.fn != "fit":
+            return  # not a validation of the fit (trainer.validate after it, the sanity check)
         metrics = trainer.callback_metrics
         if monitor not in metrics:
             raise KeyError(
@@ -350,14 +351,5 @@ class PhaseRunner:
         self.best = state["best"]
 
     def summary(self) -> str:
-        """A text timeline of the phases begun, with the monitored metric."""
-        lines = []
-        for entry in self.timeline:
-            vals = " ".join(f"e{e}:{v:.4g}" for e, v in entry.get("val", []))
-            what = ", ".join(entry["modules"]) if entry["modules"] else "(start: frozen as set up)"
-            lr = f" lr={entry['lr']:g}" if "lr" in entry else ""
-            lines.append(
-                f"  phase {entry['phase']} from epoch {entry['epoch']}: {what}{lr}"
-                + (f" | {vals}" if vals else "")
-            )
-        return "\n".join(lines)
+        """A text timeline of the phases begun, with the monitored metric (see :func:`format_timeline`)."""
+        return format_timeline(self.timeline)

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from torch import nn
 
+from lightning_freeze.core.norm import is_running_stat_norm
 from lightning_freeze.core.selection import resolve_modules
 from lightning_freeze.core.validation import (
     check_choice,
@@ -42,6 +43,7 @@ __all__ = [
     "PlateauTracker",
     "UnfreezePhase",
     "UnfreezeSchedule",
+    "format_timeline",
     "split_frozen_names",
     "top_level_blocks",
 ]
@@ -200,8 +202,9 @@ class UnfreezeSchedule:
     ) -> UnfreezeSchedule:
         """The implicit schedule: one phase per top-level block of ``module``, from the head side down.
 
-        The blocks are ``module``'s children with parameters, in reverse order (a child without
-        parameters, e.g. a ReLU or pooling, joins the phase of the block before it). Phase ``i``
+        The blocks are ``module``'s children with parameters, in reverse order (a norm layer or a
+        child without parameters, e.g. a ReLU or pooling, joins the block before it: see
+        :func:`top_level_blocks`). Phase ``i``
         (``0``: the block nearest the head) gets ``lr_scale * layer_decay**i`` of the first param
         group's lr (layer-wise learning-rate decay; ``None``: no decay).
 
@@ -308,7 +311,8 @@ def top_level_blocks(root: nn.Module, name: str) -> list[list[str]]:
     """The blocks of ``root.get_submodule(name)`` for gradual unfreezing, input side first.
 
     Each block is a list of dotted child names: a child with parameters, followed by the
-    parameter-less children after it (leading parameter-less children join the first block).
+    norm layers and parameter-less children after it (a convolution, its BatchNorm and its ReLU
+    are one block; leading parameter-less children join the first block).
 
     Raises:
         ValueError: the module has fewer than one child with parameters.
@@ -318,7 +322,7 @@ def top_level_blocks(root: nn.Module, name: str) -> list[list[str]]:
     pending: list[str] = []
     for child_name, child in module.named_children():
         full = f"{name}.{child_name}"
-        if any(True for _ in child.parameters()):
+        if any(True for _ in child.parameters()) and not (_is_norm(child) and blocks):
             blocks.append([*pending, full])
             pending = []
         elif blocks:
@@ -333,6 +337,13 @@ def top_level_blocks(root: nn.Module, name: str) -> list[list[str]]:
         )
     blocks[-1].extend(pending)
     return blocks
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return is_running_stat_norm(module) or isinstance(
+        module,
+        (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm),
+    )
 
 
 def split_frozen_names(root: nn.Module, frozen: Sequence[str], targets: Sequence[str]) -> list[str]:
@@ -402,3 +413,28 @@ class PlateauTracker:
     def reset(self) -> None:
         """A new phase begins: no best yet (the history is kept)."""
         self.best, self.wait = None, 0
+
+
+def format_timeline(timeline: Sequence[Mapping[str, Any]]) -> str:
+    """The phases of a fit as text, one line each, with the monitored metric per epoch.
+
+    ``timeline``: entries with ``phase``, ``epoch``, ``modules``, optionally ``lr`` and ``val``
+    (``[(epoch, value), ...]``), as ``FreezeBackbone(schedule=...).phases.timeline`` records them.
+
+    Example::
+
+        >>> print(format_timeline([{"phase": 0, "epoch": 0, "modules": [], "val": [(0, 0.9)]},
+        ...                        {"phase": 1, "epoch": 1, "modules": ["backbone.7"], "lr": 0.01}]))
+          phase 0 from epoch 0: (start) | e0 0.9
+          phase 1 from epoch 1: backbone.7 lr=0.01
+    """
+    lines = []
+    for entry in timeline:
+        vals = " ".join(f"e{e} {v:.4g}" for e, v in entry.get("val", []))
+        what = ", ".join(entry["modules"]) if entry["modules"] else "(start)"
+        lr = f" lr={entry['lr']:g}" if "lr" in entry else ""
+        lines.append(
+            f"  phase {entry['phase']} from epoch {entry['epoch']}: {what}{lr}"
+            + (f" | {vals}" if vals else "")
+        )
+    return "\n".join(lines)
