@@ -137,7 +137,7 @@ def test_explicit_phases_absolute_lr_and_pinned_norm_statistics(tmp_path) -> Non
     assert recorder.training[2]["5"] is False and recorder.training[2]["4"] is True
     # backbone.1 (norm="train" by default): its statistics update once its phase began
     assert not torch.equal(final["backbone.1.running_mean"], start["backbone.1.running_mean"])
-    assert "backbone.5.running_mean" in callback._reference  # still verified
+    assert "backbone.5.running_mean" in callback.frozen.tensor_keys  # still verified
 
 
 def _resume_case(tmp_path: Path, schedule_factory, epochs: int, resume_from: str, every_n_train_steps=None):
