@@ -54,8 +54,8 @@ class FrozenSafeEMA(Callback):
     ``FreezeBackbone`` froze in ``setup`` and the model is on its device) and the trainable set is
     re-resolved at the first training batch of every epoch (after every epoch-start hook, e.g.
     ``FreezeBackbone(unfreeze_at_epoch=...)``, a phase of ``FreezeBackbone(schedule=...)`` or a
-    branch switch): new trainables join from their current value and warm up on their own, newly frozen tensors leave. The update runs at the end
-    of a training batch in which an optimizer step really happened (gradient accumulation and
+    branch switch): new trainables join from their current value and warm up on their own, newly
+    frozen tensors leave. The update runs at the end of a training batch in which an optimizer step really happened (gradient accumulation and
     steps skipped by a gradient scaler do not count).
 
     Under DDP every rank updates its own shadow from identical parameters, so the shadows are
