@@ -352,6 +352,14 @@ def test_bad_schedules_name_the_bad_value_and_the_choices() -> None:
         FreezeBackbone(unfreeze_at_epoch=1, schedule=UnfreezeSchedule.gradual())
 
 
+def test_a_phase_inside_another_phase_is_refused_at_setup(tmp_path) -> None:
+    phases = [UnfreezePhase("backbone.4", epoch=1), UnfreezePhase("backbone", epoch=2)]
+    callback = FreezeBackbone("backbone", schedule=UnfreezeSchedule(phases))
+    train, val = loaders()
+    with pytest.raises(ValueError, match=r"phase 1 unfreezes 'backbone.4', inside 'backbone' that phase 2"):
+        trainer(tmp_path, max_epochs=1, callbacks=[callback]).fit(TinyNet(), train, val)
+
+
 def test_a_phase_outside_the_frozen_modules_is_refused_at_setup(tmp_path) -> None:
     callback = FreezeBackbone("backbone", schedule=UnfreezeSchedule([UnfreezePhase("head.0", epoch=1)]))
     train, val = loaders()

@@ -598,7 +598,8 @@ class FreezeBackbone(Callback):
             pin_norms=phase.norm == "eval",
         )
         if not resumed:
-            group = len(trainer.optimizers[0].param_groups) - 1 if trainer.optimizers else 0
+            # no parameter joined (a phase of parameter-less modules): no group, nothing to warm up
+            group = len(trainer.optimizers[0].param_groups) - 1 if trainer.optimizers and lr else None
             count = sum(p.numel() for m in phase.modules for p in pl_module.get_submodule(m).parameters())
             runner.begin(index, trainer.current_epoch, trainer.global_step, group, lr, count)
 

@@ -189,7 +189,16 @@ class PhaseRunner:
                         f"UnfreezeSchedule: {m!r} is unfrozen by phase {seen[m]} and phase {i} again."
                     )
                 seen[m] = i
-        return split_frozen_names(pl_module, roots, targets)
+        names = split_frozen_names(pl_module, roots, targets)
+        for i, phase in enumerate(self.phases, start=1):
+            for m in phase.modules:  # type: ignore[union-attr]
+                outer = next((n for n in names if m.startswith(n + ".")), None)
+                if outer is not None:
+                    raise ValueError(
+                        f"UnfreezeSchedule: phase {i} unfreezes {m!r}, inside {outer!r} that phase "
+                        f"{seen[outer]} unfreezes whole; a module can begin training in one phase only."
+                    )
+        return names
 
     def attach(self, trainer: pl.Trainer) -> None:
         """Hook the warm-ups onto the first optimizer (around each of its steps)."""
@@ -233,15 +242,17 @@ class PhaseRunner:
             out = trainer.strategy.broadcast(out, src=0)
         return out
 
-    def begin(self, index: int, epoch: int, global_step: int, group: int, lr: float, params: int) -> None:
-        """Book phase ``index`` as begun (its param group ``group`` at ``lr``)."""
+    def begin(
+        self, index: int, epoch: int, global_step: int, group: int | None, lr: float, params: int
+    ) -> None:
+        """Book phase ``index`` as begun (its param group ``group`` at ``lr``; ``None``: no group)."""
         phase = self.phases[index]
         self.begun = index + 1
         self.phase_epoch = epoch
         self.tracker.reset()
         self._pending_best = False
         self.best = None
-        if phase.warmup_steps:
+        if phase.warmup_steps and group is not None:
             self.warmups.append((group, global_step, phase.warmup_steps))
         self.timeline.append(
             {
