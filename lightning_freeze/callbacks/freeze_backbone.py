@@ -147,6 +147,9 @@ class FreezeBackbone(Callback):
         last_probe_check: the probe mismatches of the latest verification (empty: all reproduced).
         last_rank_check: ``{rank: [keys]}`` of the ranks whose frozen tensors differed from the
             others' at the latest verification (empty: all ranks agree, or a single process).
+        phases: with ``schedule=...``, the :class:`~lightning_freeze.callbacks.unfreeze.PhaseRunner`
+            carrying it out (``None`` otherwise): ``phases.timeline`` lists each phase begun (its
+            epoch, modules, lr and the monitored metric), ``phases.summary()`` as text.
 
     Example::
 
