@@ -23,6 +23,8 @@ _LAZY = {
     "FrozenStateError": "lightning_freeze.core.errors",
     "load_ema_weights": "lightning_freeze.callbacks.frozen_safe_ema",
     "MultiBranchModule": "lightning_freeze.module",
+    "UnfreezePhase": "lightning_freeze.core.unfreeze_schedule",
+    "UnfreezeSchedule": "lightning_freeze.core.unfreeze_schedule",
 }
 
 # the same names as _LAZY, plus __version__ (tests/test_packaging.py checks this)
@@ -32,6 +34,8 @@ __all__ = [
     "FrozenSafeEMA",
     "FrozenStateError",
     "MultiBranchModule",
+    "UnfreezePhase",
+    "UnfreezeSchedule",
     "__version__",
     "load_ema_weights",
 ]
@@ -41,6 +45,7 @@ if TYPE_CHECKING:
     from lightning_freeze.callbacks.freeze_backbone import FreezeBackbone
     from lightning_freeze.callbacks.frozen_safe_ema import FrozenSafeEMA, load_ema_weights
     from lightning_freeze.core.errors import FrozenStateError
+    from lightning_freeze.core.unfreeze_schedule import UnfreezePhase, UnfreezeSchedule
     from lightning_freeze.module import MultiBranchModule
 
 

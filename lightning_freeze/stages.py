@@ -78,6 +78,9 @@ class StageSummary:
         feature_cache: with ``FeatureCache``, its statistics after the fit (and the validations the
             summary ran): ``hits``, ``misses``, ``hit_rate``, ``bytes``, ``store``,
             ``time_saved_s``, ...; ``None`` without it.
+        phases: with ``FreezeBackbone(schedule=...)``: one entry per phase begun (``phase``,
+            ``epoch``, ``modules``, ``lr``, and ``val``: the monitored metric per epoch);
+            ``None`` without a schedule.
     """
 
     stage: int
@@ -94,6 +97,7 @@ class StageSummary:
     resumed_from: str | None = None
     output_dir: str | None = None
     feature_cache: dict[str, Any] | None = None
+    phases: list[dict[str, Any]] | None = None
 
     def format(self) -> str:
         """The summary as printed at the end of a run."""
@@ -136,6 +140,10 @@ class StageSummary:
                 f"{cache.get('store', '?')} store, "
                 f"~{cache.get('time_saved_s', 0.0):.1f} s saved"
             )
+        if self.phases:
+            from lightning_freeze.core.unfreeze_schedule import format_timeline
+
+            lines.append("fine-tuning phases:\n" + format_timeline(self.phases))
         if self.resumed_from:
             lines.append(f"resumed from: {self.resumed_from}")
         if self.tested:

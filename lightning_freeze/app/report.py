@@ -226,6 +226,7 @@ def summarise(
         resumed_from=str(Path(resumed_from).absolute()) if resumed_from else None,
         output_dir=str(Path(output_dir).resolve()) if output_dir else None,
         feature_cache=cache_stats,
+        phases=freezer.phases.timeline if freezer is not None and freezer.phases is not None else None,
     )
 
 

@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.optim import lr_scheduler as torch_lr_scheduler
 from typing_extensions import override
 
+from lightning_freeze.callbacks.unfreeze import (
+    PhaseRunner,
+    add_to_optimizer,
+    can_unfreeze_under,
+    check_compiled_gradients,
+    check_schedulers,
+    is_compiled,
+    rewrap_ddp,
+)
 from lightning_freeze.core.distributed import (
     compare_across_ranks,
     describe_rank_mismatch,
@@ -40,8 +46,11 @@ from lightning_freeze.core.freeze import (
     pin_frozen_layers,
     unfreeze,
 )
+from lightning_freeze.core.norm import find_running_stat_norms, pin_eval, running_stat_buffer_names
+from lightning_freeze.core.param_groups import SUPPORTED_SCHEDULERS
 from lightning_freeze.core.probe import OutputProbe, ProbeMismatch, capture_probe_input, function_token
 from lightning_freeze.core.purity import impure_layers, inherited_guard_rule
+from lightning_freeze.core.unfreeze_schedule import UnfreezeSchedule
 from lightning_freeze.core.validation import (
     check_choice,
     check_int,
@@ -54,43 +63,6 @@ __all__ = ["SUPPORTED_SCHEDULERS", "VERIFY_MODES", "FreezeBackbone"]
 
 VerifyMode = Literal["raise", "warn", "off"]
 VERIFY_MODES: tuple[str, ...] = choices_of(VerifyMode)
-
-#: The ``torch.optim.lr_scheduler`` classes (and their subclasses) that ``unfreeze_at_epoch`` extends
-#: to the new param group. Any other scheduler on the first optimizer is refused at fit start.
-SUPPORTED_SCHEDULERS: tuple[type, ...] = (
-    torch_lr_scheduler.LambdaLR,
-    torch_lr_scheduler.MultiplicativeLR,
-    torch_lr_scheduler.StepLR,
-    torch_lr_scheduler.MultiStepLR,
-    torch_lr_scheduler.ConstantLR,
-    torch_lr_scheduler.LinearLR,
-    torch_lr_scheduler.ExponentialLR,
-    torch_lr_scheduler.SequentialLR,
-    torch_lr_scheduler.PolynomialLR,
-    torch_lr_scheduler.CosineAnnealingLR,
-    torch_lr_scheduler.ChainedScheduler,
-    torch_lr_scheduler.ReduceLROnPlateau,
-    torch_lr_scheduler.CyclicLR,
-    torch_lr_scheduler.CosineAnnealingWarmRestarts,
-    torch_lr_scheduler.OneCycleLR,
-)
-# per-param-group lists a scheduler keeps, and whether the new group's entry scales with the lr
-_SCHEDULER_GROUP_LISTS: tuple[tuple[str, bool], ...] = (
-    ("base_lrs", True),
-    ("max_lrs", True),  # CyclicLR
-    ("min_lrs", True),  # ReduceLROnPlateau
-    ("lr_lambdas", False),  # LambdaLR, MultiplicativeLR: the first group's function
-    ("base_momentums", False),  # CyclicLR
-    ("max_momentums", False),
-    ("_last_lr", True),
-)
-# per-param-group keys some schedulers store in the optimizer's groups (OneCycleLR, CyclicLR)
-_SCHEDULER_GROUP_KEYS: tuple[tuple[str, bool], ...] = (
-    ("max_lr", True),
-    ("min_lr", True),
-    ("max_momentum", False),
-    ("base_momentum", False),
-)
 
 
 class FreezeBackbone(Callback):
@@ -159,6 +131,11 @@ class FreezeBackbone(Callback):
         unfreeze_lr_scale: learning rate of the new param group, as a multiple of the first param
             group's (its current lr, and its scheduler's base/max/min lr). A finite number > 0.
             Default ``0.1``.
+        schedule: an :class:`~lightning_freeze.UnfreezeSchedule`: phases that unfreeze parts of
+            ``modules`` one after the other (by epoch or on a validation plateau), each as a new
+            param group with its own learning rate, warm-up and norm handling; what is still frozen
+            stays verified at every phase. Exclusive with ``unfreeze_at_epoch``. See
+            ``docs/finetuning.md``.
         verify: ``"raise"`` (default): raise :class:`~lightning_freeze.FrozenStateError` naming every
             changed tensor by its full ``state_dict`` key and every module whose probe output changed;
             ``"warn"``: warn instead; ``"off"``: no fingerprints, no probes.
@@ -180,6 +157,9 @@ class FreezeBackbone(Callback):
             changed since the probe last passed).
         last_rank_check: ``{rank: [keys]}`` of the ranks whose frozen tensors differed from the
             others' at the latest verification (empty: all ranks agree, or a single process).
+        phases: with ``schedule=...``, the :class:`~lightning_freeze.callbacks.unfreeze.PhaseRunner`
+            carrying it out (``None`` otherwise): ``phases.timeline`` lists each phase begun (its
+            epoch, modules, lr and the monitored metric), ``phases.summary()`` as text.
 
     Example::
 
@@ -199,6 +179,7 @@ class FreezeBackbone(Callback):
         unfreeze_lr_scale: float = 0.1,
         verify: VerifyMode = "raise",
         dropout: DropoutMode = "eval",
+        schedule: UnfreezeSchedule | None = None,
     ) -> None:
         super().__init__()
         self.modules = check_str_list(
@@ -219,6 +200,20 @@ class FreezeBackbone(Callback):
         )
         self.unfreeze_lr_scale = check_positive_finite("unfreeze_lr_scale", unfreeze_lr_scale)
         self.freeze_inactive_branches = bool(freeze_inactive_branches)
+        if schedule is not None and not isinstance(schedule, UnfreezeSchedule):
+            raise ValueError(
+                f"FreezeBackbone(schedule={schedule!r}): expected None or an UnfreezeSchedule "
+                "(UnfreezeSchedule([...phases]) or UnfreezeSchedule.gradual('backbone'))."
+            )
+        if schedule is not None and self.unfreeze_at_epoch is not None:
+            raise ValueError(
+                f"FreezeBackbone(unfreeze_at_epoch={self.unfreeze_at_epoch}, schedule=...): give one of "
+                "them; "
+                "unfreeze_at_epoch=N is the one-phase schedule UnfreezeSchedule([UnfreezePhase(modules, "
+                "epoch=N, lr_scale=unfreeze_lr_scale)])."
+            )
+        self.schedule = schedule
+        self.phases: PhaseRunner | None = None
 
         self.frozen: FrozenModules | None = None
         self.last_check: FingerprintDiff | None = None
@@ -228,6 +223,7 @@ class FreezeBackbone(Callback):
         self._probe_tokens: dict[str, tuple[Any, ...]] = {}  # function_token when a probe last passed
         self.last_rank_check: dict[int, list[str]] = {}
         self._unfrozen = False
+        self._released: list[str] = []  # frozen names unfrozen since setup
         self._reference: dict[str, TensorFingerprint] | None = None
         self._restored: dict[str, Any] | None = None
         self._scheduled: list[
@@ -251,9 +247,11 @@ class FreezeBackbone(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if self.unfreeze_at_epoch is not None and not _can_unfreeze_under(trainer.strategy):
+        unfreezes = self.unfreeze_at_epoch is not None or self.schedule is not None
+        if unfreezes and not can_unfreeze_under(trainer.strategy):
+            what = f"unfreeze_at_epoch={self.unfreeze_at_epoch}" if self.schedule is None else "schedule=..."
             raise ValueError(
-                f"FreezeBackbone(unfreeze_at_epoch={self.unfreeze_at_epoch}) cannot unfreeze under "
+                f"FreezeBackbone({what}) cannot unfreeze under "
                 f"{type(trainer.strategy).__name__}: a sharded or engine-managed strategy builds its "
                 "parameter groups (flat parameters, shards) once, from what requires grad at setup. "
                 "Supported: single device and DDPStrategy ('ddp', 'ddp_spawn', 'ddp_fork', "
@@ -265,10 +263,13 @@ class FreezeBackbone(Callback):
         self.probes_skipped, self._probe_tokens = [], {}
         self._reference = None
         names, inactive = self._names_to_freeze(pl_module)
+        if self.schedule is not None:
+            self.phases = PhaseRunner(self.schedule)
+            names = self.phases.names_to_freeze(pl_module, names)
         self.frozen = freeze(pl_module, names + inactive, norm=self.norm, dropout=self.dropout)
         self._holding = True
         self._scheduled = [n for n in self.frozen.names if n not in inactive]
-        self._unfrozen = False
+        self._unfrozen, self._released = False, []
         if not any(p.requires_grad for p in pl_module.parameters()):
             frozen_names = self.frozen.names
             # nothing requires grad now: parameters outside what we froze were frozen before we came
@@ -294,12 +295,18 @@ class FreezeBackbone(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         restored, self._restored = self._restored, None
-        if self.unfreeze_at_epoch is not None:
+        if self.unfreeze_at_epoch is not None or self.phases is not None:
             self._check_schedulers(trainer)
         if restored is not None and restored.get("unfrozen"):
             self._unfreeze(
                 trainer, pl_module, when="on resume (the checkpoint was written after the unfreeze)"
             )
+        if self.phases is not None:
+            self.phases.attach(trainer)
+            if restored is not None and restored.get("schedule"):
+                for index in range(int(restored["schedule"]["begun"])):
+                    self._begin_phase(trainer, pl_module, index, resumed=True)
+                self.phases.load_state_dict(restored["schedule"])
         frozen = self._require_frozen()
         # the strategy may have replaced layers since setup (e.g. a SyncBatchNorm conversion)
         pin_frozen_layers(pl_module, self._still_frozen_names(), norm=frozen.norm, dropout=frozen.dropout)
@@ -328,6 +335,7 @@ class FreezeBackbone(Callback):
         for module in self._shown_as_training:
             module.training = False
         self._shown_as_training = []
+        self._unfreeze_if_due(trainer, pl_module)
         frozen = self._require_frozen()
         # a frozen module whose norm layers or dropout keep training computes something new at every
         # call: its tensors are still fingerprinted, but there is no fixed output to check
@@ -369,7 +377,14 @@ class FreezeBackbone(Callback):
             self._record_probes(pl_module)
 
     @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.phases is not None:
+            self.phases.record_validation(trainer)
+
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.phases is not None:
+            self.phases.take_pending_best()
         # the probe (a forward) only where cheap evidence says the function may have changed
         self.check(pl_module, trainer, probe="if_changed")
 
@@ -381,6 +396,8 @@ class FreezeBackbone(Callback):
                 f"; {len(self.probes)} module output(s) reproduced on the probe input" if self.probes else ""
             )
             rank_zero_info(f"FreezeBackbone: {diff.summary()}{probes}")
+        if self.phases is not None and self.phases.timeline:
+            rank_zero_info("FreezeBackbone: fine-tuning phases:\n" + self.phases.summary())
 
     @override
     def on_exception(
@@ -405,6 +422,7 @@ class FreezeBackbone(Callback):
                 k: [fp.digest, fp.dtype, list(fp.shape)] for k, fp in (self._reference or {}).items()
             },
             "probes": {name: probe.state_dict() for name, probe in self.probes.items()},
+            "schedule": self.phases.state_dict() if self.phases is not None else None,
         }
 
     @override
@@ -544,14 +562,15 @@ class FreezeBackbone(Callback):
         return list(self.modules), inactive
 
     def _still_frozen_names(self) -> list[str]:
-        names = self._require_frozen().names
-        return [n for n in names if n not in self._scheduled] if self._unfrozen else names
+        return [n for n in self._require_frozen().names if n not in self._released]
 
     def _release(self, pl_module: pl.LightningModule) -> None:
         """Give the model back as setup found it (idempotent): no hook, flags as before."""
         for handle, _ in self._captures.values():
             handle.remove()
         self._captures = {}
+        if self.phases is not None:
+            self.phases.detach()
         for module in self._shown_as_training:
             module.training = False
         self._shown_as_training = []
@@ -593,6 +612,10 @@ class FreezeBackbone(Callback):
             self._probe_tokens[name] = function_token(module)
 
     def _unfreeze_if_due(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.phases is not None:
+            for index in self.phases.due(trainer):
+                self._begin_phase(trainer, pl_module, index)
+            return
         if (
             self.unfreeze_at_epoch is not None
             and not self._unfrozen
@@ -600,31 +623,87 @@ class FreezeBackbone(Callback):
         ):
             self._unfreeze(trainer, pl_module)
 
-    def _unfreeze(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str = "") -> None:
+    def _begin_phase(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int, resumed: bool = False
+    ) -> None:
+        """Phase ``index`` of the schedule begins: restore the best weights (``restore_best``), unfreeze."""
+        runner = self.phases
+        assert runner is not None
+        phase = runner.phases[index]
+        if not resumed and trainer.optimizers and runner.restore_best_into(pl_module, trainer.optimizers[0]):
+            rank_zero_info(f"FreezeBackbone: phase {index}'s best weights restored before phase {index + 1}")
+        first_lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else 1.0
+        when = "on resume" if resumed else f"at epoch {trainer.current_epoch} (phase {index + 1})"
+        lr = self._unfreeze(
+            trainer,
+            pl_module,
+            when=when,
+            names=list(phase.modules),
+            scale=phase.scale_for(first_lr),
+            lr=phase.lr,
+            pin_norms=phase.norm == "eval",
+        )
+        if not resumed:
+            # no parameter joined (a phase of parameter-less modules): no group, nothing to warm up
+            group = len(trainer.optimizers[0].param_groups) - 1 if trainer.optimizers and lr else None
+            count = sum(p.numel() for m in phase.modules for p in pl_module.get_submodule(m).parameters())
+            runner.begin(index, trainer.current_epoch, trainer.global_step, group, lr, count)
+
+    def _unfreeze(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        when: str = "",
+        names: list[str] | None = None,
+        scale: float | None = None,
+        lr: float | None = None,
+        pin_norms: bool = False,
+    ) -> float:
+        """Unfreeze ``names`` (default: what ``unfreeze_at_epoch`` unfreezes) into a new param group.
+
+        ``pin_norms``: their running-statistics layers stay pinned in eval mode, and their running
+        statistics stay verified. Returns the new group's lr (``0.0`` when no parameter joined).
+        """
         frozen = self._require_frozen()
-        params = unfreeze(pl_module, frozen.subset(self._scheduled), mode=True)
-        self._unfrozen = True
-        prefixes = tuple(f"{n}." for n in self._scheduled)
+        legacy = names is None
+        names = list(self._scheduled) if names is None else names
+        scale = self.unfreeze_lr_scale if scale is None else scale
+        params = unfreeze(pl_module, frozen.subset(names), mode=True)
+        kept: set[str] = set()
+        if pin_norms:
+            for name in names:
+                layers = find_running_stat_norms(pl_module.get_submodule(name), prefix=name)
+                pin_eval(list(layers.values()))
+                kept.update(
+                    f"{n}.{b}" for n, layer in layers.items() for b in running_stat_buffer_names(layer)
+                )
+        self._unfrozen = self._unfrozen or legacy
+        self._released.extend(names)
+        prefixes = tuple(f"{n}." for n in names)
+
+        def released(key: str) -> bool:
+            return key.startswith(prefixes) and key not in kept
+
         self.frozen = dataclasses.replace(
             frozen,
             parameter_keys=[k for k in frozen.parameter_keys if not k.startswith(prefixes)],
-            tensor_keys=[k for k in frozen.tensor_keys if not k.startswith(prefixes)],
+            tensor_keys=[k for k in frozen.tensor_keys if not released(k)],
         )
         if self._reference is not None:
-            self._reference = {k: v for k, v in self._reference.items() if not k.startswith(prefixes)}
-        for name in self._scheduled:
+            self._reference = {k: v for k, v in self._reference.items() if not released(k)}
+        for name in names:
             self.probes.pop(name, None)
             handle_store = self._captures.pop(name, None)
             if handle_store is not None:
                 handle_store[0].remove()
         if not params:
-            return
+            return 0.0
         if not trainer.optimizers:
             raise RuntimeError(
                 "FreezeBackbone cannot unfreeze: the trainer has no optimizer to add parameters to."
             )
-        rewrapped = _rewrap_ddp(trainer)
-        if _is_compiled(pl_module):
+        rewrapped = rewrap_ddp(trainer)
+        if is_compiled(pl_module):
             self._grad_watch, self._dynamo_reset = list(params), False
             rank_zero_info(
                 "FreezeBackbone: the model is compiled (torch.compile): dynamo recompiles the graphs that "
@@ -632,15 +711,11 @@ class FreezeBackbone(Callback):
                 "gradients at the first optimizer step (a stale compiled frame, PyTorch #139476, resets "
                 "dynamo once)."
             )
-        optimizer = trainer.optimizers[0]
-        _add_param_group(optimizer, params, self.unfreeze_lr_scale)
-        for config in trainer.lr_scheduler_configs:
-            if getattr(config.scheduler, "optimizer", None) is optimizer:
-                _extend_scheduler(config.scheduler, optimizer, self.unfreeze_lr_scale)
+        lr = add_to_optimizer(trainer, params, scale, lr=lr)
         when = when or f"at epoch {trainer.current_epoch}"
         rank_zero_info(
-            f"FreezeBackbone: unfroze {', '.join(self._scheduled)} {when}: "
-            f"{len(params)} parameters in a new param group with lr={optimizer.param_groups[-1]['lr']:g}"
+            f"FreezeBackbone: unfroze {', '.join(names)} {when}: "
+            f"{len(params)} parameters in a new param group with lr={lr:g}"
             + (
                 "; DistributedDataParallel rebuilt so it synchronises their gradients (parameters "
                 "broadcast from rank 0)"
@@ -648,50 +723,15 @@ class FreezeBackbone(Callback):
                 else ""
             )
         )
+        return lr
 
     def _check_compiled_gradients(self) -> None:
-        """After an unfreeze under torch.compile: did every unfrozen parameter get a gradient?
-
-        A compiled frame traced while they were frozen and reused after (PyTorch #139476) computes
-        no gradient for them, and they would silently never train. First time: reset dynamo's
-        caches (everything recompiles at the next step, once). Still none after that: warn (the
-        parameters are not used in the forward at all).
-        """
-        missing = [p for p in self._grad_watch if p.grad is None]
-        if not missing:
-            self._grad_watch = []
-            return
-        if not self._dynamo_reset:
-            self._dynamo_reset = True
-            torch._dynamo.reset()
-            rank_zero_info(
-                f"FreezeBackbone: {len(missing)} of {len(self._grad_watch)} unfrozen parameters got no "
-                "gradient in a compiled step (a stale compiled frame, PyTorch #139476): "
-                "torch._dynamo.reset(), the model recompiles at the next step."
-            )
-            return
-        self._grad_watch = []
-        rank_zero_warn(
-            f"FreezeBackbone: {len(missing)} unfrozen parameters still got no gradient after recompiling: "
-            "they are not used in the forward (check the model), or the compiled model hides them."
-        )
+        """After an unfreeze under torch.compile: see :func:`.unfreeze.check_compiled_gradients`."""
+        self._grad_watch, self._dynamo_reset = check_compiled_gradients(self._grad_watch, self._dynamo_reset)
 
     def _check_schedulers(self, trainer: pl.Trainer) -> None:
-        if not trainer.optimizers:
-            return
-        optimizer = trainer.optimizers[0]
-        for config in trainer.lr_scheduler_configs:
-            if getattr(config.scheduler, "optimizer", None) is not optimizer:
-                continue
-            for scheduler in _scheduler_tree(config.scheduler):
-                if not isinstance(scheduler, SUPPORTED_SCHEDULERS):
-                    raise ValueError(
-                        f"FreezeBackbone(unfreeze_at_epoch={self.unfreeze_at_epoch}) cannot extend the "
-                        f"learning-rate scheduler {type(scheduler).__name__} to the new param group: it may "
-                        "keep per-group state this callback does not know. Supported schedulers: "
-                        f"{', '.join(c.__name__ for c in SUPPORTED_SCHEDULERS)} (and their subclasses). "
-                        "Use one of them, or train the unfrozen model as a new stage."
-                    )
+        what = f"unfreeze_at_epoch={self.unfreeze_at_epoch}" if self.phases is None else "schedule=..."
+        check_schedulers(trainer, f"FreezeBackbone({what})")
 
     def _warn_if_optimizer_holds_frozen(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         frozen_ids = {
@@ -762,86 +802,5 @@ class FreezeBackbone(Callback):
             )
 
 
-def _can_unfreeze_under(strategy: Any) -> bool:
-    """Single device, or plain DDP (whose wrapper :func:`_rewrap_ddp` can rebuild); not sharded/DeepSpeed."""
-    if not isinstance(strategy, ParallelStrategy):
-        return True
-    return isinstance(strategy, DDPStrategy) and "DeepSpeed" not in type(strategy).__name__
-
-
-def _is_compiled(pl_module: nn.Module) -> bool:
-    """``trainer.fit(torch.compile(model))`` (Lightning keeps a ``_compiler_ctx``), ``module.compile()``
-    on the module or a submodule, or a ``torch.compile``-d submodule."""
-    if getattr(pl_module, "_compiler_ctx", None):
-        return True
-    return any(
-        getattr(m, "_compiled_call_impl", None) is not None or hasattr(m, "_orig_mod")
-        for m in pl_module.modules()
-    )
-
-
-def _rewrap_ddp(trainer: pl.Trainer) -> bool:
-    """Rebuild the strategy's ``DistributedDataParallel`` wrapper after parameters were unfrozen.
-
-    DDP registers the parameters that require grad when it wraps the model (its reducer's buckets
-    and autograd hooks): a parameter unfrozen later would get a local gradient only, and the ranks
-    would drift apart (Lightning's ``BackboneFinetuning``, their issue #20340). A new wrapper of the
-    same LightningModule, built by the strategy with its own arguments (``find_unused_parameters``,
-    ``static_graph``, communication hooks), broadcasts every parameter and buffer from rank 0 (so
-    the ranks start the new stage identical) and synchronises the new parameters from the next
-    backward on. The old wrapper's reducer is released with it (its autograd hooks go away).
-
-    Returns:
-        ``True`` when a wrapper was rebuilt, ``False`` when the model is not wrapped in DDP.
-    """
-    strategy = trainer.strategy
-    old = strategy.model
-    if not isinstance(old, DistributedDataParallel) or not isinstance(strategy, DDPStrategy):
-        return False
-    module = old.module
-    del old
-    strategy.model = None  # drop the last reference to the old reducer before the new one is built
-    strategy.model = strategy._setup_model(module)
-    strategy._register_ddp_hooks()
-    return True
-
-
 def _fingerprints_from_state(state: dict[str, Any]) -> dict[str, TensorFingerprint]:
     return {k: TensorFingerprint(digest, dtype, tuple(shape)) for k, (digest, dtype, shape) in state.items()}
-
-
-def _add_param_group(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], scale: float) -> None:
-    """Add ``params`` as a new group at ``scale`` x the first group's lr, moving any already held."""
-    moving = {id(p) for p in params}
-    for group in optimizer.param_groups:
-        # an optimizer built over self.parameters() already holds them: they join the new group
-        group["params"] = [p for p in group["params"] if id(p) not in moving]
-    first = optimizer.param_groups[0]
-    lr = first["lr"] * scale
-    optimizer.add_param_group(
-        {"params": params, "lr": lr, "initial_lr": first.get("initial_lr", first["lr"]) * scale}
-    )
-    new = optimizer.param_groups[-1]
-    for key, scaled in _SCHEDULER_GROUP_KEYS:
-        if key in first:
-            new[key] = first[key] * scale if scaled else first[key]
-    # schedulers that cycle momentum set it per group: start the new group where the first one is
-    for key in ("momentum", "betas"):
-        if "max_momentum" in first and key in first:
-            new[key] = first[key]
-
-
-def _scheduler_tree(scheduler: Any) -> Iterator[Any]:
-    yield scheduler
-    for child in getattr(scheduler, "_schedulers", None) or []:  # SequentialLR, ChainedScheduler
-        yield from _scheduler_tree(child)
-
-
-def _extend_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, scale: float) -> None:
-    """Append the new (last) param group's entry to every per-group list a scheduler keeps."""
-    n_groups = len(optimizer.param_groups)
-    for sched in _scheduler_tree(scheduler):
-        for attr, scaled in _SCHEDULER_GROUP_LISTS:
-            values = getattr(sched, attr, None)
-            if isinstance(values, list) and len(values) == n_groups - 1 and values:
-                values.append(values[0] * scale if scaled else values[0])

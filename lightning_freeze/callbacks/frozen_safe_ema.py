@@ -53,10 +53,10 @@ class FrozenSafeEMA(Callback):
     When it acts, in any callback order: the shadow is built at ``on_fit_start`` (after
     ``FreezeBackbone`` froze in ``setup`` and the model is on its device) and the trainable set is
     re-resolved at the first training batch of every epoch (after every epoch-start hook, e.g.
-    ``FreezeBackbone(unfreeze_at_epoch=...)`` or a branch switch): new trainables join from their
-    current value and warm up on their own, newly frozen tensors leave. The update runs at the end
-    of a training batch in which an optimizer step really happened (gradient accumulation and
-    steps skipped by a gradient scaler do not count).
+    ``FreezeBackbone(unfreeze_at_epoch=...)``, a phase of ``FreezeBackbone(schedule=...)`` or a
+    branch switch): new trainables join from their current value and warm up on their own, newly
+    frozen tensors leave. The update runs at the end of a training batch in which an optimizer step
+    really happened (gradient accumulation and steps skipped by a gradient scaler do not count).
 
     Under DDP every rank updates its own shadow from identical parameters, so the shadows are
     identical without any communication (``check_ranks=True`` proves it every epoch). Under FSDP2
