@@ -15,7 +15,13 @@ A check must not perturb training, so :func:`run_module` runs the module
   train mode draws from a forked generator, and the training run draws the same numbers as
   without the check);
 * with every buffer of the module snapshotted and restored afterwards (a norm layer wrongly in
-  train mode changes its running statistics during the probe; they are put back bitwise).
+  train mode changes its running statistics during the probe; they are put back bitwise);
+* with full-precision float32 kernels and no kernel autotuning (:func:`exact_kernels`: TF32 off for
+  matmuls and cuDNN, cuDNN deterministic and not benchmarking). The reference is recorded early in
+  the fit and checked later: TF32 rounding with a cuDNN algorithm chosen under other conditions
+  (free memory, autotuning) differed there by far more than the device tolerance on a frozen
+  ResNet-50 under ``bf16-mixed`` on a GPU, with no tensor changed. The training run's own settings
+  are restored after each call.
 
 The module runs in whatever train/eval state it is in, with its own hooks, exactly like a training
 forward would: if a training forward would compute something else, the probe does too.
@@ -55,7 +61,9 @@ __all__ = [
     "OutputProbe",
     "ProbeMismatch",
     "capture_probe_input",
+    "exact_kernels",
     "function_token",
+    "kernel_settings",
     "run_module",
 ]
 
@@ -158,9 +166,45 @@ def run_module(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] 
         stack.enter_context(torch.random.fork_rng(devices=rng_devices))
         stack.enter_context(torch.no_grad())
         stack.enter_context(torch.autocast(device_type=device.type, enabled=False))
+        stack.enter_context(exact_kernels())
         stack.enter_context(_buffers_restored(module))
         stack.enter_context(bypass_output_caches())  # the module's real function, not a cached output
         return module(*args, **(kwargs or {}))
+
+
+def _exact_kernel_flags() -> list[tuple[Any, str, Any]]:
+    """``(namespace, attribute, exact value)`` of the torch settings :func:`exact_kernels` forces."""
+    cuda, cudnn = torch.backends.cuda, torch.backends.cudnn
+    if hasattr(cuda.matmul, "fp32_precision"):  # torch >= 2.9: TF32 per backend (the legacy flags
+        # raise on read once both APIs were used, so only the new one is touched)
+        tf32 = [(cuda.matmul, "fp32_precision", "ieee"), (cudnn.conv, "fp32_precision", "ieee")]
+        tf32.append((cudnn.rnn, "fp32_precision", "ieee"))
+    else:
+        tf32 = [(cuda.matmul, "allow_tf32", False), (cudnn, "allow_tf32", False)]
+    return [*tf32, (cudnn, "benchmark", False), (cudnn, "deterministic", True)]
+
+
+def kernel_settings() -> tuple[Any, ...]:
+    """The current values of the settings :func:`exact_kernels` forces (TF32, cuDNN autotuning)."""
+    return tuple(getattr(space, attribute) for space, attribute, _ in _exact_kernel_flags())
+
+
+@contextlib.contextmanager
+def exact_kernels() -> Iterator[None]:
+    """Full-precision float32 kernels (no TF32), cuDNN deterministic and not autotuning; restored after.
+
+    What :func:`run_module` computes under, so that a probe recorded at one time and checked at
+    another uses the same arithmetic whatever the training run set.
+    """
+    flags = _exact_kernel_flags()
+    saved = [getattr(space, attribute) for space, attribute, _ in flags]
+    try:
+        for space, attribute, value in flags:
+            setattr(space, attribute, value)
+        yield
+    finally:
+        for (space, attribute, _), value in zip(reversed(flags), reversed(saved), strict=True):
+            setattr(space, attribute, value)
 
 
 _SIMPLE = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
@@ -183,7 +227,8 @@ def function_token(module: nn.Module, state_tensors: Iterable[str] = ()) -> tupl
     strings, ``None``, dtypes, devices, tuples of them: ``p``, ``eps``, ``stride``, ...); the dtype
     and device of every parameter and buffer; the exact bits of every buffer that is not in the
     ``state_dict`` (non-persistent buffers: no fingerprint covers them); the global forward hooks
-    and the float32-matmul, TF32, cuDNN and deterministic-algorithm settings. Train/eval flags are
+    and the TF32, cuDNN and deterministic-algorithm settings (:func:`kernel_settings`; the
+    probe itself computes with exact kernels whatever they are). Train/eval flags are
     left out (the freeze guard sets them before every forward; a removed guard shows as a changed
     hook).
 
@@ -218,16 +263,7 @@ def function_token(module: nn.Module, state_tensors: Iterable[str] = ()) -> tupl
     parts.append(tuple((n, fp.digest) for n, fp in fingerprint(transient).items()))
     pre, post = global_forward_hooks()
     parts.append((tuple(pre), tuple(post)))
-    parts.append(
-        (
-            torch.get_float32_matmul_precision(),
-            torch.backends.cuda.matmul.allow_tf32,
-            torch.backends.cudnn.allow_tf32,
-            torch.backends.cudnn.deterministic,
-            torch.backends.cudnn.benchmark,
-            torch.are_deterministic_algorithms_enabled(),
-        )
-    )
+    parts.append((kernel_settings(), torch.are_deterministic_algorithms_enabled()))
     return tuple(parts)
 
 
