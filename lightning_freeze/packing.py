@@ -262,7 +262,7 @@ def adopt(first: JobBuild, build: JobBuild, index: int) -> str | None:
     Returns:
         why the job cannot be packed with ``first``, or ``None``.
     """
-    reason = _unsupported_checkpointing(build)
+    reason = _unsupported_callbacks(build)
     if reason is not None:
         return f"job {index}: {reason}"
     if build.resumed_from is not None:
@@ -291,9 +291,22 @@ def adopt(first: JobBuild, build: JobBuild, index: int) -> str | None:
     return None
 
 
-def _unsupported_checkpointing(build: JobBuild) -> str | None:
-    """Packed jobs write one checkpoint each, at the end: refuse ModelCheckpoints that do more."""
+def _unsupported_callbacks(build: JobBuild) -> str | None:
+    """Refuse callbacks a packed fit cannot run per job.
+
+    Packed jobs write one checkpoint each, at the end: ModelCheckpoints that do more are refused. A
+    callback that monitors a metric (``EarlyStopping``) would read the job's ``"<branch>/..."``
+    metric, which the packed fit logs per variant (``"<branch>__v<k>/..."``), and would stop or
+    pick checkpoints for every variant at once.
+    """
     for cb in build.trainer.callbacks:
+        monitor = getattr(cb, "monitor", None)
+        if not isinstance(cb, ModelCheckpoint) and monitor is not None:
+            return (
+                f"its {type(cb).__name__} monitors {monitor!r}, which each packed variant logs under its own "
+                f"name ({build.branch}__v0/..., {build.branch}__v1/...); one packed fit cannot stop or keep "
+                "checkpoints per variant"
+            )
         if isinstance(cb, ModelCheckpoint) and (
             cb.monitor is not None
             or cb.save_last not in (None, False, True)
@@ -359,6 +372,8 @@ def train_packed(builds: Sequence[JobBuild], root: str | Path) -> PackedRun:
         scheduler=base._scheduler_factory,
         train_branches=variants,
         branch_optimizers={v: _optimizer_settings(b.model) for v, b in zip(variants, builds, strict=True)},
+        # each variant draws (dropout) exactly what the job's branch draws when the job runs alone
+        random_streams=dict.fromkeys(variants, name),
     )
 
     job_trainer = first.trainer
@@ -394,6 +409,9 @@ def train_packed(builds: Sequence[JobBuild], root: str | Path) -> PackedRun:
                 if k.startswith(f"{variant}/")
             }
         )
+    for variant, build in zip(variants, builds, strict=True):
+        # where the variant's random stream got to: the job's checkpoint carries it, as the job's own does
+        build.model.random_stream(name).load_state_dict(packed.random_stream(variant).state_dict())
     run.frozen_rows = _validate_earlier(packed, trainer, earlier, first)
     packed.switch_branch(variants[0])
     run.callback_states = {cb.state_key: cb.state_dict() for cb in trainer.callbacks}
