@@ -239,3 +239,25 @@ def test_an_early_stopping_sweep_falls_back_in_one_line_and_never_crashes(sweeps
     for job in range(2):
         summary = json.loads((root / "early" / f"{job}_parity" / "summary.json").read_text())
         assert summary["trained_branch"] == "parity" and summary["checkpoint"]
+
+
+def test_the_docs_select_command_finds_the_checkpoints_the_docs_sweep_writes(sweeps, tmp_path) -> None:
+    # main: docs/packed.md read multirun/.../*/checkpoints/last.ckpt, which the app never writes
+    import glob
+    import re
+    import shlex
+
+    from lightning_freeze.cli.select import main as select
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "packed.md").read_text()
+    (block,) = re.findall(r"^```bash\n(.*?)^```", page, flags=re.DOTALL | re.MULTILINE)
+    sweep_line, select_line = (shlex.split(line) for line in block.strip().splitlines())
+    assert sweep_line[:2] == ["lightning-freeze-train", "-m"] and "launcher=packed" in sweep_line
+    sweep_dir = next(a.split("=", 1)[1] for a in sweep_line if a.startswith("hydra.sweep.dir="))
+    # the fixture ran that sweep (with its own sweep dir and tiny sizes): put it where the docs' sweep writes
+    (tmp_path / sweep_dir).symlink_to(sweeps["root"] / "packed")
+    assert select_line[:3] == ["lightning-freeze", "select", "best.ckpt"]
+    inputs = sorted(glob.glob(str(tmp_path / select_line[3])))
+    assert [Path(p).parts[-3] for p in inputs] == ["0_parity", "1_parity", "2_parity"]
+    assert select([str(tmp_path / "best.ckpt"), *inputs, *select_line[4:]]) == 0
+    assert (tmp_path / "best.ckpt").is_file()
