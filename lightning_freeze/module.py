@@ -164,6 +164,9 @@ class MultiBranchModule(pl.LightningModule):
         *pl.LightningModule.__jit_unused_properties__,
         "active_branch",
         "branch_names",
+        "losses",
+        "optimizer_factory",
+        "scheduler_factory",
     ]
 
     def __init__(
@@ -296,6 +299,21 @@ class MultiBranchModule(pl.LightningModule):
     def train_branches(self) -> list[str] | None:
         """The ``train_branches`` argument (``None``: only the active branch trains)."""
         return None if self._train_branches is None else list(self._train_branches)
+
+    @property
+    def losses(self) -> dict[str, Callable[..., torch.Tensor]]:
+        """The loss function of each branch given one (``losses``); the others use cross-entropy."""
+        return dict(self._losses)
+
+    @property
+    def optimizer_factory(self) -> Callable[..., torch.optim.Optimizer] | None:
+        """The ``optimizer`` callable (instantiated from its config); ``None``: AdamW(lr=1e-3)."""
+        return self._optimizer_factory
+
+    @property
+    def scheduler_factory(self) -> Callable[..., Any] | None:
+        """The ``scheduler`` callable (instantiated from its config), or ``None``."""
+        return self._scheduler_factory
 
     def _check_train_branches(self, train_branches: Any, active_branch: str | None) -> list[str] | None:
         if train_branches is None:

@@ -40,6 +40,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_freeze import _compat
 from lightning_freeze.callbacks.freeze_backbone import FreezeBackbone
 from lightning_freeze.stages import StageRecord, StageSummary, rng_state, set_rng_state
 
@@ -234,7 +235,13 @@ class _LoopState(Callback):
             {
                 "epoch": trainer.current_epoch,
                 "global_step": trainer.global_step,
-                "loops": trainer._checkpoint_connector._get_loops_state_dict(),
+                # what Lightning's checkpoints store under "loops"
+                "loops": {
+                    "fit_loop": trainer.fit_loop.state_dict(),
+                    "validate_loop": trainer.validate_loop.state_dict(),
+                    "test_loop": trainer.test_loop.state_dict(),
+                    "predict_loop": trainer.predict_loop.state_dict(),
+                },
                 # what the job's StageRecord saves there (the global random state)
                 "rng": rng_state(),
             }
@@ -311,9 +318,9 @@ def _unsupported_callbacks(build: JobBuild) -> str | None:
             cb.monitor is not None
             or cb.save_last not in (None, False, True)
             or cb.save_top_k not in (0, 1)
-            or getattr(cb, "_every_n_train_steps", 0)
-            or getattr(cb, "_train_time_interval", None) is not None
-            or getattr(cb, "_every_n_epochs", 1) != 1
+            or _compat.model_checkpoint_every_n_train_steps(cb)
+            or _compat.model_checkpoint_train_time_interval(cb) is not None
+            or cb.every_n_epochs != 1
         ):
             return (
                 "its ModelCheckpoint saves by a monitored metric, by steps or time, more than one epoch's "
@@ -357,9 +364,9 @@ def train_packed(builds: Sequence[JobBuild], root: str | Path) -> PackedRun:
     earlier = [b for b in base.branch_names if b != name]
     branches = {b: base.branches[b] for b in earlier}
     branches.update({v: build.model.branches[name] for v, build in zip(variants, builds, strict=True)})
-    losses = {b: base._losses[b] for b in earlier if b in base._losses}
+    losses = {b: base.losses[b] for b in earlier if b in base.losses}
     losses.update(
-        {v: b.model._losses[name] for v, b in zip(variants, builds, strict=True) if name in b.model._losses}
+        {v: b.model.losses[name] for v, b in zip(variants, builds, strict=True) if name in b.model.losses}
     )
     metrics: dict[str, Any] = {b: _metric_of(base, b) for b in earlier}
     metrics.update({v: _metric_of(b.model, name) for v, b in zip(variants, builds, strict=True)})
@@ -368,8 +375,8 @@ def train_packed(builds: Sequence[JobBuild], root: str | Path) -> PackedRun:
         branches,
         losses=losses,
         metrics=metrics,
-        optimizer=base._optimizer_factory,
-        scheduler=base._scheduler_factory,
+        optimizer=base.optimizer_factory,
+        scheduler=base.scheduler_factory,
         train_branches=variants,
         branch_optimizers={v: _optimizer_settings(b.model) for v, b in zip(variants, builds, strict=True)},
         # each variant draws (dropout) exactly what the job's branch draws when the job runs alone
@@ -525,18 +532,39 @@ def _slice_scheduler(state: Mapping[str, Any], index: int, groups: int) -> dict[
 def _attached(build: JobBuild) -> L.Trainer:
     """The job's trainer with its module and data attached, as ``Trainer.fit`` attaches them.
 
-    Its checkpoints are then the job's own: its module's state and ``on_save_checkpoint``, its
-    datamodule's hyper-parameters, its callbacks.
+    Its checkpoints (``trainer.save_checkpoint``) are then the job's own: its module's state and
+    ``on_save_checkpoint``, its datamodule's hyper-parameters, its callbacks.
     """
     from lightning.pytorch.trainer.states import TrainerFn
 
     trainer, model = build.trainer, build.model
-    trainer.strategy._lightning_module = model
     trainer.state.fn = TrainerFn.FITTING
-    trainer._data_connector.attach_data(model, datamodule=build.datamodule)
+    _compat.attach_datamodule(trainer, model, build.datamodule)
     trainer.strategy.connect(model)
     model.trainer = trainer
     return trainer
+
+
+class _PackedFitState(Callback):
+    """While :func:`write_job` saves a job's checkpoint: the packed fit's states, cut down to the job.
+
+    Appended last to the job's trainer, so that its ``on_save_checkpoint`` runs after every other
+    callback's: the loop counters, callback states, optimizer and scheduler states of the packed fit
+    replace what the unfitted job trainer would write.
+    """
+
+    def __init__(self, updates: Mapping[str, Any], callback_states: Mapping[str, Any]) -> None:
+        self.updates = updates
+        self.callback_states = callback_states
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint.update(copy.deepcopy(dict(self.updates)))
+        callbacks = checkpoint.get("callbacks", {})
+        for key, state in self.callback_states.items():
+            if key in callbacks:
+                callbacks[key] = copy.deepcopy(state)
 
 
 def write_job(build: JobBuild, run: PackedRun, index: int) -> float | None:
@@ -552,7 +580,6 @@ def write_job(build: JobBuild, run: PackedRun, index: int) -> float | None:
         (``None`` without one).
     """
     from lightning_freeze.app import report
-    from lightning_freeze.core.checkpoint import save_checkpoint_atomic
 
     name = build.branch
     variant = run.variants[index]
@@ -564,10 +591,8 @@ def write_job(build: JobBuild, run: PackedRun, index: int) -> float | None:
     last_path = None
     if checkpoint_cb is not None and checkpoint_cb.dirpath:
         loops = run.loop_states
-        on_epoch_end = getattr(checkpoint_cb, "_should_save_on_train_epoch_end", lambda trainer: True)
-        saved = copy.deepcopy(
-            loops.at_train_epoch_end if on_epoch_end(run.trainer) else loops.at_validation_end
-        )
+        on_epoch_end = _compat.model_checkpoint_saves_on_train_epoch_end(checkpoint_cb, run.trainer)
+        saved = copy.deepcopy(loops.at_train_epoch_end if on_epoch_end else loops.at_validation_end)
         rng = saved.pop("rng")
         trainer.callback_metrics.clear()
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
@@ -586,25 +611,30 @@ def write_job(build: JobBuild, run: PackedRun, index: int) -> float | None:
         # (last_model_path still the previous epoch's last.ckpt), then last.ckpt
         if topk is not None:
             checkpoint_cb.best_model_path = topk
-        for path in (topk, last):
-            if path is None:
-                continue
-            previous_last = last if last is not None and saved["epoch"] > 0 else ""
-            checkpoint_cb.last_model_path = last if path == last else previous_last
-            checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
-            checkpoint.update(copy.deepcopy(saved))
-            for key, state in run.callback_states.items():
-                if key in checkpoint.get("callbacks", {}) and key != checkpoint_cb.state_key:
-                    checkpoint["callbacks"][key] = _for_variant(state, variant, name, others)
-            for cb in trainer.callbacks:
-                if isinstance(cb, StageRecord) and cb.state_key in checkpoint.get("callbacks", {}):
-                    checkpoint["callbacks"][cb.state_key] = {"rng": copy.deepcopy(rng)}
-            if run.optimizer_state is not None:
-                checkpoint["optimizer_states"] = [_slice_optimizer(run.optimizer_state, index)]
-            groups = len(run.variants)
-            checkpoint["lr_schedulers"] = [_slice_scheduler(s, index, groups) for s in run.scheduler_states]
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            save_checkpoint_atomic(checkpoint, path)
+        groups = len(run.variants)
+        updates = {
+            **saved,
+            "lr_schedulers": [_slice_scheduler(s, index, groups) for s in run.scheduler_states],
+        }
+        if run.optimizer_state is not None:
+            updates["optimizer_states"] = [_slice_optimizer(run.optimizer_state, index)]
+        states = {
+            key: _for_variant(state, variant, name, others)
+            for key, state in run.callback_states.items()
+            if key != checkpoint_cb.state_key
+        }
+        states.update({cb.state_key: {"rng": rng} for cb in trainer.callbacks if isinstance(cb, StageRecord)})
+        packed_state = _PackedFitState(updates, states)
+        trainer.callbacks.append(packed_state)
+        try:
+            for path in (topk, last):
+                if path is None:
+                    continue
+                previous_last = last if last is not None and saved["epoch"] > 0 else ""
+                checkpoint_cb.last_model_path = last if path == last else previous_last
+                trainer.save_checkpoint(path, weights_only=False)
+        finally:
+            trainer.callbacks.remove(packed_state)
         last_path = last or topk
 
     freezer = next((c for c in run.trainer.callbacks if isinstance(c, FreezeBackbone)), None)
