@@ -22,7 +22,15 @@ asks :func:`why_not_packable`. When the jobs differ only in ``model.optimizer.*`
 
 Each job's branch weights are bitwise those the job writes when run alone with the basic launcher
 (CPU, same seed, ``trainer.deterministic=true``): the backbone is frozen, so the variants share no
-parameter and the summed loss gives each exactly its own gradient.
+parameter and the summed loss gives each exactly its own gradient; each variant runs in a random
+stream seeded as the job's branch is seeded alone (``random_streams``), so a head with dropout draws
+the same masks as in its job and does not shift its siblings' or the data's random numbers.
+
+Jobs are not packed (they run one after another, after one line saying why) when they differ in
+more than branch-level settings, resume a checkpoint, save checkpoints by a monitored metric, steps
+or time, or carry a callback that monitors a metric (``EarlyStopping``: each variant logs under its
+own name, and one fit cannot stop per variant). Checkpoints are written with the job's own trainer
+(``Trainer.save_checkpoint``); the Lightning internals this needs are in :mod:`lightning_freeze._compat`.
 """
 
 from __future__ import annotations
