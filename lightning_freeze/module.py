@@ -27,6 +27,7 @@ from lightning_freeze.core.checkpoint import (
     load_checkpoint,
 )
 from lightning_freeze.core.errors import UnknownBranchError
+from lightning_freeze.core.random_stream import RandomStream, derive_seed
 from lightning_freeze.core.validation import check_choice, choices_of
 from lightning_freeze.instantiate import instantiate
 from lightning_freeze.instantiate import is_config as _is_config
@@ -115,6 +116,15 @@ class MultiBranchModule(pl.LightningModule):
         branch_optimizers: ``{trained branch: {setting: value}}``: per-branch optimizer settings
             (any setting of the optimizer's param groups, e.g. ``lr``, ``weight_decay``,
             ``betas``, ``momentum``); unset settings come from ``optimizer``.
+        random_streams: ``{trained branch: stream name}``. Every trained branch runs its
+            ``training_step`` forward and loss inside its own random stream
+            (:class:`~lightning_freeze.core.random_stream.RandomStream`), seeded at fit start from
+            the run's seed (``torch.initial_seed()``, set by ``seed_everything``) and the stream
+            name, saved in checkpoints and restored on resume. Its dropout therefore neither
+            shifts the global stream (data shuffling, the backbone, other branches) nor depends on
+            it. Default stream name: the branch's own name. Give packed variants of one head the
+            head's name (``{"lr_small": "head", "lr_big": "head"}``) and each draws exactly what
+            training ``head`` alone with the same seed draws.
 
     Raises:
         UnknownBranchError: ``active_branch``, a name in ``train_branches`` or a key of
@@ -154,6 +164,9 @@ class MultiBranchModule(pl.LightningModule):
         *pl.LightningModule.__jit_unused_properties__,
         "active_branch",
         "branch_names",
+        "losses",
+        "optimizer_factory",
+        "scheduler_factory",
     ]
 
     def __init__(
@@ -169,6 +182,7 @@ class MultiBranchModule(pl.LightningModule):
         predict_all: bool = False,
         train_branches: Sequence[str] | None = None,
         branch_optimizers: Mapping[str, Mapping[str, Any]] | None = None,
+        random_streams: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
         if backbone is None or branches is None:
@@ -198,6 +212,8 @@ class MultiBranchModule(pl.LightningModule):
         if self._train_branches is not None and active_branch is None:
             self._active_branch = self._train_branches[0]
         self._branch_optimizers = self._check_branch_optimizers(branch_optimizers)
+        self._stream_names = self._check_random_streams(random_streams)
+        self._streams: dict[str, RandomStream] = {}
 
         self._check_keys("losses", losses)
         self._check_keys("metrics", metrics)
@@ -250,6 +266,7 @@ class MultiBranchModule(pl.LightningModule):
                 predict_all=self.predict_all,
                 train_branches=self._train_branches,
                 branch_optimizers=self._branch_optimizers,
+                random_streams=self._stream_names,
             )
         )
 
@@ -282,6 +299,21 @@ class MultiBranchModule(pl.LightningModule):
     def train_branches(self) -> list[str] | None:
         """The ``train_branches`` argument (``None``: only the active branch trains)."""
         return None if self._train_branches is None else list(self._train_branches)
+
+    @property
+    def losses(self) -> dict[str, Callable[..., torch.Tensor]]:
+        """The loss function of each branch given one (``losses``); the others use cross-entropy."""
+        return dict(self._losses)
+
+    @property
+    def optimizer_factory(self) -> Callable[..., torch.optim.Optimizer] | None:
+        """The ``optimizer`` callable (instantiated from its config); ``None``: AdamW(lr=1e-3)."""
+        return self._optimizer_factory
+
+    @property
+    def scheduler_factory(self) -> Callable[..., Any] | None:
+        """The ``scheduler`` callable (instantiated from its config), or ``None``."""
+        return self._scheduler_factory
 
     def _check_train_branches(self, train_branches: Any, active_branch: str | None) -> list[str] | None:
         if train_branches is None:
@@ -327,6 +359,34 @@ class MultiBranchModule(pl.LightningModule):
                 )
             out[name] = dict(_plain(dict(settings)))
         return out
+
+    def _check_random_streams(self, random_streams: Any) -> dict[str, str]:
+        if random_streams is None:
+            return {}
+        self._check_keys("random_streams", random_streams)
+        bad = {k: v for k, v in random_streams.items() if not isinstance(v, str) or not v}
+        if bad:
+            raise ValueError(
+                f"Invalid random_streams={dict(random_streams)!r}: {bad!r} are not stream names; valid "
+                "choices: {trained branch: a non-empty string}, e.g. {'lr_small': 'head', 'lr_big': 'head'}."
+            )
+        return {str(k): str(v) for k, v in random_streams.items()}
+
+    def random_stream(self, branch: str) -> RandomStream:
+        """The random stream ``branch`` trains in.
+
+        Created on first use (at the first fit's start for trained branches), seeded from
+        ``torch.initial_seed()`` and the branch's stream name (``random_streams``, default the
+        branch name); it then continues across fits and is saved in, and restored from, checkpoints.
+
+        Raises:
+            UnknownBranchError: ``branch`` is not a branch.
+        """
+        name = self._check_branch(branch)
+        if name not in self._streams:
+            seed = derive_seed(torch.initial_seed(), self._stream_names.get(name, name))
+            self._streams[name] = RandomStream(seed)
+        return self._streams[name]
 
     def switch_branch(self, name: str) -> None:
         """Make ``name`` the active branch (between fits; not while ``Trainer.fit`` runs).
@@ -438,15 +498,31 @@ class MultiBranchModule(pl.LightningModule):
     # --------------------------------------------------------------------------------------------
     @override
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        if self._train_branches is not None:
-            return self._packed_training_step(batch)
+        """The summed loss of the trained branches (one: the active branch) on one backbone pass.
+
+        Only trained branches run: frozen inactive branches get no gradient, so DDP needs no
+        ``find_unused_parameters``. Each branch runs in its own random stream (:meth:`random_stream`).
+        """
         x, y = _unpack(batch)
-        name = self._active_branch
-        # only the active branch runs: frozen inactive branches get no gradient, so DDP needs no
-        # find_unused_parameters
-        loss = self._loss(name, self(x), y)
-        self.log(f"{name}/train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=_size(x))
-        return loss
+        features = self.backbone(x)
+        trained = self.trained_branches
+        total: torch.Tensor | None = None
+        for name in trained:
+            with self.random_stream(name).active(_device_of(features, self.device)):
+                loss = self._loss(name, self.branches[name](features), _target_for(name, y))
+            self.log(
+                f"{name}/train_loss",
+                loss,
+                on_step=True,
+                on_epoch=True,
+                prog_bar=len(trained) == 1,
+                batch_size=_size(x),
+            )
+            # d(sum)/d(loss_b) is exactly 1 and branches share no parameter: each branch's gradient
+            # is bitwise the gradient of its own loss, as if it trained alone
+            total = loss if total is None else total + loss
+        assert total is not None
+        return total
 
     @override
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
@@ -460,26 +536,6 @@ class MultiBranchModule(pl.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self.forward_all(x) if self.predict_all else self(x)
-
-    def _packed_training_step(self, batch: Any) -> torch.Tensor:
-        x, y = _unpack(batch)
-        features = self.backbone(x)
-        total: torch.Tensor | None = None
-        for name in self._train_branches or ():
-            loss = self._loss(name, self.branches[name](features), _target_for(name, y))
-            self.log(
-                f"{name}/train_loss",
-                loss,
-                on_step=True,
-                on_epoch=True,
-                prog_bar=len(self._train_branches or ()) == 1,
-                batch_size=_size(x),
-            )
-            # d(sum)/d(loss_b) is exactly 1 and branches share no parameter: each branch's gradient
-            # is bitwise the gradient of its own loss, as if it trained alone
-            total = loss if total is None else total + loss
-        assert total is not None
-        return total
 
     def _evaluate(self, batch: Any, dataloader_idx: int, stage: str, metrics: nn.ModuleDict) -> torch.Tensor:
         name, keyed = self._branch_for_dataloader(stage, dataloader_idx)
@@ -635,6 +691,8 @@ class MultiBranchModule(pl.LightningModule):
             return
         self._check_packed_setup()
         trained = self.trained_branches
+        for name in trained:
+            self.random_stream(name)  # seeded now, from the run's seed (restored later on resume)
         trainable = [
             name
             for name in self.branch_names
@@ -679,6 +737,10 @@ class MultiBranchModule(pl.LightningModule):
         }
         if self._train_branches is not None:
             checkpoint[_CHECKPOINT_KEY]["train_branches"] = list(self._train_branches)
+        if self._streams:
+            checkpoint[_CHECKPOINT_KEY]["random_streams"] = {
+                name: stream.state_dict() for name, stream in self._streams.items()
+            }
         metrics = _branch_metrics(self._trainer, self.branch_names)
         if metrics:
             # the latest per-branch metrics (e.g. "b/val_acc"): `lightning-freeze select` reads them
@@ -686,6 +748,9 @@ class MultiBranchModule(pl.LightningModule):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        for name, state in ((checkpoint.get(_CHECKPOINT_KEY) or {}).get("random_streams") or {}).items():
+            if name in self.branches:
+                self.random_stream(name).load_state_dict(state)
         saved = (checkpoint.get(_CHECKPOINT_KEY) or {}).get("active_branch")
         if saved is None or saved == self._active_branch or saved not in self.branches:
             return
@@ -902,6 +967,8 @@ def _hparams(**args: Any) -> dict[str, Any]:
         out["train_branches"] = list(args["train_branches"])
     if args["branch_optimizers"]:
         out["branch_optimizers"] = _plain(args["branch_optimizers"])
+    if args["random_streams"]:
+        out["random_streams"] = dict(args["random_streams"])
     return out
 
 
@@ -918,6 +985,11 @@ def _unpack(batch: Any) -> tuple[Any, Any]:
         + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
         + "; override training_step/validation_step for other batch layouts."
     )
+
+
+def _device_of(features: Any, default: torch.device) -> torch.device:
+    """Where the branches run: the device of the backbone's output (the module's device otherwise)."""
+    return features.device if isinstance(features, torch.Tensor) else default
 
 
 def _size(x: Any) -> int | None:

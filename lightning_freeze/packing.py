@@ -22,7 +22,15 @@ asks :func:`why_not_packable`. When the jobs differ only in ``model.optimizer.*`
 
 Each job's branch weights are bitwise those the job writes when run alone with the basic launcher
 (CPU, same seed, ``trainer.deterministic=true``): the backbone is frozen, so the variants share no
-parameter and the summed loss gives each exactly its own gradient.
+parameter and the summed loss gives each exactly its own gradient; each variant runs in a random
+stream seeded as the job's branch is seeded alone (``random_streams``), so a head with dropout draws
+the same masks as in its job and does not shift its siblings' or the data's random numbers.
+
+Jobs are not packed (they run one after another, after one line saying why) when they differ in
+more than branch-level settings, resume a checkpoint, save checkpoints by a monitored metric, steps
+or time, or carry a callback that monitors a metric (``EarlyStopping``: each variant logs under its
+own name, and one fit cannot stop per variant). Checkpoints are written with the job's own trainer
+(``Trainer.save_checkpoint``); the Lightning internals this needs are in :mod:`lightning_freeze._compat`.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_freeze import _compat
 from lightning_freeze.callbacks.freeze_backbone import FreezeBackbone
 from lightning_freeze.stages import StageRecord, StageSummary, rng_state, set_rng_state
 
@@ -234,7 +243,13 @@ class _LoopState(Callback):
             {
                 "epoch": trainer.current_epoch,
                 "global_step": trainer.global_step,
-                "loops": trainer._checkpoint_connector._get_loops_state_dict(),
+                # what Lightning's checkpoints store under "loops"
+                "loops": {
+                    "fit_loop": trainer.fit_loop.state_dict(),
+                    "validate_loop": trainer.validate_loop.state_dict(),
+                    "test_loop": trainer.test_loop.state_dict(),
+                    "predict_loop": trainer.predict_loop.state_dict(),
+                },
                 # what the job's StageRecord saves there (the global random state)
                 "rng": rng_state(),
             }
@@ -262,7 +277,7 @@ def adopt(first: JobBuild, build: JobBuild, index: int) -> str | None:
     Returns:
         why the job cannot be packed with ``first``, or ``None``.
     """
-    reason = _unsupported_checkpointing(build)
+    reason = _unsupported_callbacks(build)
     if reason is not None:
         return f"job {index}: {reason}"
     if build.resumed_from is not None:
@@ -291,16 +306,29 @@ def adopt(first: JobBuild, build: JobBuild, index: int) -> str | None:
     return None
 
 
-def _unsupported_checkpointing(build: JobBuild) -> str | None:
-    """Packed jobs write one checkpoint each, at the end: refuse ModelCheckpoints that do more."""
+def _unsupported_callbacks(build: JobBuild) -> str | None:
+    """Refuse callbacks a packed fit cannot run per job.
+
+    Packed jobs write one checkpoint each, at the end: ModelCheckpoints that do more are refused. A
+    callback that monitors a metric (``EarlyStopping``) would read the job's ``"<branch>/..."``
+    metric, which the packed fit logs per variant (``"<branch>__v<k>/..."``), and would stop or
+    pick checkpoints for every variant at once.
+    """
     for cb in build.trainer.callbacks:
+        monitor = getattr(cb, "monitor", None)
+        if not isinstance(cb, ModelCheckpoint) and monitor is not None:
+            return (
+                f"its {type(cb).__name__} monitors {monitor!r}, which each packed variant logs under its own "
+                f"name ({build.branch}__v0/..., {build.branch}__v1/...); one packed fit cannot stop or keep "
+                "checkpoints per variant"
+            )
         if isinstance(cb, ModelCheckpoint) and (
             cb.monitor is not None
             or cb.save_last not in (None, False, True)
             or cb.save_top_k not in (0, 1)
-            or getattr(cb, "_every_n_train_steps", 0)
-            or getattr(cb, "_train_time_interval", None) is not None
-            or getattr(cb, "_every_n_epochs", 1) != 1
+            or _compat.model_checkpoint_every_n_train_steps(cb)
+            or _compat.model_checkpoint_train_time_interval(cb) is not None
+            or cb.every_n_epochs != 1
         ):
             return (
                 "its ModelCheckpoint saves by a monitored metric, by steps or time, more than one epoch's "
@@ -344,9 +372,9 @@ def train_packed(builds: Sequence[JobBuild], root: str | Path) -> PackedRun:
     earlier = [b for b in base.branch_names if b != name]
     branches = {b: base.branches[b] for b in earlier}
     branches.update({v: build.model.branches[name] for v, build in zip(variants, builds, strict=True)})
-    losses = {b: base._losses[b] for b in earlier if b in base._losses}
+    losses = {b: base.losses[b] for b in earlier if b in base.losses}
     losses.update(
-        {v: b.model._losses[name] for v, b in zip(variants, builds, strict=True) if name in b.model._losses}
+        {v: b.model.losses[name] for v, b in zip(variants, builds, strict=True) if name in b.model.losses}
     )
     metrics: dict[str, Any] = {b: _metric_of(base, b) for b in earlier}
     metrics.update({v: _metric_of(b.model, name) for v, b in zip(variants, builds, strict=True)})
@@ -355,10 +383,12 @@ def train_packed(builds: Sequence[JobBuild], root: str | Path) -> PackedRun:
         branches,
         losses=losses,
         metrics=metrics,
-        optimizer=base._optimizer_factory,
-        scheduler=base._scheduler_factory,
+        optimizer=base.optimizer_factory,
+        scheduler=base.scheduler_factory,
         train_branches=variants,
         branch_optimizers={v: _optimizer_settings(b.model) for v, b in zip(variants, builds, strict=True)},
+        # each variant draws (dropout) exactly what the job's branch draws when the job runs alone
+        random_streams=dict.fromkeys(variants, name),
     )
 
     job_trainer = first.trainer
@@ -394,6 +424,9 @@ def train_packed(builds: Sequence[JobBuild], root: str | Path) -> PackedRun:
                 if k.startswith(f"{variant}/")
             }
         )
+    for variant, build in zip(variants, builds, strict=True):
+        # where the variant's random stream got to: the job's checkpoint carries it, as the job's own does
+        build.model.random_stream(name).load_state_dict(packed.random_stream(variant).state_dict())
     run.frozen_rows = _validate_earlier(packed, trainer, earlier, first)
     packed.switch_branch(variants[0])
     run.callback_states = {cb.state_key: cb.state_dict() for cb in trainer.callbacks}
@@ -507,18 +540,39 @@ def _slice_scheduler(state: Mapping[str, Any], index: int, groups: int) -> dict[
 def _attached(build: JobBuild) -> L.Trainer:
     """The job's trainer with its module and data attached, as ``Trainer.fit`` attaches them.
 
-    Its checkpoints are then the job's own: its module's state and ``on_save_checkpoint``, its
-    datamodule's hyper-parameters, its callbacks.
+    Its checkpoints (``trainer.save_checkpoint``) are then the job's own: its module's state and
+    ``on_save_checkpoint``, its datamodule's hyper-parameters, its callbacks.
     """
     from lightning.pytorch.trainer.states import TrainerFn
 
     trainer, model = build.trainer, build.model
-    trainer.strategy._lightning_module = model
     trainer.state.fn = TrainerFn.FITTING
-    trainer._data_connector.attach_data(model, datamodule=build.datamodule)
+    _compat.attach_datamodule(trainer, model, build.datamodule)
     trainer.strategy.connect(model)
     model.trainer = trainer
     return trainer
+
+
+class _PackedFitState(Callback):
+    """While :func:`write_job` saves a job's checkpoint: the packed fit's states, cut down to the job.
+
+    Appended last to the job's trainer, so that its ``on_save_checkpoint`` runs after every other
+    callback's: the loop counters, callback states, optimizer and scheduler states of the packed fit
+    replace what the unfitted job trainer would write.
+    """
+
+    def __init__(self, updates: Mapping[str, Any], callback_states: Mapping[str, Any]) -> None:
+        self.updates = updates
+        self.callback_states = callback_states
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint.update(copy.deepcopy(dict(self.updates)))
+        callbacks = checkpoint.get("callbacks", {})
+        for key, state in self.callback_states.items():
+            if key in callbacks:
+                callbacks[key] = copy.deepcopy(state)
 
 
 def write_job(build: JobBuild, run: PackedRun, index: int) -> float | None:
@@ -534,7 +588,6 @@ def write_job(build: JobBuild, run: PackedRun, index: int) -> float | None:
         (``None`` without one).
     """
     from lightning_freeze.app import report
-    from lightning_freeze.core.checkpoint import save_checkpoint_atomic
 
     name = build.branch
     variant = run.variants[index]
@@ -546,10 +599,8 @@ def write_job(build: JobBuild, run: PackedRun, index: int) -> float | None:
     last_path = None
     if checkpoint_cb is not None and checkpoint_cb.dirpath:
         loops = run.loop_states
-        on_epoch_end = getattr(checkpoint_cb, "_should_save_on_train_epoch_end", lambda trainer: True)
-        saved = copy.deepcopy(
-            loops.at_train_epoch_end if on_epoch_end(run.trainer) else loops.at_validation_end
-        )
+        on_epoch_end = _compat.model_checkpoint_saves_on_train_epoch_end(checkpoint_cb, run.trainer)
+        saved = copy.deepcopy(loops.at_train_epoch_end if on_epoch_end else loops.at_validation_end)
         rng = saved.pop("rng")
         trainer.callback_metrics.clear()
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
@@ -568,25 +619,30 @@ def write_job(build: JobBuild, run: PackedRun, index: int) -> float | None:
         # (last_model_path still the previous epoch's last.ckpt), then last.ckpt
         if topk is not None:
             checkpoint_cb.best_model_path = topk
-        for path in (topk, last):
-            if path is None:
-                continue
-            previous_last = last if last is not None and saved["epoch"] > 0 else ""
-            checkpoint_cb.last_model_path = last if path == last else previous_last
-            checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
-            checkpoint.update(copy.deepcopy(saved))
-            for key, state in run.callback_states.items():
-                if key in checkpoint.get("callbacks", {}) and key != checkpoint_cb.state_key:
-                    checkpoint["callbacks"][key] = _for_variant(state, variant, name, others)
-            for cb in trainer.callbacks:
-                if isinstance(cb, StageRecord) and cb.state_key in checkpoint.get("callbacks", {}):
-                    checkpoint["callbacks"][cb.state_key] = {"rng": copy.deepcopy(rng)}
-            if run.optimizer_state is not None:
-                checkpoint["optimizer_states"] = [_slice_optimizer(run.optimizer_state, index)]
-            groups = len(run.variants)
-            checkpoint["lr_schedulers"] = [_slice_scheduler(s, index, groups) for s in run.scheduler_states]
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            save_checkpoint_atomic(checkpoint, path)
+        groups = len(run.variants)
+        updates = {
+            **saved,
+            "lr_schedulers": [_slice_scheduler(s, index, groups) for s in run.scheduler_states],
+        }
+        if run.optimizer_state is not None:
+            updates["optimizer_states"] = [_slice_optimizer(run.optimizer_state, index)]
+        states = {
+            key: _for_variant(state, variant, name, others)
+            for key, state in run.callback_states.items()
+            if key != checkpoint_cb.state_key
+        }
+        states.update({cb.state_key: {"rng": rng} for cb in trainer.callbacks if isinstance(cb, StageRecord)})
+        packed_state = _PackedFitState(updates, states)
+        trainer.callbacks.append(packed_state)
+        try:
+            for path in (topk, last):
+                if path is None:
+                    continue
+                previous_last = last if last is not None and saved["epoch"] > 0 else ""
+                checkpoint_cb.last_model_path = last if path == last else previous_last
+                trainer.save_checkpoint(path, weights_only=False)
+        finally:
+            trainer.callbacks.remove(packed_state)
         last_path = last or topk
 
     freezer = next((c for c in run.trainer.callbacks if isinstance(c, FreezeBackbone)), None)

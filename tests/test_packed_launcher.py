@@ -180,3 +180,84 @@ def test_jobs_that_resume_a_checkpoint_fall_back(sweeps) -> None:
     for job in range(2):
         summary = json.loads((root / "resumed" / f"{job}_parity" / "summary.json").read_text())
         assert summary["resumed_from"] == str(resumed)
+
+
+def test_a_dropout_head_sweep_writes_bitwise_what_each_job_writes_alone(sweeps) -> None:
+    # each variant trains in its own random stream, seeded as the job's branch is when the job runs
+    # alone: before, the dropout variants shared the global stream, and 4 of 24 tensors differed
+    root = sweeps["root"]
+    sweep = [
+        "-m",
+        "experiment=stage2",
+        f"init_from={root / 's1' / 'checkpoints' / 'last.ckpt'}",
+        "model.optimizer.lr=0.01,0.1",
+        "branch.head._target_=lightning_freeze.models.mlp_head",
+        "+branch.head.dropout=0.5",
+        "trainer.deterministic=true",
+        *FAST,
+    ]
+    packed = run_app_ok([*sweep, "launcher=packed", f"hydra.sweep.dir={root / 'dropout_packed'}"], root)
+    assert (
+        "launcher=packed: training 2 jobs as packed variants in one process" in packed.stdout + packed.stderr
+    )
+    run_app_ok([*sweep, "launcher=basic", f"hydra.sweep.dir={root / 'dropout_basic'}"], root)
+    for job in range(2):
+        alone = _checkpoint(root / "dropout_basic", job)
+        packed_ckpt = _checkpoint(root / "dropout_packed", job)
+        head = alone["hyper_parameters"]["branches"]["parity"]
+        assert head["_target_"] == "lightning_freeze.models.mlp_head" and head["dropout"] == 0.5
+        differences = _differences(
+            alone, packed_ckpt, str(root / "dropout_basic"), str(root / "dropout_packed")
+        )
+        assert differences == [], differences[:5]
+        assert "parity" in packed_ckpt["multi_branch"]["random_streams"]
+
+
+def test_an_early_stopping_sweep_falls_back_in_one_line_and_never_crashes(sweeps) -> None:
+    # EarlyStopping monitors parity/val_loss, which packed variants log as parity__v0/val_loss: before,
+    # the packed fit crashed after epoch 1 ("Early stopping conditioned on metric ... not available")
+    root = sweeps["root"]
+    result = run_app_ok(
+        [
+            "-m",
+            "launcher=packed",
+            "experiment=stage2",
+            f"init_from={root / 's1' / 'checkpoints' / 'last.ckpt'}",
+            f"hydra.sweep.dir={root / 'early'}",
+            "model.optimizer.lr=0.01,0.1",
+            "callbacks=[default,freeze_backbone,early_stopping]",
+            *FAST,
+        ],
+        root,
+    )
+    log = result.stdout + result.stderr
+    assert (
+        "launcher=packed: running 2 job(s) one after another: job 0: its EarlyStopping monitors "
+        "'parity/val_loss', which each packed variant logs under its own name" in log
+    )
+    assert log.count("launcher=packed:") == 1
+    for job in range(2):
+        summary = json.loads((root / "early" / f"{job}_parity" / "summary.json").read_text())
+        assert summary["trained_branch"] == "parity" and summary["checkpoint"]
+
+
+def test_the_docs_select_command_finds_the_checkpoints_the_docs_sweep_writes(sweeps, tmp_path) -> None:
+    # main: docs/packed.md read multirun/.../*/checkpoints/last.ckpt, which the app never writes
+    import glob
+    import re
+    import shlex
+
+    from lightning_freeze.cli.select import main as select
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "packed.md").read_text()
+    (block,) = re.findall(r"^```bash\n(.*?)^```", page, flags=re.DOTALL | re.MULTILINE)
+    sweep_line, select_line = (shlex.split(line) for line in block.strip().splitlines())
+    assert sweep_line[:2] == ["lightning-freeze-train", "-m"] and "launcher=packed" in sweep_line
+    sweep_dir = next(a.split("=", 1)[1] for a in sweep_line if a.startswith("hydra.sweep.dir="))
+    # the fixture ran that sweep (with its own sweep dir and tiny sizes): put it where the docs' sweep writes
+    (tmp_path / sweep_dir).symlink_to(sweeps["root"] / "packed")
+    assert select_line[:3] == ["lightning-freeze", "select", "best.ckpt"]
+    inputs = sorted(glob.glob(str(tmp_path / select_line[3])))
+    assert [Path(p).parts[-3] for p in inputs] == ["0_parity", "1_parity", "2_parity"]
+    assert select([str(tmp_path / "best.ckpt"), *inputs, *select_line[4:]]) == 0
+    assert (tmp_path / "best.ckpt").is_file()

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
+from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
@@ -31,6 +31,16 @@ log = logging.getLogger(__name__)
 
 #: the task function whose jobs can be packed (the app's ``main``)
 APP_MODULE = "lightning_freeze.train"
+
+
+def _build_or_error(cfg: DictConfig) -> Any:
+    """The job built for packing (:func:`lightning_freeze.packing.build_job`), or the error raised."""
+    from lightning_freeze import packing
+
+    try:
+        return packing.build_job(cfg)
+    except Exception as err:  # reported in the one fallback line; the job then runs alone and says more
+        return err
 
 
 class PackedLauncher(Launcher):
@@ -73,11 +83,11 @@ class PackedLauncher(Launcher):
 
             builds: list[Any] = []
             for index, cfg in enumerate(configs):
-                result = self._run(packing.build_job, cfg)
-                if result.status != JobStatus.COMPLETED:
-                    reason = f"job {index} could not be built ({result._return_value})"
+                built = self._run(_build_or_error, cfg).return_value
+                if isinstance(built, Exception):
+                    reason = f"job {index} could not be built ({built})"
                     break
-                builds.append(result.return_value)
+                builds.append(built)
                 # one backbone in memory for the whole sweep, as each job is built
                 reason = packing.adopt(builds[0], builds[-1], index)
                 if reason is not None:
