@@ -18,11 +18,11 @@ test-oldest`` and ``make test``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import torch
 from torch import nn
-from datetime import timedelta
 
 # --- floors ---
 
