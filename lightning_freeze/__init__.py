@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from lightning_freeze._lazy import lazy_attributes
+from lightning_freeze import _lazy
 
 # The one place the version is written: pyproject.toml reads it with
 # `[tool.setuptools.dynamic] version = {attr = ...}` (a literal, so the build does not import the package).
@@ -49,4 +49,4 @@ if TYPE_CHECKING:
     from lightning_freeze.module import MultiBranchModule
 
 
-__getattr__, __dir__ = lazy_attributes(globals(), _LAZY)
+__getattr__, __dir__ = _lazy.lazy_attributes(globals(), _LAZY)

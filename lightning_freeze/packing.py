@@ -30,7 +30,7 @@ Jobs are not packed (they run one after another, after one line saying why) when
 more than branch-level settings, resume a checkpoint, save checkpoints by a monitored metric, steps
 or time, or carry a callback that monitors a metric (``EarlyStopping``: each variant logs under its
 own name, and one fit cannot stop per variant). Checkpoints are written with the job's own trainer
-(``Trainer.save_checkpoint``); the Lightning internals this needs are in :mod:`lightning_freeze._compat`.
+(``Trainer.save_checkpoint``); the Lightning internals this needs are in ``lightning_freeze/_compat.py``.
 """
 
 from __future__ import annotations

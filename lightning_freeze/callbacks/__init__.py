@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from lightning_freeze._lazy import lazy_attributes
+from lightning_freeze import _lazy
 
 # public name -> module that defines it
 _LAZY = {
@@ -26,4 +26,4 @@ if TYPE_CHECKING:
     from lightning_freeze.callbacks.frozen_safe_ema import FrozenSafeEMA, load_ema_weights
 
 
-__getattr__, __dir__ = lazy_attributes(globals(), _LAZY)
+__getattr__, __dir__ = _lazy.lazy_attributes(globals(), _LAZY)

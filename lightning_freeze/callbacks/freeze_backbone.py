@@ -13,13 +13,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_freeze import _compat
 from lightning_freeze.callbacks.unfreeze import (
     PhaseRunner,
     add_to_optimizer,
     can_unfreeze_under,
     check_compiled_gradients,
     check_schedulers,
-    is_compiled,
     rewrap_ddp,
 )
 from lightning_freeze.core.distributed import (
@@ -703,7 +703,7 @@ class FreezeBackbone(Callback):
                 "FreezeBackbone cannot unfreeze: the trainer has no optimizer to add parameters to."
             )
         rewrapped = rewrap_ddp(trainer)
-        if is_compiled(pl_module):
+        if _compat.is_compiled(pl_module):
             self._grad_watch, self._dynamo_reset = list(params), False
             rank_zero_info(
                 "FreezeBackbone: the model is compiled (torch.compile): dynamo recompiles the graphs that "

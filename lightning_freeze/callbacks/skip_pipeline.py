@@ -28,7 +28,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import BatchSampler, DataLoader
 
-from lightning_freeze._compat import fit_loop_combined_loader
+from lightning_freeze import _compat
 from lightning_freeze.core.feature_cache import module_state_key, sample_keys, uncacheable_reasons
 
 if TYPE_CHECKING:
@@ -314,7 +314,7 @@ class _SkipPipeline:
         self._off_at_start = bool(self.off)  # the same on every rank (decided on gathered flags)
         if self.off:
             return
-        combined = fit_loop_combined_loader(trainer)
+        combined = _compat.fit_loop_combined_loader(trainer)
         loaders = combined.flattened if combined is not None else []
         if len(loaders) != 1 or not isinstance(loaders[0], DataLoader):
             return self._turn_off("it needs exactly one training DataLoader")

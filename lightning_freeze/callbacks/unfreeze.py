@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_freeze._compat import is_compiled, rebuild_ddp_wrapper
+from lightning_freeze import _compat
 from lightning_freeze.core.param_groups import add_param_group, extend_scheduler, unsupported_schedulers
 from lightning_freeze.core.unfreeze_schedule import (
     PlateauTracker,
@@ -35,7 +35,6 @@ __all__ = [
     "can_unfreeze_under",
     "check_compiled_gradients",
     "check_schedulers",
-    "is_compiled",
     "rewrap_ddp",
 ]
 
@@ -68,7 +67,7 @@ def rewrap_ddp(trainer: pl.Trainer) -> bool:
     module = old.module
     del old
     strategy.model = None  # drop the last reference to the old reducer before the new one is built
-    rebuild_ddp_wrapper(strategy, module)
+    _compat.rebuild_ddp_wrapper(strategy, module)
     return True
 
 

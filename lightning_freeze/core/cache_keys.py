@@ -20,7 +20,7 @@ import torch
 import xxhash
 from torch import nn
 
-from lightning_freeze._compat import tensor_version
+from lightning_freeze import _compat
 from lightning_freeze.core.bits import raw_bytes
 from lightning_freeze.core.fingerprint import fingerprint
 
@@ -181,7 +181,13 @@ class RowDigestMemo:
 
     @staticmethod
     def _token(tensor: torch.Tensor) -> tuple[Any, ...]:
-        return (tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.device, tensor_version(tensor))
+        return (
+            tuple(tensor.shape),
+            tensor.stride(),
+            tensor.dtype,
+            tensor.device,
+            _compat.tensor_version(tensor),
+        )
 
 
 _PARALLEL_HASH_BYTES = 1 << 20

@@ -64,7 +64,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lightning_freeze._compat import tensor_version
+from lightning_freeze import _compat
 from lightning_freeze.core.cache_keys import (
     KEY_BYTES,
     RowDigestMemo,
@@ -468,7 +468,7 @@ class OutputCache:
         tensors = [*self.module.parameters(), *self.module.buffers()]
         return (
             self._refreshes,
-            tuple((id(t), t.data_ptr(), tensor_version(t), t.dtype, t.device) for t in tensors),
+            tuple((id(t), t.data_ptr(), _compat.tensor_version(t), t.dtype, t.device) for t in tensors),
         )
 
     def _tensor_digest(self, tensor_token: tuple[Any, ...]) -> bytes:

@@ -94,10 +94,10 @@ def add_param_group(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]
 
 def scheduler_tree(scheduler: Any) -> Iterator[Any]:
     """``scheduler`` and, for ``SequentialLR``/``ChainedScheduler``, every scheduler inside it."""
-    from lightning_freeze._compat import child_schedulers
+    from lightning_freeze import _compat
 
     yield scheduler
-    for child in child_schedulers(scheduler):
+    for child in _compat.child_schedulers(scheduler):
         yield from scheduler_tree(child)
 
 
@@ -107,12 +107,12 @@ def extend_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, scale: fl
     Entries that are learning rates (``base_lrs``, ``max_lrs``, ``min_lrs``, the last lrs) are the
     first group's times ``scale``; the others (``lr_lambdas``, momentums) are the first group's.
     """
-    from lightning_freeze._compat import last_lr_list
+    from lightning_freeze import _compat
 
     n_groups = len(optimizer.param_groups)
     for sched in scheduler_tree(scheduler):
         lists = [(getattr(sched, attr, None), scaled) for attr, scaled in _SCHEDULER_GROUP_LISTS]
-        lists.append((last_lr_list(sched), True))
+        lists.append((_compat.last_lr_list(sched), True))
         for values, scaled in lists:
             if isinstance(values, list) and len(values) == n_groups - 1 and values:
                 values.append(values[0] * scale if scaled else values[0])

@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_freeze._compat import global_forward_hooks, module_forward_hooks
+from lightning_freeze import _compat
 from lightning_freeze.core.feature_cache import bypass_output_caches
 from lightning_freeze.core.fingerprint import fingerprint
 
@@ -252,7 +252,7 @@ def function_token(module: nn.Module, state_tensors: Iterable[str] = ()) -> tupl
             for key, value in vars(sub).items()
             if not key.startswith("_") and key != "training" and _simple(value)
         )
-        pre, post = module_forward_hooks(sub)
+        pre, post = _compat.module_forward_hooks(sub)
         parts.append(
             (name, sub, cls, cls.forward, vars(sub).get("forward"), tuple(pre), tuple(post), attributes)
         )
@@ -261,7 +261,7 @@ def function_token(module: nn.Module, state_tensors: Iterable[str] = ()) -> tupl
     parts.append(tuple((n, t.dtype, t.device) for n, t in buffers.items()))
     transient = {n: t for n, t in buffers.items() if n not in persistent}
     parts.append(tuple((n, fp.digest) for n, fp in fingerprint(transient).items()))
-    pre, post = global_forward_hooks()
+    pre, post = _compat.global_forward_hooks()
     parts.append((tuple(pre), tuple(post)))
     parts.append((kernel_settings(), torch.are_deterministic_algorithms_enabled()))
     return tuple(parts)

@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 
-from lightning_freeze._compat import module_forward_hooks
+from lightning_freeze import _compat
 from lightning_freeze.core.norm import (
     FrozenBatchNorm,
     FrozenInstanceNorm,
@@ -138,7 +138,7 @@ def _needs_layer_pin(layer: nn.Module) -> bool:
 
 def guard_rule(module: nn.Module) -> tuple[str, str] | None:
     """``(norm, dropout)`` of the freeze guard installed on ``module``, or ``None`` when it has none."""
-    for hook in module_forward_hooks(module)[0]:
+    for hook in _compat.module_forward_hooks(module)[0]:
         if isinstance(hook, functools.partial) and hook.func is eval_guard_pre_hook:
             return hook.keywords["norm"], hook.keywords["dropout"]
     return None

@@ -142,6 +142,10 @@ class UnfreezeSchedule:
             optimizer's per-parameter state) are put back to where they were at the phase's best
             validation. The scheduler and the epoch counter run on.
 
+    Attributes:
+        implicit: the settings of an implicit schedule made by :meth:`gradual` (its phases come
+            from the module's blocks when :meth:`resolve` sees the model); ``None`` for explicit phases.
+
     Example::
 
         >>> schedule = UnfreezeSchedule([
@@ -184,7 +188,7 @@ class UnfreezeSchedule:
                 "UnfreezeSchedule(restore_best=True) needs monitor=<a logged validation metric>: the best "
                 "weights of a phase are the ones with the best monitored value."
             )
-        self._gradual: _Gradual | None = None
+        self.implicit: _Gradual | None = None
         self._check_triggers()
 
     @classmethod
@@ -236,7 +240,7 @@ class UnfreezeSchedule:
                 "to know when each phase begins."
             )
         schedule = cls((), **transition)
-        schedule._gradual = _Gradual(
+        schedule.implicit = _Gradual(
             module=check_non_empty_str("module", module),
             every_n_epochs=every_n_epochs,
             first_epoch=first if first is not None else every_n_epochs,
@@ -249,7 +253,7 @@ class UnfreezeSchedule:
 
     def resolve(self, root: nn.Module) -> list[UnfreezePhase]:
         """The phases on ``root``, each with concrete dotted module names (patterns and blocks resolved)."""
-        if self._gradual is None:
+        if self.implicit is None:
             return [
                 UnfreezePhase(
                     modules=list(resolve_modules(root, p.modules)),
@@ -261,7 +265,7 @@ class UnfreezeSchedule:
                 )
                 for p in self.phases
             ]
-        g = self._gradual
+        g = self.implicit
         blocks = top_level_blocks(root, g.module)
         phases = []
         for i, names in enumerate(reversed(blocks)):
@@ -286,8 +290,8 @@ class UnfreezeSchedule:
                 )
 
     def __repr__(self) -> str:
-        if self._gradual is not None:
-            return f"UnfreezeSchedule.gradual({self._gradual})"
+        if self.implicit is not None:
+            return f"UnfreezeSchedule.gradual({self.implicit})"
         return f"UnfreezeSchedule(phases={self.phases!r}, monitor={self.monitor!r})"
 
 
