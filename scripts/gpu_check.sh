@@ -12,7 +12,8 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 "$PY" -c "import torch; print('CUDA', torch.version.cuda, torch.cuda.get_device_name(0), 'x', torch.cuda.device_count(), 'torch', torch.__version__)"
 GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
-LOG=$(mktemp -d)
+LOG=${GPU_CHECK_LOG:-$(mktemp -d)}
+mkdir -p "$LOG"
 declare -a SUMMARY=()
 FAILED=0
 
@@ -29,7 +30,9 @@ run() {  # run NAME COMMAND...
   fi
 }
 
-run pytest-cuda "$PY" -m pytest -q -m cuda tests
+# only the files that hold CUDA tests (collecting the whole suite would import every optional extra)
+mapfile -t CUDA_TESTS < <(grep -l "mark.cuda" tests/*.py)
+run pytest-cuda "$PY" -m pytest -q -p no:cacheprovider -m cuda "${CUDA_TESTS[@]}"
 run bf16 "$PY" scripts/gpu_check.py bf16 --devices 1
 run cache "$PY" scripts/gpu_check.py cache --devices 1
 grep -E '^(ResNet-50|\|)' "$LOG/cache.log" || true  # the table for docs/feature-cache.md
