@@ -21,7 +21,7 @@ import fsdp2_core
 @pytest.mark.distributed
 @pytest.mark.skipif(
     Version(torch.__version__).release < (2, 7),
-    reason=f"torch {torch.__version__}'s FSDP2 does not run on CPU (its all-gather needs Stream.record_event)",
+    reason=f"torch {torch.__version__}'s FSDP2 does not run on CPU (no Stream.record_event)",
 )
 def test_fsdp2_ema_is_shard_local_exact_resumable_and_the_frozen_check_works_per_shard(
     tmp_path: Path,
