@@ -34,7 +34,7 @@ __all__ = [
     "without_weights",
 ]
 
-log = logging.getLogger("lightning_freeze.train")
+log = logging.getLogger(__name__)
 
 #: backbone arguments that load pretrained weights, and their "load nothing" value
 WEIGHT_KEYS: dict[str, Any] = {"weights": None, "pretrained": False, "checkpoint_path": ""}
