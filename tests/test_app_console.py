@@ -112,3 +112,29 @@ def test_the_cache_turning_off_at_an_unfreeze_names_the_unfreeze(caplog: pytest.
             "in train mode (backbone.1, backbone.3, backbone.5): their output changes from call to call "
             "(it was unfrozen)" in line
         )
+
+
+def test_quiet_is_quiet_under_the_packed_launcher(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from _app_stage1 import shared_stage1
+
+    stage1 = shared_stage1(tmp_path_factory)
+    sweep = tmp_path / "sweep"
+    args = [
+        "-m",
+        "launcher=packed",
+        "experiment=stage2",
+        f"init_from={stage1}",
+        "model.optimizer.lr=1e-3,1e-2",
+        "quiet=true",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    code, out, err = _main(args, capsys)
+    assert code == 0, err
+    assert "[INFO]" not in out + err and "LeafSpec" not in out + err, out + err
+    assert (out + err).count("summary (trained branch: parity)") == 2  # one per job, nothing else
+    assert sorted(p.name for p in sweep.iterdir() if p.name[0].isdigit()) == ["0_parity", "1_parity"]

@@ -33,6 +33,15 @@ log = logging.getLogger(__name__)
 APP_MODULE = "lightning_freeze.train"
 
 
+def _build_job(cfg: DictConfig) -> Any:
+    """:func:`lightning_freeze.packing.build_job` in a job's logging set up as the app's task sets it up."""
+    from lightning_freeze import packing
+    from lightning_freeze.app.runtime import start_app
+
+    start_app(cfg)  # quiet=true, each log line once, no noise (run_job configured the job's logging)
+    return packing.build_job(cfg)
+
+
 class PackedLauncher(Launcher):
     """Hydra launcher: packs a sweep's jobs into one training when they differ only per branch.
 
@@ -70,10 +79,11 @@ class PackedLauncher(Launcher):
         reason = self._why_not_packed(configs)
         if reason is None:
             from lightning_freeze import packing
+            from lightning_freeze.app.runtime import start_app
 
             builds: list[Any] = []
             for index, cfg in enumerate(configs):
-                result = self._run(packing.build_job, cfg)
+                result = self._run(_build_job, cfg)
                 if result.status != JobStatus.COMPLETED:
                     reason = f"job {index} could not be built ({result._return_value})"
                     break
@@ -83,6 +93,7 @@ class PackedLauncher(Launcher):
                 if reason is not None:
                     break
             if reason is None:
+                start_app(configs[0])  # each job's build reconfigured the console (run_job)
                 log.info(f"launcher=packed: training {len(configs)} jobs as packed variants in one process")
                 run = packing.train_packed(builds, sweep_dir / f"packed_{initial_job_idx}")
                 returns = [
