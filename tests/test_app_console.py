@@ -135,6 +135,32 @@ def test_quiet_is_quiet_under_the_packed_launcher(
     ]
     code, out, err = _main(args, capsys)
     assert code == 0, err
-    assert "[INFO]" not in out + err and "LeafSpec" not in out + err, out + err
+    info = [line for line in (out + err).splitlines() if "[INFO]" in line]
+    # the launcher's one line on how it runs the sweep, and no other INFO line
+    assert info == [info[0]] and info[0].endswith(
+        "launcher=packed: training 2 jobs as packed variants in one process"
+    )
+    assert "LeafSpec" not in out + err
     assert (out + err).count("summary (trained branch: parity)") == 2  # one per job, nothing else
     assert sorted(p.name for p in sweep.iterdir() if p.name[0].isdigit()) == ["0_parity", "1_parity"]
+
+
+def test_debug_profiler_reports_in_the_log_and_debug_limit_runs_three_short_epochs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # conf/debug/profiler.yaml: "Lightning's simple profiler over one short epoch (report in the log)"
+    run = tmp_path / "profiler"
+    code, _, err = _main(
+        ["debug=profiler", "quiet=true", "trainer.limit_train_batches=2", f"hydra.run.dir={run}"], capsys
+    )
+    assert code == 0, err
+    assert "Profiler Report" in (run / "train.log").read_text()
+    # conf/debug/limit.yaml: "3 epochs of a few batches each (checkpoints and logs are written)"
+    run = tmp_path / "limit"
+    code, _, err = _main(
+        ["debug=limit", "quiet=true", "trainer.limit_train_batches=2", f"hydra.run.dir={run}"], capsys
+    )
+    assert code == 0, err
+    log = (run / "train.log").read_text()
+    assert "epoch 3/3" in log and "epoch 4/" not in log
+    assert (run / "checkpoints" / "last.ckpt").is_file() and list(run.glob("csv/**/metrics.csv"))

@@ -176,13 +176,11 @@ def test_hydra_full_error_still_shows_the_traceback(
         (["trainer.max_epochs=abc"], app.AppInputError),  # the app's check
         (["foo=1"], ConfigCompositionException),  # Hydra's composition
     ):
-        sys.argv = ["lightning-freeze-train", *args, *QUICK, f"hydra.run.dir={tmp_path / 'run'}"]
-        try:
-            with pytest.raises(error):
-                app.main()
-        finally:
-            sys.argv = sys.argv[:1]
-        assert os.environ["HYDRA_FULL_ERROR"] == "1"
+        argv = ["lightning-freeze-train", *args, *QUICK, f"hydra.run.dir={tmp_path / 'run'}"]
+        monkeypatch.setattr(sys, "argv", argv)
+        with pytest.raises(error):
+            app.main()
+        assert os.environ["HYDRA_FULL_ERROR"] == "1"  # the user's setting is left as it was
 
 
 def test_a_shell_sees_exit_1_and_one_line(tmp_path: Path) -> None:

@@ -84,10 +84,23 @@ _NO_TIPS = _NoProductTips()
 
 
 def quiet_console() -> None:
-    """``quiet=true``: the console shows warnings and the summary; the log files keep every line."""
+    """``quiet=true``: the console shows warnings, the summary and the packed launcher's one line on
+    how it runs the sweep; the log files keep every line."""
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            handler.setLevel(max(handler.level, logging.WARNING))
+            if _QUIET not in handler.filters:
+                handler.addFilter(_QUIET)
+
+
+class _QuietConsole(logging.Filter):
+    """Passes warnings and errors, and the packed launcher's notices (packed, or why not)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.name.startswith(_ALWAYS_SHOWN)
+
+
+_ALWAYS_SHOWN = "hydra_plugins.lightning_freeze_packed_launcher"
+_QUIET = _QuietConsole()
 
 
 def log_to_files(logger: logging.Logger, text: str) -> None:
