@@ -24,7 +24,6 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -84,7 +83,15 @@ def train(cfg: DictConfig) -> StageSummary:
 
     built = build.build_stage(cfg)
     model, datamodule, trainer, callbacks = built.model, built.datamodule, built.trainer, built.callbacks
-    before, after = report.fitted(trainer, model, datamodule, built.ckpt_path)
+    report.check_optimized_metric(
+        cfg.get("optimized_metric"), model.branch_names, built.name, test=bool(cfg.get("test"))
+    )
+    try:
+        before, after = report.fitted(trainer, model, datamodule, built.ckpt_path)
+    except (KeyboardInterrupt, SystemExit):
+        if trainer.interrupted:  # Ctrl-C: Lightning stopped the fit (its notice is an INFO line)
+            report.interrupted(trainer, callbacks)
+        raise
     tested = report.run_test(trainer, model, datamodule, callbacks) if cfg.get("test") else None
 
     summary = report.summarise(
@@ -100,17 +107,9 @@ def train(cfg: DictConfig) -> StageSummary:
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
     """The Hydra task: one stage; returns ``optimized_metric``'s value (for sweepers)."""
-    import lightning  # noqa: F401 - before routing its log handlers
     from hydra.core.hydra_config import HydraConfig
 
-    if isinstance(sys.stderr, _runtime.HydraErrorFilter):
-        sys.stderr.release()  # composing worked: Hydra's notices, if any, and the run's stderr go through
-    _runtime.route_library_logs()
-    if cfg.get("quiet"):
-        _runtime.quiet_console()
-    # Lightning-vs-torch deprecation noise, and a notice about the intended per-branch validation
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-    warnings.filterwarnings("ignore", message=r"Using `DistributedSampler` with the dataloaders")
+    _runtime.start_app(cfg)
     output_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
     try:
         from lightning_freeze.app.report import optimized_value
@@ -143,26 +142,21 @@ def main() -> None:
     """Console entry point ``lightning-freeze-train``: compose the config, run :func:`train`.
 
     Bad input is reported as one line on stderr with exit status 1, whether Hydra refuses the
-    command line (an unknown key, a missing option) or the app refuses a value
-    (``HYDRA_FULL_ERROR=1`` shows the traceback instead).
+    command line (an unknown key, a missing option or plugin, an output directory it cannot create)
+    or the app refuses a value (``HYDRA_FULL_ERROR=1`` shows the traceback instead). Hydra raises
+    what goes wrong before the app starts (:func:`lightning_freeze.app.runtime.report_errors_in_one_line`)
+    and this prints it; nothing stands in for ``sys.stderr``.
     """
-    if os.environ.get("HYDRA_FULL_ERROR") == "1":
-        _hydra_main()
+    if not _runtime.report_errors_in_one_line():
+        _hydra_main()  # HYDRA_FULL_ERROR=1: Hydra's tracebacks, as the user asked
         return
-    held = _runtime.HydraErrorFilter(sys.stderr)
-    sys.stderr = held
     try:
         _hydra_main()
-    except SystemExit as exit_:
-        if sys.stderr is held:  # Hydra failed before the app started
-            if exit_.code not in (0, None):
-                held.flush_error()
-            else:
-                held.release()
-        raise
+    except Exception as err:  # Hydra composing or launching the run; the app reports its own errors
+        print(f"Error: {_runtime.describe(err)}", file=sys.stderr, flush=True)
+        sys.exit(1)
     finally:
-        if sys.stderr is held:
-            held.release()
+        _runtime.hydra_reports_errors_again()
 
 
 if __name__ == "__main__":

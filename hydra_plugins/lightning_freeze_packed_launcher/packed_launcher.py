@@ -36,8 +36,10 @@ APP_MODULE = "lightning_freeze.train"
 def _build_or_error(cfg: DictConfig) -> Any:
     """The job built for packing (:func:`lightning_freeze.packing.build_job`), or the error raised."""
     from lightning_freeze import packing
+    from lightning_freeze.app.runtime import start_app
 
     try:
+        start_app(cfg)  # quiet=true, each log line once, no noise (run_job configured the job's logging)
         return packing.build_job(cfg)
     except Exception as err:  # reported in the one fallback line; the job then runs alone and says more
         return err
@@ -80,6 +82,7 @@ class PackedLauncher(Launcher):
         reason = self._why_not_packed(configs)
         if reason is None:
             from lightning_freeze import packing
+            from lightning_freeze.app.runtime import start_app
 
             builds: list[Any] = []
             for index, cfg in enumerate(configs):
@@ -93,6 +96,7 @@ class PackedLauncher(Launcher):
                 if reason is not None:
                     break
             if reason is None:
+                start_app(configs[0])  # each job's build reconfigured the console (run_job)
                 log.info(f"launcher=packed: training {len(configs)} jobs as packed variants in one process")
                 run = packing.train_packed(builds, sweep_dir / f"packed_{initial_job_idx}")
                 returns = [

@@ -32,7 +32,10 @@ __all__ = [
     "build_model",
     "build_stage",
     "build_trainer",
+    "check_accelerator",
     "check_new_branch",
+    "check_optimizer",
+    "check_trainer",
     "feature_size",
     "instantiate_node",
 ]
@@ -197,10 +200,69 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
     return [instantiate_node(node, f"logger.{key}") for key, node in _nodes(cfg, "logger")]
 
 
+#: Trainer arguments that take an integer (or null), and those that take a number (or null)
+_TRAINER_INTS = (
+    "max_epochs", "min_epochs", "max_steps", "min_steps", "check_val_every_n_epoch",
+    "log_every_n_steps", "accumulate_grad_batches", "num_nodes", "num_sanity_val_steps",
+)  # fmt: skip
+_TRAINER_NUMBERS = (
+    "limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches",
+    "overfit_batches", "val_check_interval", "gradient_clip_val",
+)  # fmt: skip
+
+
+def check_trainer(trainer_cfg: Any) -> None:
+    """Refuse a trainer value of the wrong type in one line (Lightning would fail mid-fit, e.g. on an
+    ``assert`` for ``trainer.max_epochs=abc``)."""
+    for key in (*_TRAINER_INTS, *_TRAINER_NUMBERS):
+        value = trainer_cfg.get(key) if trainer_cfg is not None else None
+        if value is None:
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if key in _TRAINER_INTS and not (number and isinstance(value, int)):
+            raise AppInputError(f"Invalid trainer.{key}={value!r}; valid choices: an integer, or null")
+        if not number:
+            raise AppInputError(
+                f"Invalid trainer.{key}={value!r}; valid choices: an integer (batches), a float "
+                "(a fraction), or null"
+            )
+
+
+def check_accelerator(trainer_cfg: Any) -> None:
+    """Refuse ``trainer.accelerator=gpu`` on a machine without a GPU, saying what runs here instead."""
+    import torch
+
+    accelerator = trainer_cfg.get("accelerator") if trainer_cfg is not None else None
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise AppInputError(
+            f"trainer.accelerator={accelerator!r} but this machine has no GPU (torch.cuda.is_available() "
+            "is False); run on the CPU: trainer=cpu, or trainer=ddp_cpu for DDP"
+        )
+
+
+def check_optimizer(cfg: DictConfig) -> None:
+    """Build ``model.optimizer`` once on a probe parameter: a bad value (``lr=-1``) is one line now,
+    not a traceback from ``configure_optimizers`` once the fit has started."""
+    import torch
+
+    node = cfg.model.get("optimizer")
+    if node is None or "_target_" not in node:
+        return
+    factory = instantiate_node(node, "model.optimizer", check=True)
+    if not callable(factory):
+        return
+    try:
+        factory([torch.nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError) as err:
+        raise AppInputError(f"model.optimizer ({node.get('_target_')}): {err}") from err
+
+
 def build_trainer(
     cfg: DictConfig, callbacks: list[Callback], loggers: list[Any], *, quiet: bool
 ) -> L.Trainer:
     """The Trainer of ``cfg.trainer`` with the callbacks and loggers (refuses DDP in a local multirun)."""
+    check_trainer(cfg.get("trainer"))
+    check_accelerator(cfg.get("trainer"))
     kwargs: dict[str, Any] = {"callbacks": callbacks, "logger": loggers or False}
     if quiet:
         kwargs.update(enable_progress_bar=False, enable_model_summary=False)
@@ -214,9 +276,24 @@ def resume_checkpoint(cfg: DictConfig, trainer: L.Trainer) -> str | None:
     from lightning_freeze.app.runtime import requeued_checkpoint
 
     if cfg.get("ckpt_path"):
+        from lightning_freeze.core.checkpoint import CheckpointError, load_checkpoint
+
         path = str(cfg.ckpt_path)
         if not Path(path).expanduser().is_file():
             raise AppInputError(f"ckpt_path={path!r}: no such file (the checkpoint of the run to resume)")
+        try:  # read safely (no pickled code) before Lightning does: a bad file is one line
+            loaded = load_checkpoint(Path(path).expanduser(), mmap=True)
+        except CheckpointError as err:
+            reason = str(err).removeprefix(f"{str(Path(path).expanduser())!r}: ")
+            raise AppInputError(
+                f"ckpt_path={path!r}: {reason} (give the checkpoint of the run to resume: "
+                "<run>/checkpoints/last.ckpt)"
+            ) from err
+        if "state_dict" not in loaded:
+            raise AppInputError(
+                f"ckpt_path={path!r} is not a Lightning checkpoint (no 'state_dict'); give the checkpoint "
+                "of the run to resume: <run>/checkpoints/last.ckpt"
+            )
         return path
     checkpoint_dir = getattr(trainer.checkpoint_callback, "dirpath", None)
     return requeued_checkpoint(trainer.default_root_dir, checkpoint_dir)
@@ -315,6 +392,8 @@ def build_stage(cfg: DictConfig) -> Stage:
     previous = read_previous_stage(init_from) if init_from else None
     name = check_new_branch(cfg.branch.get("name"), previous, init_from)
     backbone = settings.inherit_previous_stage(cfg, previous, init_from) if previous else None
+    check_trainer(cfg.get("trainer"))
+    check_optimizer(cfg)
     datamodule, num_classes = build_datamodule(cfg)
     model, record = build_model(cfg, name, num_classes, backbone, previous, init_from, init_weights, stage)
 

@@ -19,7 +19,15 @@ from lightning_freeze.callbacks.freeze_backbone import FreezeBackbone
 from lightning_freeze.core.fingerprint import TensorFingerprint, diff_fingerprints, fingerprint
 from lightning_freeze.stages import StageRecord, StageSummary
 
-__all__ = ["FitFacts", "fit_facts", "run_test", "summarise", "write_summary"]
+__all__ = [
+    "FitFacts",
+    "check_optimized_metric",
+    "fit_facts",
+    "interrupted",
+    "run_test",
+    "summarise",
+    "write_summary",
+]
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +238,16 @@ def summarise(
     )
 
 
+def interrupted(trainer: L.Trainer, callbacks: list[Callback]) -> None:
+    """Say, as a warning (shown with ``quiet=true`` too), that the fit was interrupted and how to resume."""
+    last, _ = checkpoints(callbacks)
+    if last and Path(last).is_file():
+        hint = f"resume it: the same command + ckpt_path={Path(last).absolute()}"
+    else:
+        hint = "no checkpoint was written yet: run the command again to start over"
+    log.warning("interrupted (Ctrl-C) in epoch %d; %s", trainer.current_epoch + 1, hint)
+
+
 def write_summary(summary: StageSummary) -> None:
     """``summary.json`` in the output directory; the summary on stdout and in the run's log files."""
     if summary.output_dir:
@@ -240,6 +258,22 @@ def write_summary(summary: StageSummary) -> None:
     from lightning_freeze.app.runtime import log_to_files
 
     log_to_files(log, text)
+
+
+def check_optimized_metric(key: str | None, branches: list[str], trained: str, *, test: bool) -> None:
+    """Refuse an ``optimized_metric`` that no run of this stage can report, before anything trains.
+
+    Raises:
+        AppInputError: the key is not ``<branch>/<metric>`` of this model (the message lists them).
+    """
+    if key is None:
+        return
+    metrics = ("val_acc", "val_loss")
+    valid = [f"{b}/{m}" for b in branches for m in metrics]
+    if test:
+        valid += [f"{trained}/test_acc", f"{trained}/test_loss"]
+    if key not in valid:
+        raise AppInputError(f"Invalid optimized_metric={key!r}; valid choices: {', '.join(sorted(valid))}")
 
 
 def optimized_value(summary: StageSummary, key: str | None) -> float | None:

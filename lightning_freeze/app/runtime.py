@@ -5,22 +5,23 @@ No torch or Lightning import here: ``lightning-freeze-train --help`` stays fast.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "REQUEUE_ENV",
-    "HydraErrorFilter",
+    "describe",
+    "hydra_reports_errors_again",
     "log_to_files",
     "one_line",
     "quiet_console",
     "remove_if_unused",
+    "report_errors_in_one_line",
     "requeued_checkpoint",
     "route_library_logs",
+    "start_app",
 ]
 
 #: set by SLURM in a job that was requeued (preempted, or timed out with submitit's max_num_timeout)
@@ -37,6 +38,9 @@ def route_library_logs() -> None:
     Lightning.
     """
     root = logging.getLogger()
+    for handler in root.handlers:
+        if _NO_TIPS not in handler.filters:
+            handler.addFilter(_NO_TIPS)
     if not root.handlers:
         return
     for name in _LIBRARY_LOGGERS:
@@ -49,11 +53,54 @@ def route_library_logs() -> None:
             logger.setLevel(logging.INFO)
 
 
+def start_app(cfg: Any) -> None:
+    """Set up the process for a run Hydra has composed (the app's task, and the packed launcher).
+
+    Hydra reports errors again (:func:`hydra_reports_errors_again`), Lightning's and the package's log
+    lines reach Hydra's files once (:func:`route_library_logs`), ``quiet=true`` quiets the console,
+    and known noise is filtered: Lightning's tips about its cloud products, its torch deprecation
+    warning, and its notice about the intended per-branch validation. Imports Lightning.
+    """
+    import warnings
+
+    import lightning  # noqa: F401 - before routing its log handlers
+
+    hydra_reports_errors_again()
+    route_library_logs()
+    if cfg.get("quiet"):
+        quiet_console()
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    warnings.filterwarnings("ignore", message=r"Using `DistributedSampler` with the dataloaders")
+
+
+class _NoProductTips(logging.Filter):
+    """Drops Lightning's advertising lines (``💡 Tip: ... try installing [litlogger] ...``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).lstrip().startswith("💡 Tip:")
+
+
+_NO_TIPS = _NoProductTips()
+
+
 def quiet_console() -> None:
-    """``quiet=true``: the console shows warnings and the summary; the log files keep every line."""
+    """``quiet=true``: the console shows warnings, the summary and the packed launcher's one line on
+    how it runs the sweep; the log files keep every line."""
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            handler.setLevel(max(handler.level, logging.WARNING))
+            if _QUIET not in handler.filters:
+                handler.addFilter(_QUIET)
+
+
+class _QuietConsole(logging.Filter):
+    """Passes warnings and errors, and the packed launcher's notices (packed, or why not)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.name.startswith(_ALWAYS_SHOWN)
+
+
+_ALWAYS_SHOWN = "hydra_plugins.lightning_freeze_packed_launcher"
+_QUIET = _QuietConsole()
 
 
 def log_to_files(logger: logging.Logger, text: str) -> None:
@@ -132,6 +179,68 @@ def one_line(err: BaseException) -> str:
     return _join(lines) or type(err).__name__
 
 
+#: optional plugins, as their absence shows in Hydra's errors, and the extra that installs each
+_PLUGIN_EXTRAS = {
+    "hydra_submitit_launcher": "slurm",
+    "submitit_slurm": "slurm",
+    "hydra_optuna_sweeper": "optuna",
+    "hydra/sweeper/optuna": "optuna",
+}
+
+
+def describe(err: BaseException) -> str:
+    """The one line (without ``Error: ``) for an error raised while Hydra composes or launches the run.
+
+    Hydra's own errors keep their OmegaConf cause (``Key 'foo' is not in struct``); a missing optional
+    plugin names the extra that installs it; an ``OSError`` (an output directory that cannot be
+    created) names the path and says what to change.
+    """
+    from hydra.errors import CompactHydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    message = one_line(err)
+    cause = err.__cause__
+    if isinstance(err, CompactHydraException) and isinstance(cause, OmegaConfBaseException):
+        message = f"{message.rstrip('.;')}; {one_line(cause)}"
+    if isinstance(err, OSError) and err.filename is not None:
+        message = (
+            f"cannot write the output directory {str(err.filename)!r}: {err.strerror}; choose a writable "
+            "one: hydra.run.dir=DIR (hydra.sweep.dir=DIR with -m) or paths.log_dir=DIR"
+        )
+    for plugin, extra in _PLUGIN_EXTRAS.items():
+        if plugin in message:  # the first clause (not Hydra's list of options and search path)
+            install = f'pip install "lightning-freeze[{extra}]"'
+            return f"{message.split('; ')[0].rstrip('.;:')}; the plugin is not installed: {install}"
+    return message
+
+
+#: set (with HYDRA_FULL_ERROR=1) while Hydra composes the run for :func:`report_errors_in_one_line`
+_OURS = "LIGHTNING_FREEZE_ONE_LINE_ERRORS"
+
+
+def report_errors_in_one_line() -> bool:
+    """Make Hydra raise what goes wrong before the app starts (the caller prints it in one line).
+
+    Hydra prints its errors itself, as several lines or a traceback, unless ``HYDRA_FULL_ERROR=1``,
+    when it raises them; this sets that variable for the composition, marked as the app's own.
+
+    Returns:
+        ``False`` when the user set ``HYDRA_FULL_ERROR=1`` (tracebacks wanted: nothing is changed).
+    """
+    if os.environ.get("HYDRA_FULL_ERROR") == "1" and os.environ.get(_OURS) != "1":
+        return False
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    os.environ[_OURS] = "1"
+    return True
+
+
+def hydra_reports_errors_again() -> None:
+    """Undo :func:`report_errors_in_one_line` (the app has started: it reports its own errors, and
+    the processes it starts, DDP ranks included, see the user's environment)."""
+    if os.environ.pop(_OURS, None) is not None:
+        os.environ.pop("HYDRA_FULL_ERROR", None)
+
+
 def _join(lines: list[str]) -> str:
     keep = [
         line
@@ -141,42 +250,3 @@ def _join(lines: list[str]) -> str:
         )
     ]
     return "; ".join(line.rstrip(".;") if i < len(keep) - 1 else line for i, line in enumerate(keep))
-
-
-class HydraErrorFilter(io.TextIOBase):
-    """``sys.stderr`` while Hydra composes the config: holds what Hydra writes until the app starts.
-
-    When composing fails (an unknown key, a missing config option) Hydra prints a multi-line error
-    and exits with status 1; :meth:`flush_error` prints it as the app's one line ``Error: ...``.
-    When the app starts, :meth:`release` writes what was held to the real stderr and steps aside.
-    """
-
-    def __init__(self, stream: Any) -> None:
-        self.stream = stream
-        self.held = io.StringIO()
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, text: str) -> int:
-        return self.held.write(text)
-
-    def release(self) -> None:
-        """Put the real stderr back and write what was held to it."""
-        if sys.stderr is self:
-            sys.stderr = self.stream
-        self.stream.write(self.held.getvalue())
-        self.held = io.StringIO()
-        self.stream.flush()
-
-    def flush_error(self) -> None:
-        """Put the real stderr back and write what was held as one ``Error:`` line."""
-        if sys.stderr is self:
-            sys.stderr = self.stream
-        lines = [line.strip() for line in self.held.getvalue().splitlines() if line.strip()]
-        if lines:
-            message = _join(lines)
-            self.stream.write(message if message.startswith("Error") else f"Error: {message}")
-            self.stream.write("\n")
-        self.held = io.StringIO()
-        self.stream.flush()

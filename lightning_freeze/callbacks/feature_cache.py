@@ -36,6 +36,9 @@ __all__ = ["FeatureCache"]
 # not a single hit (or a whole epoch) mean the inputs never repeat
 _RANDOM_INPUT_SAMPLES = 64
 
+#: the off-switch happens when FreezeBackbone unfreezes the module, not because of its norm/dropout options
+_SET_HINT, _UNFROZEN = " (norm='train' or dropout='train' in FreezeBackbone)", " (it was unfrozen)"
+
 
 class FeatureCache(Callback):
     r"""Cache the outputs of frozen submodules: each sample's features are computed once, then reused.
@@ -382,7 +385,7 @@ class FeatureCache(Callback):
             if s["corrupt"]:
                 line += f"; {s['corrupt']} corrupt/foreign file(s) rebuilt"
             if s["disabled"]:
-                line += f"; switched off: {s['disabled']}"
+                line += f"; switched off: {s['disabled'].replace(_SET_HINT, _UNFROZEN)}"
             lines.append(line)
         if self.random_inputs:
             lines.append("FeatureCache: training batches were not cached (inputs never repeat).")
@@ -416,7 +419,9 @@ class FeatureCache(Callback):
                     store=self.store,
                     max_bytes=self.max_bytes,
                     on_uncacheable="disable",
-                    on_disable=lambda reason: rank_zero_info(f"FeatureCache: {reason}."),
+                    on_disable=lambda reason: rank_zero_info(
+                        f"FeatureCache: {reason.replace(_SET_HINT, _UNFROZEN)}."
+                    ),
                     name=name,
                     # tensors are hashed again at every Trainer call, training epoch and validation
                     # run (and load_state_dict), not at every batch
