@@ -81,8 +81,15 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/bench_distributed.py
 	$(BIN)/python benchmarks/bench_feature_cache.py
 
-gpu-check: $(VENV)/.installed-dev
-	bash scripts/gpu_check.sh
+# GPU_PYTHON=python3: a GPU machine's own Python with torch, Lightning (and the package's other needs)
+# already installed, run from the checkout (PYTHONPATH); otherwise .venv is created and used
+GPU_PYTHON ?=
+gpu-check:
+	@if [ -n "$(GPU_PYTHON)" ]; then \
+		PYTHON="$(GPU_PYTHON)" PYTHONPATH="$(CURDIR):$$PYTHONPATH" bash scripts/gpu_check.sh; \
+	else \
+		$(MAKE) install-dev && bash scripts/gpu_check.sh; \
+	fi
 
 # runs notebooks/*.ipynb (outputs not stored) and rewrites their figures docs/*.png (README and docs site)
 notebook-plots: $(VENV)/.installed-dev
