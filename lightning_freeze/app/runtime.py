@@ -160,9 +160,11 @@ def remove_if_unused(output_dir: Path) -> None:
                 return
         elif not (entry.is_file() and not entry.is_symlink() and entry.suffix == ".log"):
             return
-    for handler in logging.getLogger().handlers:  # the job's .log file is about to go
+    root = logging.getLogger()
+    for handler in list(root.handlers):  # the job's .log file is about to go, and its handler with it
         if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == output_dir:
             handler.close()
+            root.removeHandler(handler)
     for entry in entries:
         if entry == hydra_dir:
             for item in entry.iterdir():
