@@ -504,8 +504,18 @@ class MultiBranchModule(pl.LightningModule):
         ``find_unused_parameters``. Each branch runs in its own random stream (:meth:`random_stream`).
         """
         x, y = _unpack(batch)
-        features = self.backbone(x)
         trained = self.trained_branches
+        if list(trained) == [self._active_branch]:
+            # one branch: through the module's own call, so that a compiled model (``model.compile()``)
+            # trains compiled; the backbone runs in the branch's stream too (frozen, it draws nothing)
+            name = self._active_branch
+            with self.random_stream(name).active(_device_of(x, self.device)):
+                loss = self._loss(name, self(x), _target_for(name, y))
+            self.log(
+                f"{name}/train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=_size(x)
+            )
+            return loss
+        features = self.backbone(x)
         total: torch.Tensor | None = None
         for name in trained:
             with self.random_stream(name).active(_device_of(features, self.device)):

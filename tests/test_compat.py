@@ -136,3 +136,20 @@ def test_is_subprocess_script_launcher_tells_ddp_from_ddp_spawn() -> None:
     )
     assert not _compat.is_subprocess_script_launcher(spawn.strategy.launcher), LIGHTNING
     assert not _compat.is_subprocess_script_launcher(None)
+
+
+def test_private_names_are_reached_only_through_compat() -> None:
+    """Outside ``_compat.py`` the package reaches at most 5 ``obj._name`` (docs/development.md's count)."""
+    import re
+    from pathlib import Path
+
+    package = Path(_compat.__file__).parent
+    pattern = re.compile(r"(?<![\w.])(?!self\b|cls\b)[A-Za-z_]\w*(\.\w+)*\._(?!_)[A-Za-z]\w*")
+    hits = [
+        f"{path.relative_to(package.parent)}:{number}: {match.group(0)}"
+        for path in sorted(package.rglob("*.py"))
+        if path.name != "_compat.py"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        for match in pattern.finditer(line)
+    ]
+    assert len(hits) <= 5, "\n".join(hits)

@@ -30,12 +30,6 @@ README = (REPO / "README.md").read_text()
 PAGES = ["README.md", *sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md"))]
 #: pages other helpers are rewriting for issue 18 (docs/packed.md): an unmarked block there is skipped
 #: with this reason until the page marks it itself
-NOT_YET_MARKED = {
-    "docs/packed.md": "docs/packed.md's examples are rewritten with the packed launcher fix (issue 18); "
-    "its first block runs Lightning's default 1000 epochs and its select command names a folder the "
-    "app does not write",
-}
-RUNNABLE = ("python", "bash", "console")
 _FENCE = re.compile(r"^```(\w*)\n(.*?)^```", flags=re.DOTALL | re.MULTILINE)
 _MARK = re.compile(r"<!--\s*(skip|tested):\s*(.*?)\s*-->\s*$")
 
@@ -230,10 +224,6 @@ def _run_page(
                 file, _, name = test.strip().partition("::")
                 assert f"def {name}(" in (REPO / file).read_text(), f"{block.page}:{block.line}: {test}"
             continue
-        if block.mark is None and page in NOT_YET_MARKED and block.lang in RUNNABLE:
-            skipped.append(f"{block.page}:{block.line}: {NOT_YET_MARKED[page]}")
-            python_index += block.lang == "python"
-            continue
         if block.lang == "python":
             caplog.clear()
             capsys.readouterr()
@@ -271,10 +261,6 @@ def _skipped_blocks() -> list[Any]:
         for block in _blocks(page):
             if block.mark and block.mark[0] == "skip":
                 reason = block.mark[1]
-            elif (
-                block.mark is None and page in NOT_YET_MARKED and block.lang in ("python", "bash", "console")
-            ):
-                reason = NOT_YET_MARKED[page]
             else:
                 continue
             cases.append(pytest.param(reason, id=f"{page}:{block.line}"))
@@ -292,7 +278,7 @@ def test_every_shell_block_runs_here_or_is_marked() -> None:
     unmarked = []
     for page in PAGES:
         for block in _blocks(page):
-            if block.lang not in ("bash", "sh", "shell", "console") or block.mark or page in NOT_YET_MARKED:
+            if block.lang not in ("bash", "sh", "shell", "console") or block.mark:
                 continue
             lines = [line for line in block.code.splitlines() if line.strip()]
             if block.lang == "console":

@@ -202,7 +202,12 @@ class UnfreezeSchedule:
         layer_decay: float | None = None,
         warmup_steps: int = 0,
         norm: PhaseNorm = "train",
-        **transition: Any,
+        monitor: str | None = None,
+        mode: MonitorMode = "min",
+        patience: int = 2,
+        min_delta: float = 0.0,
+        max_epochs_per_phase: int | None = None,
+        restore_best: bool = False,
     ) -> UnfreezeSchedule:
         """The implicit schedule: one phase per top-level block of ``module``, from the head side down.
 
@@ -221,8 +226,8 @@ class UnfreezeSchedule:
             layer_decay: each deeper block's lr multiple is this times the one above (``0.5``).
             warmup_steps: warm-up of each phase (see :class:`UnfreezePhase`).
             norm: ``"train"`` or ``"eval"`` for each phase (see :class:`UnfreezePhase`).
-            **transition: ``monitor``, ``mode``, ``patience``, ``min_delta``,
-                ``max_epochs_per_phase``, ``restore_best`` (see :class:`UnfreezeSchedule`).
+            monitor, mode, patience, min_delta, max_epochs_per_phase, restore_best: the transition
+                rules (see :class:`UnfreezeSchedule`).
         """
         every_n_epochs = check_int("every_n_epochs", every_n_epochs, minimum=1, allow_none=True)
         first = check_int("first_epoch", first_epoch, minimum=0, allow_none=True)
@@ -230,11 +235,15 @@ class UnfreezeSchedule:
             layer_decay = check_number(
                 "layer_decay", layer_decay, low=0.0, high=1.0, low_inclusive=False, valid="a number in (0, 1]"
             )
-        if (
-            every_n_epochs is None
-            and transition.get("monitor") is None
-            and not transition.get("max_epochs_per_phase")
-        ):
+        transition: dict[str, Any] = {
+            "monitor": monitor,
+            "mode": mode,
+            "patience": patience,
+            "min_delta": min_delta,
+            "max_epochs_per_phase": max_epochs_per_phase,
+            "restore_best": restore_best,
+        }
+        if every_n_epochs is None and monitor is None and not max_epochs_per_phase:
             raise ValueError(
                 "UnfreezeSchedule.gradual(every_n_epochs=None) needs monitor=... or max_epochs_per_phase=... "
                 "to know when each phase begins."
