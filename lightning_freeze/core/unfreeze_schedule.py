@@ -226,8 +226,12 @@ class UnfreezeSchedule:
             layer_decay: each deeper block's lr multiple is this times the one above (``0.5``).
             warmup_steps: warm-up of each phase (see :class:`UnfreezePhase`).
             norm: ``"train"`` or ``"eval"`` for each phase (see :class:`UnfreezePhase`).
-            monitor, mode, patience, min_delta, max_epochs_per_phase, restore_best: the transition
-                rules (see :class:`UnfreezeSchedule`).
+            monitor: the transition rule's metric (see :class:`UnfreezeSchedule`).
+            mode: see :class:`UnfreezeSchedule`.
+            patience: see :class:`UnfreezeSchedule`.
+            min_delta: see :class:`UnfreezeSchedule`.
+            max_epochs_per_phase: see :class:`UnfreezeSchedule`.
+            restore_best: see :class:`UnfreezeSchedule`.
         """
         every_n_epochs = check_int("every_n_epochs", every_n_epochs, minimum=1, allow_none=True)
         first = check_int("first_epoch", first_epoch, minimum=0, allow_none=True)
