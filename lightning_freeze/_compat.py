@@ -27,22 +27,11 @@ from torch import nn
 # --- floors ---
 
 
-def forward_pre_hooks(module: nn.Module) -> list[Callable[..., Any]]:
-    """The forward pre-hooks registered on ``module`` (``register_forward_pre_hook``), in order.
-
-    Wraps ``nn.Module._forward_pre_hooks`` (an ordered ``{handle id: hook}`` dict; torch 2.6-2.14).
-    torch has no public way to list a module's hooks; the package's hooks must survive
-    ``copy.deepcopy`` and ``torch.save(model)``, which a kept ``RemovableHandle`` does not (a copied
-    handle still points at the original module's hooks).
-    """
-    return list(module._forward_pre_hooks.values())
-
-
 def remove_forward_pre_hooks(module: nn.Module, matches: Callable[[Callable[..., Any]], bool]) -> int:
     """Remove every forward pre-hook of ``module`` for which ``matches(hook)`` is true; return how many.
 
     Wraps ``nn.Module._forward_pre_hooks`` (torch 2.6-2.14), for hooks found on a copy or an unpickled
-    module, where no ``RemovableHandle`` exists (see :func:`forward_pre_hooks`). Also drops the
+    module, where no ``RemovableHandle`` exists (see :func:`module_forward_hooks`). Also drops the
     hook's entry in ``_forward_pre_hooks_with_kwargs`` as ``RemovableHandle.remove`` does.
     """
     hooks = module._forward_pre_hooks
@@ -52,14 +41,6 @@ def remove_forward_pre_hooks(module: nn.Module, matches: Callable[[Callable[...,
         del hooks[key]
         with_kwargs.pop(key, None)
     return len(keys)
-
-
-def has_forward_hooks(module: nn.Module) -> bool:
-    """Whether ``module`` has forward (post-)hooks of its own (``register_forward_hook``).
-
-    Wraps ``nn.Module._forward_hooks`` (torch 2.6-2.14): no public way to ask.
-    """
-    return bool(module._forward_hooks)
 
 
 def persistent_buffers(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -158,7 +139,9 @@ def module_forward_hooks(module: nn.Module) -> tuple[list[Callable[..., Any]], l
     """``(forward pre-hooks, forward hooks)`` registered on ``module``, each in order.
 
     Wraps ``nn.Module._forward_pre_hooks`` and ``nn.Module._forward_hooks`` (ordered
-    ``{handle id: hook}`` dicts; torch 2.6-2.14). torch has no public way to list a module's hooks.
+    ``{handle id: hook}`` dicts; torch 2.6-2.14). torch has no public way to list a module's hooks;
+    the package's own pre-hooks (eval pins, the freeze guard) must be found again on a
+    ``copy.deepcopy`` or an unpickled model, where no kept ``RemovableHandle`` points at them.
     """
     return list(module._forward_pre_hooks.values()), list(module._forward_hooks.values())
 

@@ -28,35 +28,36 @@ def _hook_b(module: nn.Module, args: object) -> None:
     return None
 
 
-def test_forward_pre_hooks_lists_them_in_order_on_copies_too_and_removes_only_the_matching_ones() -> None:
+def test_pre_hooks_are_listed_in_order_on_copies_too_and_only_matching_ones_removed() -> None:
     layer = nn.Linear(2, 2)
     layer.register_forward_pre_hook(_hook_a)
     layer.register_forward_pre_hook(_hook_b)
-    assert _compat.forward_pre_hooks(layer) == [_hook_a, _hook_b], (
+    assert _compat.module_forward_hooks(layer)[0] == [_hook_a, _hook_b], (
         f"Module._forward_pre_hooks changed in {TORCH}"
     )
 
     for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
-        assert _compat.forward_pre_hooks(twin) == [_hook_a, _hook_b], TORCH
+        assert _compat.module_forward_hooks(twin)[0] == [_hook_a, _hook_b], TORCH
         assert _compat.remove_forward_pre_hooks(twin, lambda hook: hook is _hook_a) == 1, TORCH
-        assert _compat.forward_pre_hooks(twin) == [_hook_b], TORCH
-    assert _compat.forward_pre_hooks(layer) == [_hook_a, _hook_b]  # the original keeps both
+        assert _compat.module_forward_hooks(twin)[0] == [_hook_b], TORCH
+    assert _compat.module_forward_hooks(layer)[0] == [_hook_a, _hook_b]  # the original keeps both
 
     calls: list[str] = []
     layer = nn.Linear(2, 2)
     layer.register_forward_pre_hook(lambda m, a, kw: calls.append("kw"), with_kwargs=True)
     assert _compat.remove_forward_pre_hooks(layer, lambda hook: True) == 1
     layer(torch.zeros(1, 2))  # a removed with_kwargs hook neither runs nor breaks the forward
-    assert calls == [] and _compat.forward_pre_hooks(layer) == [], f"hook removal changed in {TORCH}"
+    assert calls == [], f"hook removal changed in {TORCH}"
+    assert _compat.module_forward_hooks(layer)[0] == [], f"hook removal changed in {TORCH}"
 
 
-def test_has_forward_hooks_sees_a_registered_forward_hook() -> None:
+def test_module_forward_hooks_sees_a_registered_forward_hook() -> None:
     layer = nn.Linear(2, 2)
-    assert not _compat.has_forward_hooks(layer)
+    assert not _compat.module_forward_hooks(layer)[1]
     handle = layer.register_forward_hook(lambda m, a, out: None)
-    assert _compat.has_forward_hooks(layer), f"Module._forward_hooks changed in {TORCH}"
+    assert _compat.module_forward_hooks(layer)[1], f"Module._forward_hooks changed in {TORCH}"
     handle.remove()
-    assert not _compat.has_forward_hooks(layer), TORCH
+    assert not _compat.module_forward_hooks(layer)[1], TORCH
 
 
 def test_persistent_buffers_are_the_buffers_the_state_dict_saves() -> None:

@@ -123,7 +123,7 @@ def _force_eval_pre_hook(module: nn.Module, args: Any) -> None:
 
 def is_pinned(module: nn.Module) -> bool:
     """Whether :func:`pin_eval` pinned ``module`` (and :func:`unpin_eval` has not undone it)."""
-    return any(hook is _force_eval_pre_hook for hook in _compat.forward_pre_hooks(module))
+    return any(hook is _force_eval_pre_hook for hook in _compat.module_forward_hooks(module)[0])
 
 
 def pin_eval(modules: dict[str, nn.Module] | list[nn.Module] | nn.Module) -> int:
@@ -397,8 +397,8 @@ _REPRODUCED_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward, _InstanceN
 
 
 def _has_foreign_hooks(module: nn.Module) -> bool:
-    pre = [h for h in _compat.forward_pre_hooks(module) if h is not _force_eval_pre_hook]
-    return bool(pre) or _compat.has_forward_hooks(module)
+    pre, post = _compat.module_forward_hooks(module)
+    return any(h is not _force_eval_pre_hook for h in pre) or bool(post)
 
 
 def frozen_norm_obstacle(module: nn.Module) -> str | None:
