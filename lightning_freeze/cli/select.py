@@ -7,7 +7,8 @@ with the best value of ``<branch>/<metric>`` and writes one checkpoint with the 
 ``lightning-freeze merge`` does (backbones must be bitwise identical; a branch present in several
 inputs with the same weights is kept once)::
 
-    lightning-freeze select best.ckpt multirun/*/checkpoints/last.ckpt --metric val_acc --mode max
+    cd outputs/train/multiruns/2026-12-04_10-00-00  # the sweep's directory: one job per subdirectory
+    lightning-freeze select best.ckpt */checkpoints/last.ckpt --metric val_acc --mode max
 
 The metrics are the ones :class:`~lightning_freeze.MultiBranchModule` stores in every checkpoint it
 writes (``checkpoint["multi_branch"]["metrics"]``, e.g. ``"parity/val_acc"``), or, for checkpoints
