@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
-from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from lightning_freeze import _compat
@@ -42,7 +41,6 @@ __all__ = [
     "check_frozen_equivalent",
     "convert_from_frozen_norm",
     "convert_to_frozen_norm",
-    "find_dropout_layers",
     "find_running_stat_norms",
     "frozen_norm_obstacle",
     "is_pinned",
@@ -104,11 +102,6 @@ def find_running_stat_norms(module: nn.Module, prefix: str = "") -> dict[str, nn
         prefix: prepended to every name (``"backbone"`` gives ``"backbone.bn1"``).
     """
     return {name: m for name, m in module.named_modules(prefix=prefix) if is_running_stat_norm(m)}
-
-
-def find_dropout_layers(module: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
-    """All dropout layers (``nn.Dropout*``, ``nn.AlphaDropout``, ...) in ``module``, keyed by name."""
-    return {name: m for name, m in module.named_modules(prefix=prefix) if isinstance(m, _DropoutNd)}
 
 
 # ---------------------------------------------------------------------------------------------
