@@ -204,7 +204,7 @@ def test_fingerprints_written_by_version_0_1_still_verify() -> None:
     callback = FreezeBackbone("0")
     old = fingerprint_of(net, algorithm="blake2b-128")
     assert not any(":" in fp.digest for fp in old.values())  # the old, unprefixed format
-    callback._reference = dict(old)
+    callback.verifier.reference = dict(old)
     assert callback.check(net).summary() == "checked 2 frozen tensors: 0 changed"
     with torch.no_grad():
         net[0].bias[0] += 1
