@@ -191,6 +191,11 @@ def test_a_resumed_run_checks_against_the_first_runs_probe(tmp_path) -> None:
     saved = torch.load(path, weights_only=True)
     state = next(v for k, v in saved["callbacks"].items() if k.startswith("FreezeBackbone"))
     assert state["probes"]["backbone"]["args"][0].shape == (2, 3, 6, 6)
+    # the checkpoint entry keeps its format (the verifier's part is "fingerprints" and "probes")
+    assert list(state) == [
+        "modules", "norm", "unfreeze_at_epoch", "unfrozen", "fingerprints", "probes", "schedule"
+    ]  # fmt: skip
+    assert sorted(state["fingerprints"]) == sorted(TinyNet().backbone.state_dict(prefix="backbone."))
     t = trainer(tmp_path, callbacks=[FreezeBackbone()], max_epochs=2)
     with pytest.raises(FrozenStateError, match=r"backbone: output on the probe input changed"):
         t.fit(LeakyNet(), train, val, ckpt_path=path)

@@ -173,7 +173,7 @@ class FreezeBackbone(Callback):
         self.norm: NormMode = check_choice("norm", norm, NORM_MODES)  # type: ignore[assignment]
         self.dropout: DropoutMode = check_choice("dropout", dropout, DROPOUT_MODES)  # type: ignore[assignment]
         # the verification (fingerprints, probes, cross-rank checks) is core's, Lightning-free
-        self.verifier = FrozenVerifier(verify, owner="FreezeBackbone", warn=rank_zero_warn)
+        self.verifier = FrozenVerifier(verify, owner="FreezeBackbone", since="fit start", warn=rank_zero_warn)
         self.verify: VerifyMode = self.verifier.verify
         self.unfreeze_at_epoch = check_int(
             "unfreeze_at_epoch",

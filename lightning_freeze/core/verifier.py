@@ -88,6 +88,8 @@ class FrozenVerifier:
             passes the same message to ``warn`` instead; ``"off"``: nothing is recorded or checked
             (:meth:`check` returns ``None``).
         owner: the name the messages start with (``"FreezeBackbone"`` for the callback).
+        since: when the reference was taken, as the messages say it (``"fit start"`` for the
+            callback).
         warn: called with the message when ``verify="warn"`` (default: :func:`warnings.warn`).
 
     Attributes:
@@ -109,10 +111,11 @@ class FrozenVerifier:
         verify: VerifyMode = "raise",
         *,
         owner: str = "FrozenVerifier",
+        since: str = "the reference was recorded",
         warn: Callable[[str], None] | None = None,
     ) -> None:
         self.verify: VerifyMode = check_choice("verify", verify, VERIFY_MODES)  # type: ignore[assignment]
-        self.owner = owner
+        self.owner, self.since = owner, since
         self.warn = _warn if warn is None else warn
         self.reference: dict[str, TensorFingerprint] | None = None
         self.probes: dict[str, OutputProbe] = {}
@@ -378,7 +381,7 @@ class FrozenVerifier:
                 + describe_rank_mismatch(ranks).replace("\n", "\n    ")
             )
         message = (
-            f"{self.owner}: {len(causes)} frozen tensor(s)/module(s) changed since fit start "
+            f"{self.owner}: {len(causes)} frozen tensor(s)/module(s) changed since {self.since} "
             f"({diff.summary()}; {len(mismatches)} of {len(self.probes)} probe output(s) changed"
             + (f"; {len(ranks)} rank(s) differ" if ranks else "")
             + (
