@@ -32,7 +32,7 @@ Example (a plain PyTorch loop)::
     ...     loss.backward()
     ...     opt.step()
     ...     opt.zero_grad()
-    ...     verifier.record_probes(net)
+    ...     _ = verifier.record_probes(net)
     >>> verifier.check(net).summary()
     'checked 2 frozen tensors: 0 changed'
     >>> list(verifier.probes)
