@@ -174,7 +174,6 @@ class FreezeBackbone(Callback):
         self.dropout: DropoutMode = check_choice("dropout", dropout, DROPOUT_MODES)  # type: ignore[assignment]
         # the verification (fingerprints, probes, cross-rank checks) is core's, Lightning-free
         self.verifier = FrozenVerifier(verify, owner="FreezeBackbone", since="fit start", warn=rank_zero_warn)
-        self.verify: VerifyMode = self.verifier.verify
         self.unfreeze_at_epoch = check_int(
             "unfreeze_at_epoch",
             unfreeze_at_epoch,
@@ -214,6 +213,15 @@ class FreezeBackbone(Callback):
     # ------------------------------------------------------------------------------------------
     # the verifier's results (read-only views of :attr:`verifier`)
     # ------------------------------------------------------------------------------------------
+    @property
+    def verify(self) -> VerifyMode:
+        """``"raise"``, ``"warn"`` or ``"off"`` (the :attr:`verifier`'s mode; settable)."""
+        return self.verifier.verify
+
+    @verify.setter
+    def verify(self, value: VerifyMode) -> None:
+        self.verifier.verify = check_choice("verify", value, VERIFY_MODES)  # type: ignore[assignment]
+
     @property
     def last_check(self) -> FingerprintDiff | None:
         """The latest verification of the frozen tensors (see the class docstring)."""
