@@ -269,18 +269,36 @@ class StageRecord(Callback):
     not restore it on resume, so a resumed run would shuffle its next epoch differently from the
     run it continues; with this state it shuffles identically.
 
+    With ``settings``, the first checkpoint saved into a folder also gets
+    :data:`~lightning_freeze.app.settings.SETTINGS_FILE` (``stage_settings.yaml``) written next to
+    it (by rank 0): the settings a later stage started from that folder inherits.
+
     Args:
         record: ``{"version", "stage", "model", "data", "branches"}``.
+        settings: :func:`lightning_freeze.app.settings.stage_settings` of the stage (``None``: no file).
     """
 
-    def __init__(self, record: dict[str, Any]) -> None:
+    def __init__(self, record: dict[str, Any], settings: dict[str, Any] | None = None) -> None:
         self.record = record
+        self.settings = settings
+        self._settings_written: set[str] = set()  # folders that have the settings file
 
     @override
     def on_save_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         checkpoint[RECORD_KEY] = self.record
+        folder = getattr(trainer.checkpoint_callback, "dirpath", None)
+        if (
+            self.settings is not None
+            and folder
+            and trainer.is_global_zero
+            and folder not in self._settings_written
+        ):
+            from lightning_freeze.app.settings import write_stage_settings
+
+            write_stage_settings(folder, self.settings)
+            self._settings_written.add(folder)
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -139,3 +139,72 @@ def test_any_module_factory_plugs_in_through_allow_targets(
         torch.load(s2.checkpoint, weights_only=True)["hyper_parameters"]["branches"]["parity"]["in_features"]
         == 6
     )
+
+
+def _copy_of(stage1_checkpoint: Path, tmp_path: Path) -> Path:
+    """A copy of the stage-1 checkpoints folder (checkpoints and settings file), to edit."""
+    import shutil
+
+    folder = shutil.copytree(stage1_checkpoint.parent, tmp_path / "copy" / "checkpoints")
+    return Path(folder) / stage1_checkpoint.name
+
+
+def test_stage_settings_are_written_next_to_the_checkpoint(rgb_stage1: Path) -> None:
+    from omegaconf import OmegaConf
+
+    text = (rgb_stage1.parent / "stage_settings.yaml").read_text()
+    assert text.startswith("# Written by lightning-freeze-train for stage 1: a later stage")
+    saved = OmegaConf.to_container(OmegaConf.load(rgb_stage1.parent / "stage_settings.yaml"))
+    assert saved["version"] == 1 and saved["stage"] == 1
+    # the command line's model/data settings; the backbone (always the checkpoint's) is not one
+    assert saved["set"] == ["data.batch_size", "data.channels", "data.image_size", "model.optimizer.lr"]
+    assert (saved["data"]["channels"], saved["data"]["image_size"], saved["data"]["half"]) == (3, 16, "A")
+    assert saved["model"]["optimizer"]["lr"] == 0.01 and "backbone" not in saved["model"]
+
+
+def test_the_settings_file_decides_what_the_next_stage_inherits(rgb_stage1: Path, tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    checkpoint = _copy_of(rgb_stage1, tmp_path)
+    path = checkpoint.parent / "stage_settings.yaml"
+    saved = OmegaConf.load(path)
+    saved.set = ["data.channels", "model.optimizer.lr"]  # image_size and batch_size no longer inherited
+    saved.model.optimizer.lr = 0.003  # and another value
+    path.write_text(OmegaConf.to_yaml(saved))
+    preset = compose_app(STAGE2)
+    cfg = compose_app([*STAGE2, f"init_from={checkpoint}"], tmp_path / "s2")
+    assert app.train(cfg).frozen_changed == 0
+    assert cfg.data.channels == 3 and cfg.model.optimizer.lr == 0.003
+    assert (cfg.data.image_size, cfg.data.batch_size) == (preset.data.image_size, preset.data.batch_size)
+    assert cfg.data.half == "B"  # stage 1's experiment set "A": an experiment's settings stay its own
+    written = OmegaConf.load(tmp_path / "s2" / "checkpoints" / "stage_settings.yaml")
+    assert list(written.set) == ["data.channels", "model.optimizer.lr"] and written.stage == 2
+
+
+def test_a_checkpoint_without_settings_file_falls_back_to_its_record(
+    rgb_stage1: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    checkpoint = _copy_of(rgb_stage1, tmp_path)
+    (checkpoint.parent / "stage_settings.yaml").unlink()  # a run of a version before the file
+    cfg = compose_app([*STAGE2, f"init_from={checkpoint}", "data.batch_size=16"], tmp_path / "s2")
+    with caplog.at_level("INFO", logger="lightning_freeze.app.settings"):
+        assert app.train(cfg).frozen_changed == 0
+    assert (
+        "no stage_settings.yaml next to init_from (a checkpoint of an earlier version, or merged)"
+        in caplog.text
+    )
+    assert (cfg.data.channels, cfg.data.image_size, cfg.data.batch_size) == (3, 16, 16)
+    assert cfg.model.optimizer.lr == 0.01 and cfg.data.half == "B"
+
+
+def test_a_broken_settings_file_is_one_clear_error(rgb_stage1: Path, tmp_path: Path) -> None:
+    checkpoint = _copy_of(rgb_stage1, tmp_path)
+    (checkpoint.parent / "stage_settings.yaml").write_text("version: 1\nset: data.channels\n")
+    cfg = compose_app([*STAGE2, f"init_from={checkpoint}"], tmp_path / "s2")
+    with pytest.raises(app.AppInputError) as info:
+        app.train(cfg)
+    assert str(info.value) == (
+        f"{str(checkpoint.parent / 'stage_settings.yaml')!r} is not a stage settings file of version 1 "
+        "(expected the keys version, stage, set (a list of keys), model and data, as lightning-freeze-train "
+        "writes them); fix it or delete it to inherit the settings recorded in last.ckpt"
+    )

@@ -122,6 +122,11 @@ def _check_core(ns: dict[str, Any], out: str, logs: str) -> None:
     assert out.strip().splitlines()[-1] == "checked 7 frozen tensors: 0 changed"
 
 
+def _check_verifier(ns: dict[str, Any], out: str, logs: str) -> None:
+    assert out.strip().splitlines() == ["checked 7 frozen tensors: 0 changed", "['backbone']"]
+    assert list(ns["verifier"].probes) == ["backbone"]
+
+
 def _check_freeze_backbone(ns: dict[str, Any], out: str, logs: str) -> None:
     before = ns["_before"]
     after = ns["model"].backbone.state_dict()
@@ -156,6 +161,7 @@ CHECKS = {
     ("README.md", 0): _check_quickstart,
     ("docs/getting-started.md", 0): _check_quickstart,
     ("docs/core.md", 0): _check_core,
+    ("docs/core.md", 1): _check_verifier,
     ("docs/freeze-backbone.md", 0): _check_freeze_backbone,
     ("docs/frozen-safe-ema.md", 0): _check_ema,
     ("docs/frozen-safe-ema.md", 1): _check_trainable_ema,

@@ -191,6 +191,11 @@ def test_a_resumed_run_checks_against_the_first_runs_probe(tmp_path) -> None:
     saved = torch.load(path, weights_only=True)
     state = next(v for k, v in saved["callbacks"].items() if k.startswith("FreezeBackbone"))
     assert state["probes"]["backbone"]["args"][0].shape == (2, 3, 6, 6)
+    # the checkpoint entry keeps its format (the verifier's part is "fingerprints" and "probes")
+    assert list(state) == [
+        "modules", "norm", "unfreeze_at_epoch", "unfrozen", "fingerprints", "probes", "schedule"
+    ]  # fmt: skip
+    assert sorted(state["fingerprints"]) == sorted(TinyNet().backbone.state_dict(prefix="backbone."))
     t = trainer(tmp_path, callbacks=[FreezeBackbone()], max_epochs=2)
     with pytest.raises(FrozenStateError, match=r"backbone: output on the probe input changed"):
         t.fit(LeakyNet(), train, val, ckpt_path=path)
@@ -204,7 +209,7 @@ def test_fingerprints_written_by_version_0_1_still_verify() -> None:
     callback = FreezeBackbone("0")
     old = fingerprint_of(net, algorithm="blake2b-128")
     assert not any(":" in fp.digest for fp in old.values())  # the old, unprefixed format
-    callback._reference = dict(old)
+    callback.verifier.reference = dict(old)
     assert callback.check(net).summary() == "checked 2 frozen tensors: 0 changed"
     with torch.no_grad():
         net[0].bias[0] += 1

@@ -391,11 +391,14 @@ def build_stage(cfg: DictConfig) -> Stage:
 
     previous = read_previous_stage(init_from) if init_from else None
     name = check_new_branch(cfg.branch.get("name"), previous, init_from)
-    backbone = settings.inherit_previous_stage(cfg, previous, init_from) if previous else None
+    backbone, inherited = (
+        settings.inherit_previous_stage(cfg, previous, init_from) if previous else (None, [])
+    )
     check_trainer(cfg.get("trainer"))
     check_optimizer(cfg)
     datamodule, num_classes = build_datamodule(cfg)
     model, record = build_model(cfg, name, num_classes, backbone, previous, init_from, init_weights, stage)
+    record.settings = settings.stage_settings(cfg, stage, inherited)  # written next to every checkpoint
 
     loggers = build_loggers(cfg)
     callbacks = [

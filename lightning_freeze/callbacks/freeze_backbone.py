@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -22,19 +22,7 @@ from lightning_freeze.callbacks.unfreeze import (
     check_schedulers,
     rewrap_ddp,
 )
-from lightning_freeze.core.distributed import (
-    compare_across_ranks,
-    describe_rank_mismatch,
-    gather_changed,
-    local_shards,
-)
-from lightning_freeze.core.errors import FrozenStateError
-from lightning_freeze.core.fingerprint import (
-    FingerprintDiff,
-    TensorFingerprint,
-    diff_fingerprints,
-    fingerprint,
-)
+from lightning_freeze.core.fingerprint import FingerprintDiff
 from lightning_freeze.core.freeze import (
     DROPOUT_MODES,
     NORM_MODES,
@@ -42,27 +30,17 @@ from lightning_freeze.core.freeze import (
     FrozenModules,
     NormMode,
     freeze,
-    likely_cause,
     pin_frozen_layers,
     unfreeze,
 )
 from lightning_freeze.core.norm import find_running_stat_norms, pin_eval, running_stat_buffer_names
 from lightning_freeze.core.param_groups import SUPPORTED_SCHEDULERS
-from lightning_freeze.core.probe import OutputProbe, ProbeMismatch, capture_probe_input, function_token
-from lightning_freeze.core.purity import impure_layers, inherited_guard_rule
+from lightning_freeze.core.probe import OutputProbe, ProbeMismatch
 from lightning_freeze.core.unfreeze_schedule import UnfreezeSchedule
-from lightning_freeze.core.validation import (
-    check_choice,
-    check_int,
-    check_positive_finite,
-    check_str_list,
-    choices_of,
-)
+from lightning_freeze.core.validation import check_choice, check_int, check_positive_finite, check_str_list
+from lightning_freeze.core.verifier import VERIFY_MODES, FrozenVerifier, ProbeMode, VerifyMode
 
 __all__ = ["SUPPORTED_SCHEDULERS", "VERIFY_MODES", "FreezeBackbone"]
-
-VerifyMode = Literal["raise", "warn", "off"]
-VERIFY_MODES: tuple[str, ...] = choices_of(VerifyMode)
 
 
 class FreezeBackbone(Callback):
@@ -144,6 +122,10 @@ class FreezeBackbone(Callback):
             ``"train"``: they keep dropping out during training.
 
     Attributes:
+        verifier: the :class:`~lightning_freeze.core.verifier.FrozenVerifier` that holds the reference
+            fingerprints and the probes and runs every check (pure PyTorch); :attr:`last_check`,
+            :attr:`probes`, :attr:`last_probe_check`, :attr:`probes_skipped` and
+            :attr:`last_rank_check` read its results.
         frozen: what :func:`~lightning_freeze.core.freeze` froze (``None`` before ``setup``; kept
             after the fit as a record, although the model has been given back).
         last_check: the latest verification of the tensors (a
@@ -190,7 +172,8 @@ class FreezeBackbone(Callback):
         )
         self.norm: NormMode = check_choice("norm", norm, NORM_MODES)  # type: ignore[assignment]
         self.dropout: DropoutMode = check_choice("dropout", dropout, DROPOUT_MODES)  # type: ignore[assignment]
-        self.verify: VerifyMode = check_choice("verify", verify, VERIFY_MODES)  # type: ignore[assignment]
+        # the verification (fingerprints, probes, cross-rank checks) is core's, Lightning-free
+        self.verifier = FrozenVerifier(verify, owner="FreezeBackbone", since="fit start", warn=rank_zero_warn)
         self.unfreeze_at_epoch = check_int(
             "unfreeze_at_epoch",
             unfreeze_at_epoch,
@@ -216,24 +199,53 @@ class FreezeBackbone(Callback):
         self.phases: PhaseRunner | None = None
 
         self.frozen: FrozenModules | None = None
-        self.last_check: FingerprintDiff | None = None
-        self.probes: dict[str, OutputProbe] = {}
-        self.last_probe_check: list[ProbeMismatch] = []
-        self.probes_skipped: list[str] = []
-        self._probe_tokens: dict[str, tuple[Any, ...]] = {}  # function_token when a probe last passed
-        self.last_rank_check: dict[int, list[str]] = {}
         self._unfrozen = False
         self._released: list[str] = []  # frozen names unfrozen since setup
-        self._reference: dict[str, TensorFingerprint] | None = None
         self._restored: dict[str, Any] | None = None
         self._scheduled: list[
             str
         ] = []  # frozen names that unfreeze_at_epoch unfreezes (not inactive branches)
-        self._captures: dict[str, tuple[Any, dict[str, Any]]] = {}  # pending probe-input captures
         self._shown_as_training: list[nn.Module] = []
         self._holding = False  # between setup and the end of the fit: the model is ours to give back
         self._grad_watch: list[nn.Parameter] = []  # unfrozen under torch.compile: must get gradients
         self._dynamo_reset = False
+
+    # ------------------------------------------------------------------------------------------
+    # the verifier's results (read-only views of :attr:`verifier`)
+    # ------------------------------------------------------------------------------------------
+    @property
+    def verify(self) -> VerifyMode:
+        """``"raise"``, ``"warn"`` or ``"off"`` (the :attr:`verifier`'s mode; settable)."""
+        return self.verifier.verify
+
+    @verify.setter
+    def verify(self, value: VerifyMode) -> None:
+        self.verifier.verify = check_choice("verify", value, VERIFY_MODES)  # type: ignore[assignment]
+
+    @property
+    def last_check(self) -> FingerprintDiff | None:
+        """The latest verification of the frozen tensors (see the class docstring)."""
+        return self.verifier.last_check
+
+    @property
+    def probes(self) -> dict[str, OutputProbe]:
+        """``{module name: OutputProbe}`` recorded in the first training batch."""
+        return self.verifier.probes
+
+    @property
+    def last_probe_check(self) -> list[ProbeMismatch]:
+        """The probe mismatches of the latest verification (empty: all reproduced)."""
+        return self.verifier.last_probe_check
+
+    @property
+    def probes_skipped(self) -> list[str]:
+        """The modules whose probe the latest verification skipped."""
+        return self.verifier.probes_skipped
+
+    @property
+    def last_rank_check(self) -> dict[int, list[str]]:
+        """``{rank: [keys]}`` of the ranks that differed at the latest verification."""
+        return self.verifier.last_rank_check
 
     # ------------------------------------------------------------------------------------------
     # Lightning hooks
@@ -259,9 +271,7 @@ class FreezeBackbone(Callback):
                 "new stage (a new Trainer.fit without FreezeBackbone on these modules)."
             )
         # a callback object reused for a second fit starts from scratch
-        self.last_check, self.probes, self.last_probe_check, self.last_rank_check = None, {}, [], {}
-        self.probes_skipped, self._probe_tokens = [], {}
-        self._reference = None
+        self.verifier.reset()
         names, inactive = self._names_to_freeze(pl_module)
         if self.schedule is not None:
             self.phases = PhaseRunner(self.schedule)
@@ -310,21 +320,10 @@ class FreezeBackbone(Callback):
         frozen = self._require_frozen()
         # the strategy may have replaced layers since setup (e.g. a SyncBatchNorm conversion)
         pin_frozen_layers(pl_module, self._still_frozen_names(), norm=frozen.norm, dropout=frozen.dropout)
-        if self.verify != "off":
-            if restored is not None and "fingerprints" in restored:
-                # verify against the first run's fit start, not against what the checkpoint restored
-                self._reference = _fingerprints_from_state(restored["fingerprints"])
-            else:
-                # a sharded (FSDP2) tensor: this rank's shard (each rank checks its own shards)
-                self._reference = fingerprint(
-                    local_shards(pl_module.state_dict(keep_vars=True))[0], frozen.tensor_keys
-                )
-            if restored is not None:
-                self.probes = {
-                    name: OutputProbe.from_state_dict(state)
-                    for name, state in (restored.get("probes") or {}).items()
-                    if name in self._still_frozen_names()
-                }
+        if self.verifier.enabled:
+            # verify against the first run's fit start, not against what the checkpoint restored
+            if restored is None or not self.verifier.load_state_dict(restored, self._still_frozen_names()):
+                self.verifier.record(pl_module, frozen.tensor_keys)
         self._warn_if_optimizer_holds_frozen(trainer, pl_module)
         self._warn_about_weight_averaging(trainer)
         self._explain_eval_mode_modules(pl_module)
@@ -339,12 +338,8 @@ class FreezeBackbone(Callback):
         frozen = self._require_frozen()
         # a frozen module whose norm layers or dropout keep training computes something new at every
         # call: its tensors are still fingerprinted, but there is no fixed output to check
-        if self.verify != "off" and frozen.norm != "train" and frozen.dropout != "train":
-            for name in self._still_frozen_names():
-                if name not in self.probes and name not in self._captures:
-                    store: dict[str, Any] = {}
-                    handle = capture_probe_input(pl_module.get_submodule(name), store)
-                    self._captures[name] = (handle, store)
+        if frozen.norm != "train" and frozen.dropout != "train":
+            self.verifier.capture(pl_module, self._still_frozen_names())
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -373,8 +368,8 @@ class FreezeBackbone(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._captures:
-            self._record_probes(pl_module)
+        if self.verifier.capturing:
+            self.verifier.record_probes(pl_module)
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -418,10 +413,7 @@ class FreezeBackbone(Callback):
             "norm": self.norm,
             "unfreeze_at_epoch": self.unfreeze_at_epoch,
             "unfrozen": self._unfrozen,
-            "fingerprints": {
-                k: [fp.digest, fp.dtype, list(fp.shape)] for k, fp in (self._reference or {}).items()
-            },
-            "probes": {name: probe.state_dict() for name, probe in self.probes.items()},
+            **self.verifier.state_dict(),  # "fingerprints", "probes"
             "schedule": self.phases.state_dict() if self.phases is not None else None,
         }
 
@@ -438,7 +430,7 @@ class FreezeBackbone(Callback):
         pl_module: torch.nn.Module,
         trainer: pl.Trainer | None = None,
         across_ranks: bool = True,
-        probe: Literal["always", "if_changed"] = "always",
+        probe: ProbeMode = "always",
     ) -> FingerprintDiff | None:
         """Compare every frozen tensor with its fingerprint from fit start, each probe output and each rank.
 
@@ -468,75 +460,15 @@ class FreezeBackbone(Callback):
                 no longer reproduces its output on the probe input, or a rank holds other frozen
                 tensors than the others (raised on every rank, naming the rank and the tensors).
         """
-        check_choice("probe", probe, ("always", "if_changed"))
-        if self.verify == "off" or self._reference is None:
-            return None
-        tensors, sharded = local_shards(pl_module.state_dict(keep_vars=True))
-        current = fingerprint(tensors, [k for k in self._reference if k in tensors], like=self._reference)
-        diff = diff_fingerprints(self._reference, current)
-        self.last_check = diff
-        # collectives: every rank runs them before anything can raise, so no rank is left waiting.
-        # Replicated tensors: every rank's fingerprints compared; sharded ones: each rank checked
-        # its own shards, and the verdicts are gathered.
-        ranks = (
-            compare_across_ranks({k: v for k, v in current.items() if k not in sharded})
-            if across_ranks
-            else {}
+        optimizers = trainer.optimizers if trainer is not None else []
+        return self.verifier.check(
+            pl_module,
+            self._still_frozen_names() if self.frozen is not None else (),
+            norm=self.norm,
+            optimizer_params=[p for opt in optimizers for group in opt.param_groups for p in group["params"]],
+            across_ranks=across_ranks,
+            probe=probe,
         )
-        self.last_rank_check = ranks
-        shard_changes = (
-            gather_changed([k for k in diff.changed if k in sharded])
-            if across_ranks and any(k in sharded for k in current)
-            else {}
-        )
-        still_frozen = set(self._still_frozen_names()) if self.frozen is not None else set()
-        mismatches = self._check_probes(
-            pl_module, still_frozen, probe, unchanged=not (diff.changed or diff.missing)
-        )
-        self.last_probe_check = mismatches
-        if diff.changed or diff.missing or mismatches or ranks or shard_changes:
-            optimizers = trainer.optimizers if trainer is not None else []
-            optimizer_params = [
-                p for opt in optimizers for group in opt.param_groups for p in group["params"]
-            ]
-            causes = {
-                key: likely_cause(pl_module, key, norm=self.norm, optimizer_params=optimizer_params)
-                for key in diff.changed
-            }
-            causes.update({key: "the tensor disappeared from the model's state_dict" for key in diff.missing})
-            lines = [f"  - {key}: {cause}" for key, cause in causes.items()]
-            for m in mismatches:
-                causes[m.module] = m.reason
-                lines.append(f"  - {m}")
-            for rank, keys in sorted(ranks.items()):
-                for key in keys:
-                    causes.setdefault(key, f"differs on rank {rank} from the other ranks")
-            for rank, keys in sorted(shard_changes.items()):
-                for key in keys:
-                    if key not in causes:
-                        causes[key] = f"its shard on rank {rank} changed"
-                        lines.append(f"  - {key}: {causes[key]}")
-            if ranks:
-                lines.append(
-                    "  - the ranks disagree (frozen tensors must be identical on every rank):\n    "
-                    + describe_rank_mismatch(ranks).replace("\n", "\n    ")
-                )
-            message = (
-                f"FreezeBackbone: {len(causes)} frozen tensor(s)/module(s) changed since fit start "
-                f"({diff.summary()}; {len(mismatches)} of {len(self.probes)} probe output(s) changed"
-                + (f"; {len(ranks)} rank(s) differ" if ranks else "")
-                + (
-                    f"; sharded tensors changed on rank(s) {', '.join(map(str, sorted(shard_changes)))}"
-                    if shard_changes
-                    else ""
-                )
-                + "):\n"
-                + "\n".join(lines)
-            )
-            if self.verify == "raise":
-                raise FrozenStateError(message, changed=list(causes), causes=causes)
-            rank_zero_warn(message)
-        return diff
 
     # ------------------------------------------------------------------------------------------
     # internals
@@ -566,9 +498,7 @@ class FreezeBackbone(Callback):
 
     def _release(self, pl_module: pl.LightningModule) -> None:
         """Give the model back as setup found it (idempotent): no hook, flags as before."""
-        for handle, _ in self._captures.values():
-            handle.remove()
-        self._captures = {}
+        self.verifier.stop_capture()
         if self.phases is not None:
             self.phases.detach()
         for module in self._shown_as_training:
@@ -577,39 +507,6 @@ class FreezeBackbone(Callback):
         if self._holding and self.frozen is not None:
             self._holding = False
             unfreeze(pl_module, self.frozen, mode=None)
-
-    def _check_probes(
-        self, pl_module: torch.nn.Module, names: set[str], when: str, unchanged: bool
-    ) -> list[ProbeMismatch]:
-        """Run the probes of ``names`` (or skip those whose function token is unchanged); mismatches."""
-        mismatches, self.probes_skipped = [], []
-        for name, probe in self.probes.items():
-            if name not in names:
-                continue
-            module = pl_module.get_submodule(name)
-            token = function_token(module)
-            # the one purity rule: a layer that would run in train mode is evidence enough to probe
-            pure = not impure_layers(module, name, guards=inherited_guard_rule(pl_module, name))
-            if when == "if_changed" and unchanged and pure and self._probe_tokens.get(name) == token:
-                self.probes_skipped.append(name)
-                continue
-            mismatch = probe.check(module, name)
-            if mismatch is None:
-                self._probe_tokens[name] = token
-            else:
-                self._probe_tokens.pop(name, None)
-                mismatches.append(mismatch)
-        return mismatches
-
-    def _record_probes(self, pl_module: pl.LightningModule) -> None:
-        for name in [n for n, (_, store) in self._captures.items() if "args" in store]:
-            _, store = self._captures.pop(name)
-            module = pl_module.get_submodule(name)
-            try:
-                self.probes[name] = OutputProbe.record(module, store["args"], store["kwargs"])
-            except Exception:  # an input with a first dimension that is not the batch: keep it whole
-                self.probes[name] = OutputProbe.record(module, store["full_args"], store["full_kwargs"])
-            self._probe_tokens[name] = function_token(module)
 
     def _unfreeze_if_due(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.phases is not None:
@@ -680,22 +577,12 @@ class FreezeBackbone(Callback):
         self._unfrozen = self._unfrozen or legacy
         self._released.extend(names)
         prefixes = tuple(f"{n}." for n in names)
-
-        def released(key: str) -> bool:
-            return key.startswith(prefixes) and key not in kept
-
         self.frozen = dataclasses.replace(
             frozen,
             parameter_keys=[k for k in frozen.parameter_keys if not k.startswith(prefixes)],
-            tensor_keys=[k for k in frozen.tensor_keys if not released(k)],
+            tensor_keys=[k for k in frozen.tensor_keys if not k.startswith(prefixes) or k in kept],
         )
-        if self._reference is not None:
-            self._reference = {k: v for k, v in self._reference.items() if not released(k)}
-        for name in names:
-            self.probes.pop(name, None)
-            handle_store = self._captures.pop(name, None)
-            if handle_store is not None:
-                handle_store[0].remove()
+        self.verifier.release(names, keep=kept)
         if not params:
             return 0.0
         if not trainer.optimizers:
@@ -800,7 +687,3 @@ class FreezeBackbone(Callback):
                 f"FreezeBackbone: {len(ours)} of the {len(eval_modules)} modules in eval mode are pinned on "
                 f"purpose; these others are not: {', '.join(others[:10])}"
             )
-
-
-def _fingerprints_from_state(state: dict[str, Any]) -> dict[str, TensorFingerprint]:
-    return {k: TensorFingerprint(digest, dtype, tuple(shape)) for k, (digest, dtype, shape) in state.items()}

@@ -22,6 +22,7 @@ from lightning_freeze.core.norm import (
     unpin_eval,
 )
 from lightning_freeze.core.selection import resolve_modules
+from lightning_freeze.core.verifier import FrozenVerifier
 
 __all__ = [
     "FingerprintDiff",
@@ -29,6 +30,7 @@ __all__ = [
     "FrozenInstanceNorm",
     "FrozenModules",
     "FrozenStateError",
+    "FrozenVerifier",
     "ModuleSelectionError",
     "OutputCache",
     "TensorFingerprint",

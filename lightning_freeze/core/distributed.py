@@ -25,7 +25,7 @@ import torch.distributed as dist
 import xxhash
 
 from lightning_freeze.core.bits import is_sharded
-from lightning_freeze.core.fingerprint import TensorFingerprint
+from lightning_freeze.core.fingerprint import TensorFingerprint, fingerprints_from_plain
 
 __all__ = [
     "compare_across_ranks",
@@ -65,12 +65,6 @@ def _to_plain(fp: _Fingerprints) -> _Plain:
     return {key: (f.digest, f.dtype, tuple(f.shape)) for key, f in fp.items()}
 
 
-def _from_plain(plain: _Plain) -> dict[str, TensorFingerprint]:
-    return {
-        key: TensorFingerprint(digest, dtype, tuple(shape)) for key, (digest, dtype, shape) in plain.items()
-    }
-
-
 def _summary(fp: _Fingerprints) -> torch.Tensor:
     """128-bit digest of a whole fingerprint dict (key order does not matter), as two int64."""
     hasher = xxhash.xxh3_128()
@@ -100,7 +94,7 @@ def gather_fingerprints(
         return [dict(fp)]
     gathered: list[_Plain | None] = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, _to_plain(fp), group=group)
-    return [_from_plain(plain) for plain in gathered if plain is not None]
+    return [fingerprints_from_plain(plain) for plain in gathered if plain is not None]
 
 
 def find_differing_ranks(

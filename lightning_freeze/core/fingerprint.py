@@ -52,6 +52,7 @@ __all__ = [
     "TensorFingerprint",
     "diff_fingerprints",
     "fingerprint",
+    "fingerprints_from_plain",
     "tensor_bytes",
     "tensor_fingerprint",
     "verify_fingerprints",
@@ -355,3 +356,18 @@ def verify_fingerprints(
     tensors = source.state_dict(keep_vars=True) if isinstance(source, nn.Module) else source
     present = [k for k in reference if k in tensors and isinstance(tensors[k], torch.Tensor)]
     return diff_fingerprints(reference, fingerprint(tensors, present, like=reference, threads=threads))
+
+
+def fingerprints_from_plain(
+    plain: Mapping[str, tuple[str, str, Iterable[int]] | list[Any]],
+) -> dict[str, TensorFingerprint]:
+    """Fingerprints from their plain form ``{key: [digest, dtype, shape]}`` (checkpoints, collectives).
+
+    Example::
+
+        >>> fingerprints_from_plain({"w": ["xxh3-128:" + "0" * 32, "torch.float32", [2]]})["w"].shape
+        (2,)
+    """
+    return {
+        key: TensorFingerprint(digest, dtype, tuple(shape)) for key, (digest, dtype, shape) in plain.items()
+    }

@@ -53,6 +53,7 @@ from torch import nn
 from lightning_freeze import _compat
 from lightning_freeze.core.feature_cache import bypass_output_caches
 from lightning_freeze.core.fingerprint import fingerprint
+from lightning_freeze.core.structure import map_tensors, named_leaves, tensor_leaves
 
 __all__ = [
     "DEVICE_ATOL",
@@ -283,7 +284,7 @@ def capture_probe_input(
 
     def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         handle.remove()
-        batch = next((t.shape[0] for t in _tensors((args, kwargs)) if t.dim() > 0), None)
+        batch = next((t.shape[0] for t in tensor_leaves((args, kwargs)) if t.dim() > 0), None)
         store["args"] = _take(args, batch, samples)
         store["kwargs"] = _take(kwargs, batch, samples)
         store["full_args"] = _take(args, None, samples)
@@ -314,29 +315,6 @@ def _module_device(module: nn.Module) -> torch.device:
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
-def _tensors(obj: Any) -> Iterator[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (tuple, list)):
-        for item in obj:
-            yield from _tensors(item)
-    elif isinstance(obj, dict):
-        for item in obj.values():
-            yield from _tensors(item)
-
-
-def _map(obj: Any, fn: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*(_map(v, fn) for v in obj))
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_map(v, fn) for v in obj)
-    if isinstance(obj, dict):
-        return {k: _map(v, fn) for k, v in obj.items()}
-    return obj
-
-
 def _take(obj: Any, batch: int | None, samples: int) -> Any:
     def cut(t: torch.Tensor) -> torch.Tensor:
         t = t.detach()
@@ -344,27 +322,19 @@ def _take(obj: Any, batch: int | None, samples: int) -> Any:
             t = t[:samples]
         return t.clone()
 
-    return _map(obj, cut)
+    return map_tensors(obj, cut)
 
 
 def _to_cpu(obj: Any) -> Any:
-    return _map(obj, lambda t: t.detach().to("cpu", copy=True))
+    return map_tensors(obj, lambda t: t.detach().to("cpu", copy=True))
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:
-    return _map(obj, lambda t: t.to(device))
-
-
-def _flatten(obj: Any, path: str = "output") -> list[tuple[str, Any]]:
-    if isinstance(obj, (tuple, list)):
-        return [item for i, v in enumerate(obj) for item in _flatten(v, f"{path}[{i}]")]
-    if isinstance(obj, dict):
-        return [item for k, v in obj.items() for item in _flatten(v, f"{path}[{k!r}]")]
-    return [(path, obj)]
+    return map_tensors(obj, lambda t: t.to(device))
 
 
 def _compare(reference: Any, output: Any, name: str, *, exact: bool) -> ProbeMismatch | None:
-    ref_items, out_items = _flatten(reference), _flatten(output)
+    ref_items, out_items = named_leaves(reference, "output"), named_leaves(output, "output")
     if [p for p, _ in ref_items] != [p for p, _ in out_items]:
         return ProbeMismatch(
             name,
@@ -412,6 +382,7 @@ def _compare(reference: Any, output: Any, name: str, *, exact: bool) -> ProbeMis
 
 
 def _structure(obj: Any) -> str:
+    """The top level of an output, for a message (``"tuple[2]"``, ``"dict['a', 'b']"``, ``"Tensor"``)."""
     if isinstance(obj, torch.Tensor):
         return "Tensor"
     if isinstance(obj, (tuple, list)):

@@ -13,6 +13,10 @@ the rebuilt object has the same structure and types as the original (a class who
 does not give back what it was given, e.g. a dataclass with ``init=False`` fields or attributes set
 after construction, is refused).
 
+Where no exact description is needed, the same containers are walked leniently (any other value is
+a leaf, kept as it is): :func:`tensor_leaves` (the tensors), :func:`map_tensors` (the structure
+rebuilt with each tensor mapped) and :func:`named_leaves` (every leaf with its path).
+
 Example::
 
     >>> from collections import namedtuple
@@ -29,7 +33,7 @@ import enum
 import struct
 import sys
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -39,6 +43,8 @@ __all__ = [
     "UnsupportedStructure",
     "flatten",
     "flatten_exact",
+    "map_tensors",
+    "named_leaves",
     "tensor_leaves",
     "unflatten",
 ]
@@ -256,3 +262,62 @@ def _collect(obj: Any, found: list[torch.Tensor]) -> None:
     elif isinstance(obj, dict):
         for item in obj.values():
             _collect(item, found)
+
+
+def _children(obj: Any) -> tuple[list[tuple[str, Any]], Callable[[list[Any]], Any]] | None:
+    """A container's children (with the path suffix of each) and how to rebuild it from new ones.
+
+    ``None`` for a leaf (a tensor, or any value that is not one of :func:`flatten`'s containers).
+    """
+    cls = type(obj)
+    if isinstance(obj, tuple) and hasattr(cls, "_fields"):  # namedtuple
+        return [(f"[{i}]", v) for i, v in enumerate(obj)], lambda new: cls(*new)
+    if isinstance(obj, (tuple, list)):
+        return [(f"[{i}]", v) for i, v in enumerate(obj)], lambda new: cls(new)
+    if isinstance(obj, dict):
+        keys = list(obj)
+        rebuild = OrderedDict if cls is OrderedDict else dict
+        return [(f"[{k!r}]", obj[k]) for k in keys], lambda new: rebuild(zip(keys, new, strict=True))
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        fields = dataclasses.fields(obj)
+
+        def rebuild_dataclass(new: list[Any]) -> Any:
+            return dataclasses.replace(obj, **{f.name: v for f, v in zip(fields, new, strict=True) if f.init})
+
+        return [(f".{f.name}", getattr(obj, f.name)) for f in fields], rebuild_dataclass
+    return None
+
+
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """``obj`` rebuilt with ``fn(tensor)`` in place of each tensor; any other value is kept as it is.
+
+    Containers are rebuilt as their own type (tuples, lists, namedtuples, ``OrderedDict``,
+    dataclasses); other dicts, also a dataclass that is a dict (HuggingFace ``ModelOutput``),
+    become ``dict``: what ``torch.load(weights_only=True)`` reads back.
+
+    Example::
+
+        >>> map_tensors({"x": torch.ones(2), "n": 3}, lambda t: t * 2)
+        {'x': tensor([2., 2.]), 'n': 3}
+    """
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    parts = _children(obj)
+    if parts is None:
+        return obj
+    children, rebuild = parts
+    return rebuild([map_tensors(child, fn) for _, child in children])
+
+
+def named_leaves(obj: Any, root: str = "") -> list[tuple[str, Any]]:
+    """Every leaf of ``obj`` (tensors and other values) with its path, in :func:`flatten`'s order.
+
+    Example::
+
+        >>> named_leaves((torch.ones(1), {"k": None}), "output")
+        [('output[0]', tensor([1.])), ("output[1]['k']", None)]
+    """
+    parts = None if isinstance(obj, torch.Tensor) else _children(obj)
+    if parts is None:
+        return [(root, obj)]
+    return [leaf for suffix, child in parts[0] for leaf in named_leaves(child, root + suffix)]

@@ -116,10 +116,10 @@ def main(rank: int, world_size: int, init_file: str, out: Path) -> None:
     # the frozen backbone stayed bitwise (per shard), and FreezeBackbone.check works shard by shard
     callback = FreezeBackbone("0")
     callback.frozen = freeze(_model(), ["0"])  # the record of what is frozen (keys are what matters)
-    callback._reference = fingerprint(
+    callback.verifier.reference = fingerprint(
         local_shards(sharded.state_dict(keep_vars=True))[0], callback.frozen.tensor_keys
     )
-    result["reference_keys"] = sorted(callback._reference)
+    result["reference_keys"] = sorted(callback.verifier.reference)
     result["clean_check"] = callback.check(sharded).summary()
     if rank == 1:
         with torch.no_grad():
