@@ -20,8 +20,10 @@ runs the same sweep through the real CLI:
 Wall time and peak memory (the largest sum of RSS over the process tree, sampled every 0.1 s) are
 measured per run; the rows are interleaved over ``--repeats`` rounds, the 1-minute load average is
 recorded before each run (the machine may be shared) and the table gives the median and the range
-of each row. The packed and sequential checkpoints are compared bitwise at the end. A packed sweep
-of N variants cannot be more than N times faster than N jobs; a ratio above N is load noise.
+of each row; one untimed job first (``--warmup``) compiles the bytecode and warms the file caches,
+which the first timed run would otherwise pay alone. The packed and sequential checkpoints are
+compared bitwise at the end. A packed sweep of N variants cannot be more than N times faster than N
+jobs; a ratio above N is load noise.
 
     python benchmarks/bench_packed.py --variants 4 --images 512 --epochs 3 --repeats 3
 """
@@ -141,6 +143,9 @@ def main() -> None:
     parser.add_argument("--variants", type=int, default=4, help=f"learning rates (at most {len(LRS)})")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per process")
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="untimed single jobs before the rounds (bytecode, file caches)"
+    )
     parser.add_argument("--launchers", default=",".join(ROWS), help=f"rows, from {', '.join(ROWS)}, joblib")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--workdir", type=Path, default=None)
@@ -209,6 +214,9 @@ def main() -> None:
     if unknown:
         parser.error(f"--launchers: unknown {unknown}; valid choices: {', '.join(commands)}")
     results: dict[str, list[dict[str, float]]] = {name: [] for name in chosen}
+    for index in range(args.warmup):
+        # the first run of a fresh checkout compiles bytecode and reads every file cold: not a row's cost
+        _run([*commands["single"], f"hydra.sweep.dir={work / f'warmup_{index}'}"], work, args.threads)
     for round_ in range(args.repeats):
         for name in chosen:
             load = os.getloadavg()[0]

@@ -103,8 +103,8 @@ class MultiBranchModule(pl.LightningModule):
             active branch's output.
         train_branches: branches trained together on one backbone pass ("packed" branches: several
             heads, or several hyper-parameter variants of one head); ``None`` (default): only
-            ``active_branch`` trains. Each has its own loss, metrics and optimizer param group;
-            ``training_step`` computes the backbone once and returns the sum of the branch losses
+            ``active_branch`` trains, on the same training path (a packed fit of one branch). Each
+            has its own loss, metrics and optimizer param group; ``training_step`` computes the backbone once and returns the sum of the branch losses
             (each branch gets exactly the gradient of its own loss). Batches are ``(x, y)`` (every
             trained branch gets ``y``) or ``(x, {branch: y})``. Unkeyed validation evaluates every
             trained branch on one backbone pass. ``active_branch`` defaults to the first of them.
@@ -505,21 +505,16 @@ class MultiBranchModule(pl.LightningModule):
         """
         x, y = _unpack(batch)
         trained = self.trained_branches
-        if list(trained) == [self._active_branch]:
-            # one branch: through the module's own call, so that a compiled model (``model.compile()``)
-            # trains compiled; the backbone runs in the branch's stream too (frozen, it draws nothing)
-            name = self._active_branch
-            with self.random_stream(name).active(_device_of(x, self.device)):
-                loss = self._loss(name, self(x), _target_for(name, y))
-            self.log(
-                f"{name}/train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=_size(x)
-            )
-            return loss
-        features = self.backbone(x)
+        # one branch trains through the module's own call, so that a compiled model (``model.compile()``)
+        # trains compiled (the backbone then runs in the branch's stream: frozen, it draws nothing);
+        # packed branches share one backbone pass
+        features = self.backbone(x) if len(trained) > 1 else None
+        device = _device_of(x if features is None else features, self.device)
         total: torch.Tensor | None = None
         for name in trained:
-            with self.random_stream(name).active(_device_of(features, self.device)):
-                loss = self._loss(name, self.branches[name](features), _target_for(name, y))
+            with self.random_stream(name).active(device):
+                output = self(x) if features is None else self.branches[name](features)
+                loss = self._loss(name, output, _target_for(name, y))
             self.log(
                 f"{name}/train_loss",
                 loss,
@@ -549,43 +544,33 @@ class MultiBranchModule(pl.LightningModule):
 
     def _evaluate(self, batch: Any, dataloader_idx: int, stage: str, metrics: nn.ModuleDict) -> torch.Tensor:
         name, keyed = self._branch_for_dataloader(stage, dataloader_idx)
-        if not keyed and self._train_branches is not None and name in self._train_branches:
-            return self._evaluate_packed(batch, stage, metrics)
+        trained = self.trained_branches
+        # unkeyed loaders evaluate every trained branch (packed: on one backbone pass)
+        names = trained if not keyed and name in trained else [name]
         x, y = _unpack(batch)
-        y = _target_for(name, y)
-        output = self(x, branch=name)
-        loss = self._loss(name, output, y)
-        self.log(
-            f"{name}/{stage}_loss",
-            loss,
-            on_epoch=True,
-            prog_bar=True,
-            sync_dist=True,
-            batch_size=_size(x),
-            add_dataloader_idx=not keyed,
-        )
-        if name in metrics:
-            collection = metrics[name]
-            collection.update(output, y)
-            self.log_dict(collection, on_epoch=True, prog_bar=True, add_dataloader_idx=not keyed)
-        return loss
-
-    def _evaluate_packed(self, batch: Any, stage: str, metrics: nn.ModuleDict) -> torch.Tensor:
-        """Every trained branch on one backbone pass (unkeyed dataloaders, packed branches)."""
-        x, y = _unpack(batch)
-        features = self.backbone(x)
-        losses = []
-        for name in self._train_branches or ():
+        outputs = {name: self(x, branch=name)} if len(names) == 1 else self.forward_all(x, names)
+        total: torch.Tensor | None = None
+        for name, output in outputs.items():
             target = _target_for(name, y)
-            output = self.branches[name](features)
             loss = self._loss(name, output, target)
-            self.log(f"{name}/{stage}_loss", loss, on_epoch=True, sync_dist=True, batch_size=_size(x))
+            self.log(
+                f"{name}/{stage}_loss",
+                loss,
+                on_epoch=True,
+                prog_bar=len(names) == 1,
+                sync_dist=True,
+                batch_size=_size(x),
+                add_dataloader_idx=not keyed,
+            )
             if name in metrics:
                 collection = metrics[name]
                 collection.update(output, target)
-                self.log_dict(collection, on_epoch=True)
-            losses.append(loss)
-        return torch.stack(losses).sum()
+                self.log_dict(
+                    collection, on_epoch=True, prog_bar=len(names) == 1, add_dataloader_idx=not keyed
+                )
+            total = loss if total is None else total + loss
+        assert total is not None
+        return total
 
     def _branch_for_dataloader(self, stage: str, dataloader_idx: int) -> tuple[str, bool]:
         """``(branch, keyed)``: the branch a dataloader feeds, and whether loaders are keyed by branch."""
@@ -615,17 +600,7 @@ class MultiBranchModule(pl.LightningModule):
     # --------------------------------------------------------------------------------------------
     @override
     def configure_optimizers(self) -> Any:
-        if self._train_branches is not None:
-            return self._with_scheduler(self._packed_optimizer())
-        params = [p for p in self.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError(
-                f"Nothing to optimize: every parameter of {type(self).__name__} has requires_grad=False "
-                f"(active branch {self._active_branch!r}). Is the active branch frozen?"
-            )
-        factory = self._optimizer_factory
-        optimizer = factory(params) if factory is not None else torch.optim.AdamW(params, lr=1e-3)
-        return self._with_scheduler(optimizer)
+        return self._with_scheduler(self._optimizer())
 
     def _with_scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
         if self._scheduler_factory is None:
@@ -643,19 +618,32 @@ class MultiBranchModule(pl.LightningModule):
             config.setdefault("monitor", f"{self._active_branch}/val_loss")
         return {"optimizer": optimizer, "lr_scheduler": config}
 
-    def _packed_optimizer(self) -> torch.optim.Optimizer:
-        """One optimizer, one param group per trained branch (settings from ``branch_optimizers``)."""
+    def _optimizer(self) -> torch.optim.Optimizer:
+        """One optimizer over the ``requires_grad`` parameters.
+
+        Packed branches (``train_branches``) get one param group each (settings from
+        ``branch_optimizers``); the other trainable parameters (a single branch's fit: all of them)
+        form one more group with the optimizer's own settings.
+        """
+        packed = self._train_branches is not None
         groups: list[dict[str, Any]] = []
-        for name in self.trained_branches:
+        for name in self._train_branches or ():
             params = [p for p in self.branches[name].parameters() if p.requires_grad]
             if not params:
-                raise ValueError(_frozen_and_trained_message([name], self.trained_branches))
+                raise ValueError(_frozen_and_trained_message([name], self._train_branches or ()))
             groups.append({"params": params, **self._branch_optimizers.get(name, {}), "branch": name})
         grouped = {id(p) for group in groups for p in group["params"]}
         shared = [p for p in self.parameters() if p.requires_grad and id(p) not in grouped]
-        if shared:  # e.g. a backbone trained with the branches (multi-task): shared, so not independent
+        if shared:  # e.g. a backbone trained with packed branches (multi-task): shared, so not independent
             groups.append({"params": shared})
+        if not groups:
+            raise ValueError(
+                f"Nothing to optimize: every parameter of {type(self).__name__} has requires_grad=False "
+                f"(active branch {self._active_branch!r}). Is the active branch frozen?"
+            )
         factory = self._optimizer_factory
+        if not packed:  # the factory gets the parameter list itself, as a plain optimizer would
+            return factory(shared) if factory is not None else torch.optim.AdamW(shared, lr=1e-3)
         try:
             optimizer = factory(groups) if factory is not None else torch.optim.AdamW(groups, lr=1e-3)
         except (ValueError, TypeError) as err:

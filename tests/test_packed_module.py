@@ -308,3 +308,31 @@ def test_a_gradient_scaler_is_refused_because_one_overflow_would_skip_every_bran
         trainer(tmp_path, callbacks=[FreezeBackbone()], plugins=[plugin], limit_train_batches=1).fit(
             _packed(), loader("a")
         )
+
+
+def test_a_packed_fit_of_one_branch_is_the_single_branch_fit(tmp_path) -> None:
+    """One training path: ``train_branches=["a"]`` trains exactly as ``active_branch="a"`` does.
+
+    The backbone trains too (stage 1: dropout and BatchNorm in it, no FreezeBackbone), so the single
+    branch's stream, the backbone's draws and the optimizer's shared group are all exercised. (Not
+    with ``gradient_clip_val``: the packed fit's groups list the branch before the backbone, so the
+    global norm sums in another order; with a frozen backbone, the packed use, the order is the same.)
+    """
+    torch.manual_seed(0)
+    backbone, head = make_backbone(), make_head(CLASSES["a"])
+    runs = {}
+    for label, kwargs in (("solo", {}), ("packed", {"train_branches": ["a"]})):
+        model = MultiBranchModule(copy.deepcopy(backbone), {"a": copy.deepcopy(head)}, **kwargs)
+        torch.manual_seed(1)
+        fit_trainer = trainer(tmp_path / label, deterministic=True)
+        fit_trainer.fit(model, loader("a"), loader("a", 32, 1, False))
+        runs[label] = (model.state_dict(), dict(fit_trainer.callback_metrics))
+    (solo_state, solo_metrics), (packed_state, packed_metrics) = runs["solo"], runs["packed"]
+    assert solo_state.keys() == packed_state.keys()
+    for key, value in solo_state.items():
+        assert torch.equal(packed_state[key], value), key
+    assert not torch.equal(solo_state["backbone.0.weight"], backbone[0].weight)  # the backbone trained
+    assert solo_metrics.keys() == packed_metrics.keys()
+    assert {"a/train_loss_epoch", "a/val_loss", "a/val_acc"} <= solo_metrics.keys()
+    for key, value in solo_metrics.items():
+        assert torch.equal(packed_metrics[key], value), key
