@@ -672,9 +672,13 @@ class OutputCache:
         output = _stack_entries(entries, device) if _same_structure(entries) else None  # type: ignore[arg-type]
         if output is None:
             return None
-        self.stats["hits"] += len(keys)
-        self._account_saved()
+        self.count_hits(len(keys))
         return output
+
+    def count_hits(self, samples: int) -> None:
+        """Count ``samples`` served from the store without a call of the module as hits."""
+        self.stats["hits"] += samples
+        self._account_saved()
 
     def _timed(self, args: Sequence[Any], kwargs: Mapping[str, Any], samples: int) -> Any:
         start = time.perf_counter()
