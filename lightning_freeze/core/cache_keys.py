@@ -174,7 +174,7 @@ class RowDigestMemo:
         self._rows.clear()
 
     def remember(self, host: torch.Tensor, moved: torch.Tensor) -> None:
-        """File ``host`` (a CPU tensor) under ``moved`` (same values); its rows are hashed at the first lookup."""
+        """File ``host`` (a CPU tensor) under ``moved`` (same values); hashed at the first lookup."""
         if host.dim() == 0 or host.shape != moved.shape or host.dtype != moved.dtype:
             return
         token = self._token(moved)
@@ -183,7 +183,7 @@ class RowDigestMemo:
         self._rows[id(moved)] = [weakref.ref(moved), token, host, self._token(host), None]
 
     def lookup(self, tensor: torch.Tensor) -> list[bytes] | None:
-        """The row digests of the host tensor remembered for ``tensor`` (hashed now if not yet), or ``None``."""
+        """The row digests of the host tensor filed under ``tensor`` (hashed now if not yet), or ``None``."""
         found = self._rows.get(id(tensor))
         if found is None or found[0]() is not tensor or found[1] != self._token(tensor):
             return None
