@@ -154,3 +154,11 @@ def test_private_names_are_reached_only_through_compat() -> None:
         for match in pattern.finditer(line)
     ]
     assert len(hits) <= 5, "\n".join(hits)
+
+
+def test_child_modules_are_the_children_in_order_without_none() -> None:
+    block = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    block.register_module("absent", None)  # a registered None, as torchvision's downsample=None
+    block.add_module("norm", nn.BatchNorm1d(2))
+    assert _compat.child_modules(block) == list(block.children()), f"Module._modules changed in {TORCH}"
+    assert len(_compat.child_modules(block)) == 3

@@ -16,6 +16,7 @@ from torch import nn
 from lightning_freeze.core import freeze
 from lightning_freeze.core.feature_cache import (
     DiskStore,
+    MemoryStore,
     OutputCache,
     UncacheableModuleError,
     sample_keys,
@@ -302,3 +303,22 @@ def test_bad_arguments_name_the_value_and_the_choices(tmp_path: Path) -> None:
         DiskStore(blocker / "cache")
     with pytest.raises(ValueError, match=r"Invalid device='cuda'; valid choices: 'cpu', 'output'"):
         OutputCache(net, device="cuda")
+
+
+def test_memory_store_gather_is_one_tensor_per_leaf_and_keeps_the_entries_bitwise() -> None:
+    store = MemoryStore()
+    rows = {bytes([i]) * 16: [torch.randn(3), torch.arange(2) + i] for i in range(5)}
+    for key, leaves in rows.items():
+        store.put(b"s" * 16, key, ["tuple", "T", "T"], [t.clone() for t in leaves])
+    order = [bytes([i]) * 16 for i in (3, 0, 4)]
+    structure, leaves = store.gather(b"s" * 16, order)
+    assert structure == ["tuple", "T", "T"] and [t.shape for t in leaves] == [(3, 3), (3, 2)]
+    for row, key in enumerate(order):
+        for j, leaf in enumerate(leaves):
+            assert torch.equal(leaf[row], rows[key][j])
+            assert torch.equal(store.get(b"s" * 16, key)[1][j], rows[key][j])  # re-pointed, same bits
+    assert store.gather(b"s" * 16, [*order, b"x" * 16]) is None  # a missing key
+    assert store.gather(b"t" * 16, order) is None  # another module key
+    generation = store.generation
+    store.clear()
+    assert store.generation == generation + 1 and store.gather(b"s" * 16, order) is None

@@ -47,11 +47,31 @@ class EpochOf(L.Callback):
 
 
 class ChangeBuffer(L.Callback):
-    """Changes a running mean of the frozen backbone at the start of epoch 3 (an in-place update)."""
+    """Changes a running mean of the frozen backbone at the start of epoch 3.
+
+    In place (the version counter moves), or through ``tensor.data`` (it does not: only a hash sees it).
+    """
+
+    def __init__(self, through_data: bool = False) -> None:
+        self.through_data = through_data
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.current_epoch == 3:
-            pl_module.backbone[1].running_mean.add_(0.5)
+            mean = pl_module.backbone[1].running_mean
+            (mean.data if self.through_data else mean).add_(0.5)
+
+
+class ClearAt(L.Callback):
+    """``FeatureCache.clear()`` before the second batch of epoch 3 (a skipped epoch)."""
+
+    def __init__(self, cache: FeatureCache) -> None:
+        self.cache = cache
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, i: int
+    ) -> None:
+        if trainer.current_epoch == 3 and i == 1:
+            self.cache.clear()
 
 
 class TwoCalls(TinyNet):
@@ -160,20 +180,35 @@ def test_shuffled_skip_run_ends_bitwise_as_the_cached_run() -> None:
     assert same(skipped, cached)
 
 
+@pytest.mark.parametrize("through_data", [False, True])
 @pytest.mark.parametrize("change_first", [True, False])
 def test_a_changed_buffer_falls_back_to_loading(
-    uncached: L.LightningModule, caplog: pytest.LogCaptureFixture, change_first: bool
+    uncached: L.LightningModule, caplog: pytest.LogCaptureFixture, change_first: bool, through_data: bool
 ) -> None:
-    plain, _ = fit([FreezeBackbone("backbone", verify="off"), ChangeBuffer()])
+    plain, _ = fit([FreezeBackbone("backbone", verify="off"), ChangeBuffer(through_data)])
     callbacks = [FeatureCache("backbone", skip_pipeline=True), FreezeBackbone("backbone", verify="off")]
-    # before the cache's epoch start hook: seen there; after it: seen by the module call
-    callbacks = [ChangeBuffer(), *callbacks] if change_first else [*callbacks, ChangeBuffer()]
+    # before the cache's epoch start hook: seen there; after it: seen by the module call (the features
+    # gathered for the skipped epoch 2 are not served under the new key)
+    change = ChangeBuffer(through_data)
+    callbacks = [change, *callbacks] if change_first else [*callbacks, change]
     with caplog.at_level(logging.INFO):
         model, data = fit(callbacks)
     # epoch 2 skipped, epoch 3 loads (after its random check)
     assert data.loads == {0: N_TRAIN, 1: N_TRAIN, 2: CHECK_SAMPLES, 3: CHECK_SAMPLES + N_TRAIN}
     assert same(model, plain) and not same(model, uncached)
     assert len(info(caplog, "falls back") + info(caplog, "loads the samples again")) == 1
+
+
+def test_entries_cleared_during_a_skipped_epoch_are_not_served(
+    uncached: L.LightningModule, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = FeatureCache("backbone", skip_pipeline=True)
+    with caplog.at_level(logging.INFO):
+        model, data = fit([cache, FreezeBackbone("backbone"), ClearAt(cache)])
+    # epoch 3 serves its first batch, then loads the 3 others and computes them again
+    assert data.loads == {0: N_TRAIN, 1: N_TRAIN, 2: CHECK_SAMPLES, 3: CHECK_SAMPLES + N_TRAIN - 16}
+    assert same(model, uncached)
+    assert len(info(caplog, "an entry is gone")) == 1
 
 
 @pytest.mark.parametrize("cache_first", [True, False])

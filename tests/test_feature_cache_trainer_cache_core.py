@@ -14,6 +14,7 @@ from helpers.freeze import TinyNet, make_data
 from torch.utils.data import DataLoader
 
 import lightning_freeze.core.bits as bits
+import lightning_freeze.core.cache_keys as cache_keys
 import lightning_freeze.core.cache_stores as cache_stores
 import lightning_freeze.core.feature_cache as core_cache
 import lightning_freeze.core.files as files
@@ -178,6 +179,40 @@ def test_hits_never_hash_in_the_forward(
     model = fit([FreezeBackbone("backbone"), cache])
     assert same(model.state_dict(), uncached)
     assert cache.stats["hits"] == 2 * (N_TRAIN + N_VAL) and cache.stats["misses"] == N_TRAIN + N_VAL
+
+
+def test_only_the_tensor_the_module_gets_is_hashed_once_per_batch(
+    uncached: dict[str, torch.Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The host rows are hashed at the module's call: the targets never, each input batch once."""
+    hashed: list[tuple[int, ...]] = []
+    real = cache_keys.row_digests
+
+    def counting(tensor: torch.Tensor) -> list[bytes]:
+        hashed.append(tuple(tensor.shape))
+        return real(tensor)
+
+    monkeypatch.setattr(cache_keys, "row_digests", counting)
+    cache = FeatureCache("backbone")
+    model = fit([FreezeBackbone("backbone"), cache])
+    assert same(model.state_dict(), uncached)
+    batches = 3 * (N_TRAIN + N_VAL) // 16  # 3 epochs of training and validation batches of 16
+    assert len(hashed) == batches and all(len(shape) > 1 for shape in hashed), hashed
+
+
+def test_a_host_tensor_written_after_the_move_is_not_keyed_by_its_new_bits() -> None:
+    memo = cache_keys.RowDigestMemo()
+    host = torch.arange(12.0).reshape(4, 3)
+    moved = host.clone()  # what a transfer to an accelerator gives: another tensor, the same values
+    memo.remember(host, moved)
+    expected = cache_keys.row_digests(host)
+    host.add_(1)  # the host batch changes before the call: its rows no longer stand for `moved`
+    assert memo.lookup(moved) is None  # the call hashes `moved` itself
+    on_cpu = cache_keys.RowDigestMemo()
+    on_cpu.remember(moved, moved)  # on the CPU the move gives the host tensor back
+    assert on_cpu.lookup(moved) == expected == on_cpu.lookup(moved)
+    moved.mul_(2)  # written in place after it was keyed: hashed again at the call, not served
+    assert on_cpu.lookup(moved) is None
 
 
 def test_a_batch_changed_in_place_before_the_call_is_hashed_again(uncached: dict[str, torch.Tensor]) -> None:

@@ -55,7 +55,8 @@ class FeatureCache(Callback):
     checkpoint, a changed buffer, another mode or precision never hits. The module's tensors are
     hashed again at the start of every Trainer call, training epoch and validation run and after
     ``load_state_dict`` (writes through ``tensor.data`` included), not at every batch. Batches are
-    keyed on the host before they move to the device, so a hit copies no input back to the host.
+    keyed by their host tensors (kept from before the move to the device), so a hit copies no input
+    back to the host.
     A served output is bitwise what the module produced for that sample, with the same structure
     and types (tuples, namedtuples, dicts, dataclasses, HF ``ModelOutput``); with a fixed batch
     order (``shuffle=False``) a run ends with bitwise the same weights as without the cache.
@@ -503,10 +504,12 @@ class FeatureCache(Callback):
 
 
 class _HostKeyedTransfer:
-    """``transfer_batch_to_device`` of a module with a :class:`FeatureCache`: hashes the host batch first.
+    """``transfer_batch_to_device`` of a module with a :class:`FeatureCache`: keys come from the host batch.
 
-    Records the row digests of every CPU tensor of the batch, filed under the tensor that carries
-    the same values after the move; a copy or pickle of the module gets its plain method back.
+    Files every CPU tensor of the batch under the tensor that carries the same values after the
+    move; the module's call hashes the host rows of the tensor it gets (never a device copy), and
+    tensors it is never called on are never hashed. A copy or pickle of the module gets its plain
+    method back.
     """
 
     def __init__(self, owner: FeatureCache, memo: RowDigestMemo, original: Any) -> None:

@@ -29,7 +29,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import BatchSampler, DataLoader
 
 from lightning_freeze import _compat
-from lightning_freeze.core.feature_cache import module_state_key, sample_keys, uncacheable_reasons
+from lightning_freeze.core.feature_cache import (
+    MemoryStore,
+    module_state_key,
+    sample_keys,
+    uncacheable_reasons,
+)
+from lightning_freeze.core.structure import UnsupportedStructure, unflatten
 
 if TYPE_CHECKING:
     from lightning_freeze.callbacks.feature_cache import FeatureCache
@@ -128,6 +134,17 @@ class _Record:
     target: torch.Tensor  # the target row, on the CPU
 
 
+@dataclass
+class _Features:
+    """The verified features of every recorded index, one tensor per output leaf (see ``_gathered``)."""
+
+    state: bytes  # the module key they are stored under
+    generation: int  # MemoryStore.generation when gathered
+    structure: Any
+    leaves: list[torch.Tensor]
+    rows: torch.Tensor  # dataset index -> row of the leaves (-1: not recorded)
+
+
 # one recorded batch: dataset indices, input keys, the cache's keys, the targets (CPU)
 _Batch = tuple[list[int], list[bytes], list[bytes], torch.Tensor]
 
@@ -179,6 +196,8 @@ class _SkipPipeline:
         self._current: tuple[bool, list[int]] | None = None
         self._targets: torch.Tensor | None = None
         self._placeholders: dict[int, torch.Tensor] = {}
+        # memory store: the verified features as one tensor per leaf (row of each dataset index)
+        self._features: _Features | None = None
         self._off_at_start = False
         self._reset_epoch()
 
@@ -219,6 +238,7 @@ class _SkipPipeline:
         self.off = None
         self.ready = False
         self._placeholders.clear()
+        self._features = None
         self._reset_epoch()
 
     # -- batch structure -------------------------------------------------------------------------------
@@ -455,6 +475,7 @@ class _SkipPipeline:
                 self.table[index] = record
         states = set().union(*(r["states"] for r in ranks))
         self.ready = verified and all(r["all_hit"] for r in ranks) and len(states) == 1
+        self._features = None
         if self.ready:
             self.ready_state = next(iter(states))
             self._targets = _dense_targets(self.table)
@@ -526,7 +547,41 @@ class _SkipPipeline:
             self._epoch_state = state if state is not None and state == self.ready_state else False
         if not self._epoch_state:
             return None
+        features = self._gathered(self._epoch_state)  # type: ignore[arg-type]
+        if features is not None:
+            rows = features.rows[torch.tensor(indices, dtype=torch.int64)]
+            leaves = [leaf.index_select(0, rows.to(leaf.device)).to(device) for leaf in features.leaves]
+            cache.count_hits(len(indices))
+            return unflatten(leaves, features.structure)
         return cache.stored_output(self._epoch_state, [self.table[i].cache_key for i in indices], device)  # type: ignore[arg-type]
+
+    def _gathered(self, state: bytes) -> _Features | None:
+        """The memory store's entries of every recorded index under ``state``, gathered once.
+
+        Rebuilt after the records or the store changed (``FeatureCache.clear()``); ``None`` for a
+        disk store (its files are read per batch, as in any epoch) or entries that cannot be gathered.
+        """
+        cache = self.cache
+        store = cache.store if cache is not None else None
+        if not isinstance(store, MemoryStore):
+            return None
+        found = self._features
+        if found is not None and found.state == state and found.generation == store.generation:
+            return found
+        self._features = None
+        indices = sorted(self.table)
+        gathered = store.gather(state, [self.table[i].cache_key for i in indices])
+        if gathered is None:
+            return None
+        structure, leaves = gathered
+        try:
+            unflatten(leaves, structure)  # a class of the structure that is not loaded here
+        except UnsupportedStructure:
+            return None
+        rows = torch.full((indices[-1] + 1,), -1, dtype=torch.int64)
+        rows[torch.tensor(indices, dtype=torch.int64)] = torch.arange(len(indices))
+        self._features = _Features(state, store.generation, structure, leaves, rows)
+        return self._features
 
     # -- loading -------------------------------------------------------------------------------------
     def _load(self, loader: DataLoader, indices: list[int]) -> Any:
@@ -574,6 +629,7 @@ class _SkipPipeline:
                 "after another verified epoch."
             )
             self.table.clear()
+            self._features = None
             self.fell_back = self._load_rest = True
         targets = self._targets
         for batch_indices in loader.batch_sampler:  # type: ignore[union-attr]

@@ -66,16 +66,22 @@ def row_digests(tensor: torch.Tensor) -> list[bytes]:
     raw = raw_bytes(tensor)
     row = len(raw) // batch if batch else 0
 
-    def digest(i: int) -> bytes:
-        h = prefix.copy()
-        h.update(raw[i * row : (i + 1) * row])
-        return h.digest()
+    def digests(start: int, stop: int) -> list[bytes]:
+        out = []
+        for i in range(start, stop):
+            h = prefix.copy()
+            h.update(raw[i * row : (i + 1) * row])
+            out.append(h.digest())
+        return out
 
     workers = min(torch.get_num_threads(), batch)
     if workers > 1 and len(raw) >= _PARALLEL_HASH_BYTES:
-        # XXH3 releases the GIL on large buffers: hash the samples on torch's intra-op threads
-        return list(_hash_pool(workers).map(digest, range(batch)))
-    return [digest(i) for i in range(batch)]
+        # XXH3 releases the GIL on large buffers: hash the samples on torch's intra-op threads, one
+        # contiguous range of rows per thread (one task per row costs more than it saves)
+        bounds = [batch * w // workers for w in range(workers + 1)]
+        chunks = _hash_pool(workers).map(digests, bounds[:-1], bounds[1:])
+        return [d for chunk in chunks for d in chunk]
+    return digests(0, batch)
 
 
 def tensor_key(tensor: torch.Tensor) -> bytes:
@@ -146,38 +152,47 @@ def sample_keys(tensors: Sequence[torch.Tensor], context: bytes = b"") -> list[b
 
 
 class RowDigestMemo:
-    """Row digests computed where a batch was born, found again by the tensor that carries those rows.
+    """Row digests of a batch's host tensors, found again by the tensor that carries those rows.
 
-    ``remember(host, moved)`` hashes a host tensor's rows and files them under ``moved`` (the same
-    values after a move to the device, or the host tensor itself). ``lookup(t)`` returns them for
-    that very tensor object, only while its shape, dtype, device and version counter are what they
-    were (an in-place write to the batch makes it hash again). Inference tensors (moved under
-    ``torch.inference_mode``, e.g. by Lightning's evaluation loops on an accelerator) have no version
-    counter: they are not remembered and hash at the call. Holds the latest batch only.
+    ``remember(host, moved)`` files a host tensor under ``moved`` (the same values after a move to
+    the device, or the host tensor itself); ``lookup(t)`` returns the row digests of the host tensor
+    for that very tensor object, only while the shape, dtype, device and version counter of both are
+    what they were (an in-place write to the batch makes it hash again). The rows are hashed at the
+    first lookup, on the host (a tensor the module is never called on, such as the target, or a
+    batch a skipped epoch serves from the store, is never hashed), and kept for later lookups.
+    Inference tensors (moved under ``torch.inference_mode``, e.g. by Lightning's evaluation loops on
+    an accelerator) have no version counter: they are not remembered and hash at the call. Holds the
+    latest batch only (its host tensors stay alive until :meth:`clear`).
     """
 
     def __init__(self) -> None:
-        self._rows: dict[int, tuple[weakref.ref[torch.Tensor], Any, list[bytes]]] = {}
+        # id(moved) -> (weakref to moved, its token, host tensor, its token, digests once hashed)
+        self._rows: dict[int, list[Any]] = {}
 
     def clear(self) -> None:
         """Forget every remembered tensor."""
         self._rows.clear()
 
     def remember(self, host: torch.Tensor, moved: torch.Tensor) -> None:
-        """Hash the rows of ``host`` (a CPU tensor) and file them under ``moved`` (same values)."""
+        """File ``host`` (a CPU tensor) under ``moved`` (same values); hashed at the first lookup."""
         if host.dim() == 0 or host.shape != moved.shape or host.dtype != moved.dtype:
             return
         token = self._token(moved)
         if token[-1] is None:  # an inference tensor has no version counter: writes would go unseen
             return
-        self._rows[id(moved)] = (weakref.ref(moved), token, row_digests(host))
+        self._rows[id(moved)] = [weakref.ref(moved), token, host, self._token(host), None]
 
     def lookup(self, tensor: torch.Tensor) -> list[bytes] | None:
-        """The remembered row digests of ``tensor``, or ``None``."""
+        """The row digests of the host tensor filed under ``tensor`` (hashed now if not yet), or ``None``."""
         found = self._rows.get(id(tensor))
         if found is None or found[0]() is not tensor or found[1] != self._token(tensor):
             return None
-        return found[2]
+        if found[4] is None:
+            host = found[2]
+            if self._token(host) != found[3]:  # the host tensor was written in place since the move
+                return None
+            found[4] = row_digests(host)
+        return found[4]
 
     @staticmethod
     def _token(tensor: torch.Tensor) -> tuple[Any, ...]:

@@ -63,6 +63,8 @@ class MemoryStore:
         self.device = check_choice("device", device, MEMORY_DEVICES)
         self._entries: dict[bytes, dict[bytes, Entry]] = {}
         self.bytes = 0
+        # bumped by clear(): tensors gathered from earlier entries no longer stand for the store
+        self.generation = 0
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._entries.values())
@@ -85,10 +87,33 @@ class MemoryStore:
         """Bytes held for ``state`` (the budget counts all states)."""
         return self.bytes
 
+    def gather(self, state: bytes, keys: Sequence[bytes]) -> Entry | None:
+        """The entries of ``keys`` as one contiguous tensor per leaf (row ``i``: ``keys[i]``), or ``None``.
+
+        The entries are re-pointed at the rows of those tensors (the same bits; no second copy is
+        kept), so a batch of them is one ``index_select`` instead of a stack of rows. ``None`` when a
+        key is missing or the entries differ in structure or leaf shapes.
+        """
+        bucket = self._entries.get(state)
+        entries = [bucket.get(k) for k in keys] if bucket is not None else []
+        if not entries or any(e is None for e in entries):
+            return None
+        structure = entries[0][0]  # type: ignore[index]
+        if any(e[0] is not structure and e[0] != structure for e in entries):  # type: ignore[index]
+            return None
+        try:
+            leaves = [torch.stack([e[1][j] for e in entries]) for j in range(len(entries[0][1]))]  # type: ignore[index]
+        except RuntimeError:  # rows of different shapes
+            return None
+        for row, key in enumerate(keys):
+            bucket[key] = (structure, [leaf[row] for leaf in leaves])  # type: ignore[index]
+        return structure, leaves
+
     def clear(self) -> None:
         """Drop every entry."""
         self._entries.clear()
         self.bytes = 0
+        self.generation += 1
 
 
 class DiskStore:

@@ -8,8 +8,9 @@ recomputing it, **exactly**:
   per-sample shape; :func:`~lightning_freeze.core.cache_keys.sample_keys`), any tensor argument
   without the batch dimension whole, and an exact encoding of the other arguments
   (:mod:`lightning_freeze.core.structure`); a call with an argument that has no exact encoding is
-  computed, not cached. Hashed on the CPU (the ``FeatureCache`` callback hashes batches before
-  they move to the device; on its own, inputs on an accelerator are copied to the host). Two
+  computed, not cached. Hashed on the CPU (the ``FeatureCache`` callback hashes the host tensors
+  a batch had before it moved to the device; on its own, inputs on an accelerator are copied to the
+  host). Two
   different inputs share a key with probability at most ``n**2 / 2**129`` for ``n`` cached samples
   (non-adversarial data), and the module key must match as well.
 * **Module key**: BLAKE2b-128 over the fingerprint of every parameter and buffer (bits, dtype,
@@ -671,9 +672,13 @@ class OutputCache:
         output = _stack_entries(entries, device) if _same_structure(entries) else None  # type: ignore[arg-type]
         if output is None:
             return None
-        self.stats["hits"] += len(keys)
-        self._account_saved()
+        self.count_hits(len(keys))
         return output
+
+    def count_hits(self, samples: int) -> None:
+        """Count ``samples`` served from the store without a call of the module as hits."""
+        self.stats["hits"] += samples
+        self._account_saved()
 
     def _timed(self, args: Sequence[Any], kwargs: Mapping[str, Any], samples: int) -> Any:
         start = time.perf_counter()

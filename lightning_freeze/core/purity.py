@@ -124,7 +124,7 @@ def eval_guard_pre_hook(module: nn.Module, args: object, *, norm: str, dropout: 
     stack = [module]
     while stack:
         layer = stack.pop()
-        stack.extend(layer.children())
+        stack.extend(_compat.child_modules(layer))
         if not layer.training or not forced_to_eval(layer, norm, dropout):
             continue
         layer.training = False  # not .train(False): that would recurse once per layer
