@@ -37,6 +37,22 @@ def multibranch_stage1(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_stage1(tmp_path_factory.mktemp("multibranch_stage1"))
 
 
+@pytest.fixture(scope="session")
+def ddp_runs(tmp_path_factory: pytest.TempPathFactory, multibranch_stage1: Path) -> Path:
+    """Every 2-process CPU DDP scenario of the suite, run once per session in one launch.
+
+    ``tests/scripts/ddp_all.py`` (real Lightning ``strategy="ddp"``, ``accelerator="cpu"``,
+    ``devices=2``, gloo): one process start and one process group for all of them instead of one
+    launch per scenario. Returns the directory holding ``<scenario>/rank{0,1}.pt``; tests read it,
+    never write it.
+    """
+    from helpers.ddp import DDP_ALL, run_ddp_script
+
+    out = tmp_path_factory.mktemp("ddp_runs")
+    run_ddp_script(DDP_ALL, out, multibranch_stage1)
+    return out
+
+
 def _run_ok(args: list[str], *, cwd: Path | None = None) -> str:
     result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, (

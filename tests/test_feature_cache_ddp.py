@@ -1,4 +1,8 @@
-"""FeatureCache under real 2-process CPU DDP (gloo), shuffled sampler, shared disk store."""
+"""FeatureCache under real 2-process CPU DDP (gloo), shuffled sampler, shared disk store.
+
+The fits run in the suite's one DDP launch (``ddp_runs``: tests/scripts/feature_cache_ddp.py's
+``cached`` and ``plain`` in ``feature_cache/``, ``skip`` with a store of its own in ``feature_cache_skip/``).
+"""
 
 from __future__ import annotations
 
@@ -7,15 +11,13 @@ from typing import Any
 
 import pytest
 import torch
-from helpers.ddp import run_ddp_script
-
-SCRIPT = Path(__file__).parent / "scripts" / "feature_cache_ddp.py"
+from helpers.ddp import load_ranks
 
 
 @pytest.fixture(scope="module")
-def cached_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
-    tmp_path = tmp_path_factory.mktemp("cached")
-    return tmp_path, run_ddp_script(SCRIPT, tmp_path, "cached", out=tmp_path / "cached")
+def cached_run(ddp_runs: Path) -> tuple[Path, list[dict[str, Any]]]:
+    out = ddp_runs / "feature_cache"
+    return out, load_ranks(out / "cached")
 
 
 @pytest.mark.distributed
@@ -23,7 +25,7 @@ def test_ddp_disk_cache_hits_every_sample_after_the_first_epoch_and_matches_unca
     cached_run: tuple[Path, list[dict[str, Any]]],
 ) -> None:
     tmp_path, cached = cached_run
-    plain = run_ddp_script(SCRIPT, tmp_path, "plain", out=tmp_path / "plain")
+    plain = load_ranks(tmp_path / "plain")
     for rank in cached:
         epochs = rank["epochs"].tolist()
         assert epochs[0] == [0, 32]  # each rank computes its half of the 64 samples
@@ -40,9 +42,9 @@ def test_ddp_disk_cache_hits_every_sample_after_the_first_epoch_and_matches_unca
 
 @pytest.mark.distributed
 def test_ddp_skip_pipeline_skips_on_every_rank_and_ends_bitwise_as_the_cached_run(
-    tmp_path: Path, cached_run: tuple[Path, list[dict[str, Any]]]
+    ddp_runs: Path, cached_run: tuple[Path, list[dict[str, Any]]]
 ) -> None:
-    skipped = run_ddp_script(SCRIPT, tmp_path, "skip", out=tmp_path / "skip")
+    skipped = load_ranks(ddp_runs / "feature_cache_skip" / "skip")
     for rank, cached in zip(skipped, cached_run[1], strict=True):
         assert rank["skipped_epochs"] == 2  # epoch 0 computes, epoch 1 verifies, epochs 2-3 skip
         assert rank["epochs"].tolist() == [[0, 32], [32, 0], [32, 0], [32, 0]]

@@ -1,4 +1,4 @@
-"""FreezeBackbone under real 2-process CPU DDP (gloo)."""
+"""FreezeBackbone under real 2-process CPU DDP (gloo), in the suite's one DDP launch (``ddp_runs``)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.ddp import run_ddp_script
-
-UNFREEZE_SCRIPT = Path(__file__).parent / "scripts" / "unfreeze_ddp.py"
+from helpers.ddp import load_ranks
 
 
 @pytest.mark.distributed
-def test_ddp_unfreeze_at_epoch_keeps_ranks_identical_trains_the_backbone_and_resumes(tmp_path) -> None:
-    rank0, rank1 = run_ddp_script(UNFREEZE_SCRIPT, tmp_path, out=tmp_path)
+def test_ddp_unfreeze_at_epoch_keeps_ranks_identical_trains_the_backbone_and_resumes(ddp_runs: Path) -> None:
+    rank0, rank1 = load_ranks(ddp_runs / "unfreeze")  # tests/scripts/unfreeze_ddp.py
     straight = rank0["straight"]
     start = straight["start"]
     backbone = [k for k in start if k.startswith("backbone.")]
@@ -37,12 +35,9 @@ def test_ddp_unfreeze_at_epoch_keeps_ranks_identical_trains_the_backbone_and_res
         assert [k for k in weights if torch.equal(epochs[epoch][k], epochs[epoch - 1][k])] == [], epoch
 
 
-RANKS_SCRIPT = Path(__file__).parent / "scripts" / "ranks_ddp.py"
-
-
 @pytest.mark.distributed
-def test_ddp_a_rank_with_another_frozen_tensor_or_ema_shadow_is_named_on_every_rank(tmp_path) -> None:
-    ranks = run_ddp_script(RANKS_SCRIPT, tmp_path, out=tmp_path)
+def test_ddp_a_rank_with_another_frozen_tensor_or_ema_shadow_is_named_on_every_rank(ddp_runs: Path) -> None:
+    ranks = load_ranks(ddp_runs / "ranks")  # tests/scripts/ranks_ddp.py
     for result in ranks:  # both ranks raise the same error at the same point: no rank left waiting
         frozen = result["freeze"]
         assert frozen is not None and frozen["type"] == "FrozenStateError"

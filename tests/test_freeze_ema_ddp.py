@@ -1,4 +1,7 @@
-"""FreezeBackbone and FrozenSafeEMA under one real 2-process CPU DDP fit (gloo)."""
+"""FreezeBackbone and FrozenSafeEMA under one real 2-process CPU DDP fit (gloo).
+
+The fit (tests/scripts/freeze_ema_ddp.py) runs in the suite's one DDP launch (``ddp_runs``).
+"""
 
 from __future__ import annotations
 
@@ -7,16 +10,13 @@ from typing import Any
 
 import pytest
 import torch
-from helpers.ddp import run_ddp_script
-
-SCRIPT = Path(__file__).parent / "scripts" / "freeze_ema_ddp.py"
+from helpers.ddp import load_ranks
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
-    out = tmp_path_factory.mktemp("freeze_ema_ddp")
-    ranks = run_ddp_script(SCRIPT, out, out=out)
-    return ranks, torch.load(out / "start.pt", weights_only=True)
+def ddp_run(ddp_runs: Path) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+    out = ddp_runs / "freeze_ema"
+    return load_ranks(out), torch.load(out / "start.pt", weights_only=True)
 
 
 @pytest.mark.distributed

@@ -1,4 +1,8 @@
-"""Stage 2 of a MultiBranchModule under real 2-process CPU DDP (gloo), no find_unused_parameters."""
+"""Stage 2 of a MultiBranchModule under real 2-process CPU DDP (gloo), no find_unused_parameters.
+
+The fit (tests/scripts/module_ddp_stage2.py) runs in the suite's one DDP launch (``ddp_runs``), from
+the session's ``multibranch_stage1`` checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.ddp import run_ddp_script
+from helpers.ddp import load_ranks
 
 from lightning_freeze.cli.checkpoint_tools import main as cli
-
-SCRIPT = Path(__file__).parent / "scripts" / "module_ddp_stage2.py"
 
 
 @pytest.mark.distributed
 def test_ddp_stage2_trains_the_new_branch_and_leaves_the_rest_bitwise_identical(
-    tmp_path: Path, multibranch_stage1: Path
+    ddp_runs: Path, multibranch_stage1: Path
 ) -> None:
     stage1 = multibranch_stage1
-    out = tmp_path / "ddp"
-    out.mkdir()
-    ranks = run_ddp_script(SCRIPT, stage1, out, out=out)
+    out = ddp_runs / "module_stage2"
+    ranks = load_ranks(out)
     reference = torch.load(stage1, weights_only=True)["state_dict"]
     for result in ranks:
         assert result["fresh"] == ["b"]

@@ -1,4 +1,7 @@
-"""Three packed branches under real 2-process CPU DDP (gloo), no find_unused_parameters."""
+"""Three packed branches under real 2-process CPU DDP (gloo), no find_unused_parameters.
+
+The fits (tests/scripts/packed_ddp.py) run in the suite's one DDP launch (``ddp_runs``).
+"""
 
 from __future__ import annotations
 
@@ -6,14 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.ddp import run_ddp_script
-
-SCRIPT = Path(__file__).parent / "scripts" / "packed_ddp.py"
+from helpers.ddp import load_ranks
 
 
 @pytest.mark.distributed
-def test_ddp_trains_three_packed_branches_each_as_if_alone(tmp_path) -> None:
-    ranks = run_ddp_script(SCRIPT, tmp_path, out=tmp_path)
+def test_ddp_trains_three_packed_branches_each_as_if_alone(ddp_runs: Path) -> None:
+    ranks = load_ranks(ddp_runs / "packed")
     for result in ranks:
         assert result["find_unused_parameters"] is False
         state, initial = result["state_dict"], result["initial"]

@@ -1,4 +1,10 @@
-"""The training app from the command line: stages, multirun, DDP, the wheel, bad input."""
+"""The training app from the command line: stages, multirun, DDP, the wheel, bad input.
+
+Most runs call the console script's function in this process (:func:`helpers.app.run_app`); a fresh
+process (:func:`_app`) only where the process is what is tested: DDP re-running the command line,
+ddp_spawn workers, joblib workers, the installed wheel's script, ``--help`` without torch and
+``HYDRA_FULL_ERROR``'s traceback.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.app import run_app, run_app_ok
 
 import lightning_freeze
 
@@ -54,9 +61,9 @@ def stages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Stage 1 then stage 2 through the CLI (2 epochs each)."""
     root = tmp_path_factory.mktemp("stages")
     args = ["quiet=true", "trainer.max_epochs=2"]
-    _ok(_app(["experiment=stage1", f"hydra.run.dir={root / 's1'}", *args], root))
+    run_app_ok(["experiment=stage1", f"hydra.run.dir={root / 's1'}", *args], root)
     s1 = root / "s1" / "checkpoints" / "last.ckpt"
-    result = _ok(_app(["experiment=stage2", f"init_from={s1}", f"hydra.run.dir={root / 's2'}", *args], root))
+    result = run_app_ok(["experiment=stage2", f"init_from={s1}", f"hydra.run.dir={root / 's2'}", *args], root)
     (root / "s2_stdout.txt").write_text(result.stdout)
     return {"root": root, "s1": s1, "s2": root / "s2" / "checkpoints" / "last.ckpt"}
 
@@ -153,21 +160,21 @@ def test_ddp_spawn_summary_reports_the_check_the_workers_ran(stages: dict[str, P
 
 
 def test_a_run_that_fails_before_writing_anything_leaves_no_output_directory(tmp_path: Path) -> None:
-    result = _app(["stage=0", "quiet=true", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    result = run_app(["stage=0", "quiet=true", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert result.returncode == 1 and "Error: Invalid stage=0" in result.stderr
     assert not (tmp_path / "run").exists()
     # a directory with anything else in it is the user's: kept as it is
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me\n")
-    result = _app(["stage=0", "quiet=true", f"hydra.run.dir={mine}"], tmp_path)
+    result = run_app(["stage=0", "quiet=true", f"hydra.run.dir={mine}"], tmp_path)
     assert result.returncode == 1
     assert (mine / "notes.txt").read_text() == "keep me\n"
 
 
 def test_local_multirun_refuses_subprocess_ddp(stages: dict[str, Path], tmp_path: Path) -> None:
     args = ["-m", "experiment=stage2", f"init_from={stages['s1']}", "trainer=ddp_cpu", "branch=mod3,high"]
-    result = _app([*args, f"hydra.sweep.dir={tmp_path / 'sweep'}", *FAST], tmp_path)
+    result = run_app([*args, f"hydra.sweep.dir={tmp_path / 'sweep'}", *FAST], tmp_path)
     assert result.returncode != 0
     assert "cannot run inside a local multirun (-m)" in result.stderr
     assert "Traceback" not in result.stderr
@@ -287,7 +294,7 @@ def test_bad_input_is_one_clear_line(
 def test_the_command_line_reports_a_config_mistake_in_one_line_and_exit_1(
     args: list[str], message: str, tmp_path: Path
 ) -> None:
-    result = _app(
+    result = run_app(
         [*args, "quiet=true", "trainer.fast_dev_run=true", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path
     )
     assert result.returncode == 1
@@ -339,7 +346,7 @@ def test_hparams_search_optuna_sweeps_on_optimized_metric(tmp_path: Path) -> Non
     sweep = tmp_path / "sweep"
     args = ["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2"]
     args.append("hydra.sweeper.sampler.n_startup_trials=2")
-    result = _ok(_app([*args, f"hydra.sweep.dir={sweep}", *FAST], tmp_path))
+    result = run_app_ok([*args, f"hydra.sweep.dir={sweep}", *FAST], tmp_path)
     trials = [json.loads((sweep / job / "summary.json").read_text()) for job in ("0_digit", "1_digit")]
     best = max(t["branches"][0]["val_acc"] for t in trials)  # the objective: digit/val_acc, maximised
     assert f"Best value: {best}" in result.stdout

@@ -1,4 +1,7 @@
-"""A fine-tuning schedule under real 2-process CPU DDP (gloo): DDP rebuilt per phase, ranks identical."""
+"""A fine-tuning schedule under real 2-process CPU DDP (gloo): DDP rebuilt per phase, ranks identical.
+
+The fits (tests/scripts/unfreeze_schedule_ddp.py) run in the suite's one DDP launch (``ddp_runs``).
+"""
 
 from __future__ import annotations
 
@@ -6,14 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.ddp import run_ddp_script
-
-SCRIPT = Path(__file__).parent / "scripts" / "unfreeze_schedule_ddp.py"
+from helpers.ddp import load_ranks
 
 
 @pytest.mark.distributed
-def test_ddp_rebuilds_per_phase_keeps_ranks_identical_and_resumes_bitwise(tmp_path) -> None:
-    rank0, rank1 = run_ddp_script(SCRIPT, tmp_path, out=tmp_path)
+def test_ddp_rebuilds_per_phase_keeps_ranks_identical_and_resumes_bitwise(ddp_runs: Path) -> None:
+    rank0, rank1 = load_ranks(ddp_runs / "unfreeze_schedule")
     straight = rank0["straight"]
     start = straight["start"]
     for name in ("straight", "resume_before", "resume_after"):

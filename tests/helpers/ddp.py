@@ -1,4 +1,4 @@
-"""Run a 2-process CPU DDP script (strategy="ddp" re-launches it) and load what each rank saved."""
+"""The suite's 2-process CPU DDP launch (strategy="ddp" re-launches the script) and what each rank saved."""
 
 from __future__ import annotations
 
@@ -10,10 +10,19 @@ from typing import Any
 
 import torch
 
+#: tests/scripts/ddp_all.py: every DDP scenario of the suite in one launch
+DDP_ALL = Path(__file__).resolve().parents[1] / "scripts" / "ddp_all.py"
 
-def run_ddp_script(script: Path, *args: Path | str, out: Path, timeout: float = 300) -> list[dict[str, Any]]:
-    """Run ``python script *args``, assert it exited 0, and return ``out/rank0.pt`` and ``out/rank1.pt``."""
+
+def run_ddp_script(script: Path, *args: Path | str, timeout: float = 900) -> None:
+    """Run ``python script *args`` and assert it exited 0 (its stderr's end in the message).
+
+    The seed Lightning exports (``PL_GLOBAL_SEED``) is not passed on: an in-process test that seeded
+    before must not change what the script's processes draw.
+    """
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
+        env.pop(key, None)
     proc = subprocess.run(
         [sys.executable, str(script), *map(str, args)],
         env=env,
@@ -22,4 +31,8 @@ def run_ddp_script(script: Path, *args: Path | str, out: Path, timeout: float = 
         timeout=timeout,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def load_ranks(out: Path) -> list[dict[str, Any]]:
+    """``out/rank0.pt`` and ``out/rank1.pt``: what each rank of a scenario saved."""
     return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
