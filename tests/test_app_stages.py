@@ -208,3 +208,23 @@ def test_a_broken_settings_file_is_one_clear_error(rgb_stage1: Path, tmp_path: P
         "(expected the keys version, stage, set (a list of keys), model and data, as lightning-freeze-train "
         "writes them); fix it or delete it to inherit the settings recorded in last.ckpt"
     )
+
+
+def test_a_settings_file_of_another_stage_is_not_used(
+    rgb_stage1: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from omegaconf import OmegaConf
+
+    checkpoint = _copy_of(rgb_stage1, tmp_path)
+    path = checkpoint.parent / "stage_settings.yaml"
+    saved = OmegaConf.load(path)
+    saved.stage, saved.set = 5, ["data.channels"]  # e.g. copied from another run's folder
+    path.write_text(OmegaConf.to_yaml(saved))
+    cfg = compose_app([*STAGE2, f"init_from={checkpoint}"], tmp_path / "s2")
+    with caplog.at_level("INFO", logger="lightning_freeze.app.settings"):
+        assert app.train(cfg).frozen_changed == 0
+    assert (
+        "stage_settings.yaml next to init_from is of stage 5, the checkpoint of stage 1: not used"
+        in caplog.text
+    )
+    assert (cfg.data.channels, cfg.data.image_size, cfg.model.optimizer.lr) == (3, 16, 0.01)  # the record's
