@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_freeze import FeatureCache, FreezeBackbone
 from lightning_freeze.callbacks import skip_pipeline
 from lightning_freeze.callbacks.skip_pipeline import CHECK_SAMPLES
+from lightning_freeze.core.cache_stores import MemoryStore
 
 N_TRAIN, N_VAL, EPOCHS = 64, 32, 4
 CHECKED = {2: CHECK_SAMPLES, 3: CHECK_SAMPLES}  # loads of the random check of the skipped epochs 2 and 3
@@ -209,6 +210,22 @@ def test_entries_cleared_during_a_skipped_epoch_are_not_served(
     assert data.loads == {0: N_TRAIN, 1: N_TRAIN, 2: CHECK_SAMPLES, 3: CHECK_SAMPLES + N_TRAIN - 16}
     assert same(model, uncached)
     assert len(info(caplog, "an entry is gone")) == 1
+
+
+def test_entries_that_cannot_be_gathered_are_served_one_by_one_and_gathered_once(
+    uncached: L.LightningModule, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tries: list[int] = []
+
+    def cannot(self: MemoryStore, state: bytes, keys: list[bytes]) -> None:
+        tries.append(len(keys))  # e.g. a per-rank store under DDP holds only its rank's samples
+
+    monkeypatch.setattr(MemoryStore, "gather", cannot)
+    cache = FeatureCache("backbone", skip_pipeline=True)
+    model, data = fit([cache, FreezeBackbone("backbone")])
+    assert data.loads == {0: N_TRAIN, 1: N_TRAIN, **CHECKED}  # epochs 2 and 3 still skip
+    assert same(model, uncached)
+    assert tries == [N_TRAIN]  # tried once for the verified state, not once per batch
 
 
 @pytest.mark.parametrize("cache_first", [True, False])

@@ -140,9 +140,9 @@ class _Features:
 
     state: bytes  # the module key they are stored under
     generation: int  # MemoryStore.generation when gathered
-    structure: Any
-    leaves: list[torch.Tensor]
-    rows: torch.Tensor  # dataset index -> row of the leaves (-1: not recorded)
+    structure: Any = None
+    leaves: list[torch.Tensor] | None = None  # None: they could not be gathered (not tried again)
+    rows: torch.Tensor | None = None  # dataset index -> row of the leaves (-1: not recorded)
 
 
 # one recorded batch: dataset indices, input keys, the cache's keys, the targets (CPU)
@@ -548,7 +548,7 @@ class _SkipPipeline:
         if not self._epoch_state:
             return None
         features = self._gathered(self._epoch_state)  # type: ignore[arg-type]
-        if features is not None:
+        if features is not None and features.leaves is not None and features.rows is not None:
             rows = features.rows[torch.tensor(indices, dtype=torch.int64)]
             leaves = [leaf.index_select(0, rows.to(leaf.device)).to(device) for leaf in features.leaves]
             cache.count_hits(len(indices))
@@ -558,8 +558,10 @@ class _SkipPipeline:
     def _gathered(self, state: bytes) -> _Features | None:
         """The memory store's entries of every recorded index under ``state``, gathered once.
 
-        Rebuilt after the records or the store changed (``FeatureCache.clear()``); ``None`` for a
-        disk store (its files are read per batch, as in any epoch) or entries that cannot be gathered.
+        Gathered again after the records or the store changed (``FeatureCache.clear()``); ``None``
+        for a disk store (its files are read per batch, as in any epoch). Entries that cannot be
+        gathered (e.g. a per-rank memory store under DDP holds only its rank's samples) are not
+        tried again until then: ``leaves`` is ``None`` and batches are served entry by entry.
         """
         cache = self.cache
         store = cache.store if cache is not None else None
@@ -568,16 +570,16 @@ class _SkipPipeline:
         found = self._features
         if found is not None and found.state == state and found.generation == store.generation:
             return found
-        self._features = None
+        self._features = _Features(state, store.generation)  # until gathered: serve entry by entry
         indices = sorted(self.table)
         gathered = store.gather(state, [self.table[i].cache_key for i in indices])
         if gathered is None:
-            return None
+            return self._features
         structure, leaves = gathered
         try:
             unflatten(leaves, structure)  # a class of the structure that is not loaded here
         except UnsupportedStructure:
-            return None
+            return self._features
         rows = torch.full((indices[-1] + 1,), -1, dtype=torch.int64)
         rows[torch.tensor(indices, dtype=torch.int64)] = torch.arange(len(indices))
         self._features = _Features(state, store.generation, structure, leaves, rows)

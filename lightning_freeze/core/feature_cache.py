@@ -10,9 +10,8 @@ recomputing it, **exactly**:
   (:mod:`lightning_freeze.core.structure`); a call with an argument that has no exact encoding is
   computed, not cached. Hashed on the CPU (the ``FeatureCache`` callback hashes the host tensors
   a batch had before it moved to the device; on its own, inputs on an accelerator are copied to the
-  host). Two
-  different inputs share a key with probability at most ``n**2 / 2**129`` for ``n`` cached samples
-  (non-adversarial data), and the module key must match as well.
+  host). Two different inputs share a key with probability at most ``n**2 / 2**129`` for ``n``
+  cached samples (non-adversarial data), and the module key must match as well.
 * **Module key**: BLAKE2b-128 over the fingerprint of every parameter and buffer (bits, dtype,
   shape), the type, ``extra_repr`` and train/eval mode of every submodule, the input's device
   type, the autocast state and dtype, the float32-matmul/TF32/cuDNN/deterministic flags and the
