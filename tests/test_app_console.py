@@ -4,15 +4,14 @@ how to resume, no product tips, and the feature cache's off-switch names the rea
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
+from helpers.app import run_app
 from helpers.freeze import TinyNet
 from test_feature_cache import fit
 
-import lightning_freeze.train as app
 from lightning_freeze import FeatureCache, FreezeBackbone
 
 
@@ -24,43 +23,25 @@ class Interrupt(L.Callback):
             raise KeyboardInterrupt
 
 
-def _main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    capsys.readouterr()
-    old, sys.argv = sys.argv, ["lightning-freeze-train", *argv]
-    try:
-        app.main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    finally:
-        sys.argv = old
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.fixture(autouse=True)
 def _no_full_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
 
 
-def test_debug_fdr_writes_no_checkpoint_and_keeps_the_trainer_accelerator(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_debug_fdr_writes_no_checkpoint_and_keeps_the_trainer_accelerator(tmp_path: Path) -> None:
     from _app_stage1 import compose_app
 
     cfg = compose_app(["trainer=gpu", "debug=fdr"])
     assert cfg.trainer.accelerator == "gpu"  # not silently the CPU
     run = tmp_path / "run"
-    code, out, err = _main(["debug=fdr", "quiet=true", f"hydra.run.dir={run}"], capsys)
+    code, out, err = run_app(["debug=fdr", "quiet=true", f"hydra.run.dir={run}"])
     assert code == 0, err
     # what conf/debug/fdr.yaml and docs/app.md say it writes: train.log, summary.json, .hydra/
     assert sorted(p.name for p in run.iterdir()) == [".hydra", "summary.json", "train.log"]
     assert "checkpoint: -" in out
 
 
-def test_quiet_prints_the_summary_only_and_no_product_tips(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_quiet_prints_the_summary_only_and_no_product_tips(tmp_path: Path) -> None:
     run = tmp_path / "run"
     args = [
         "quiet=true",
@@ -68,7 +49,7 @@ def test_quiet_prints_the_summary_only_and_no_product_tips(
         "trainer.limit_train_batches=2",
         "trainer.limit_val_batches=1",
     ]
-    code, out, err = _main([*args, f"hydra.run.dir={run}"], capsys)
+    code, out, err = run_app([*args, f"hydra.run.dir={run}"])
     assert code == 0, err
     assert out.startswith("== lightning-freeze-train: stage 1 summary"), out
     assert "[INFO]" not in out + err and "LeafSpec" not in out + err
@@ -77,9 +58,7 @@ def test_quiet_prints_the_summary_only_and_no_product_tips(
     assert "Tip:" not in log and "litlogger" not in log and "litlogger" not in out + err
 
 
-def test_ctrl_c_with_quiet_says_it_stopped_and_how_to_resume(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_ctrl_c_with_quiet_says_it_stopped_and_how_to_resume(tmp_path: Path) -> None:
     run = tmp_path / "run"
     args = [
         "quiet=true",
@@ -89,7 +68,7 @@ def test_ctrl_c_with_quiet_says_it_stopped_and_how_to_resume(
         "+callbacks.interrupt._target_=test_app_console.Interrupt",
         f"hydra.run.dir={run}",
     ]
-    code, out, err = _main(args, capsys)
+    code, out, err = run_app(args)
     assert code == 1
     shown = [line for line in (out + err).splitlines() if line.strip()]
     last = run / "checkpoints" / "last.ckpt"
@@ -115,7 +94,7 @@ def test_the_cache_turning_off_at_an_unfreeze_names_the_unfreeze(caplog: pytest.
 
 
 def test_quiet_is_quiet_under_the_packed_launcher(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], tmp_path_factory: pytest.TempPathFactory
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     from _app_stage1 import shared_stage1
 
@@ -133,7 +112,7 @@ def test_quiet_is_quiet_under_the_packed_launcher(
         "trainer.limit_val_batches=1",
         f"hydra.sweep.dir={sweep}",
     ]
-    code, out, err = _main(args, capsys)
+    code, out, err = run_app(args)
     assert code == 0, err
     info = [line for line in (out + err).splitlines() if "[INFO]" in line]
     # the launcher's one line on how it runs the sweep, and no other INFO line
@@ -145,20 +124,18 @@ def test_quiet_is_quiet_under_the_packed_launcher(
     assert sorted(p.name for p in sweep.iterdir() if p.name[0].isdigit()) == ["0_parity", "1_parity"]
 
 
-def test_debug_profiler_reports_in_the_log_and_debug_limit_runs_three_short_epochs(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_debug_profiler_reports_in_the_log_and_debug_limit_runs_three_short_epochs(tmp_path: Path) -> None:
     # conf/debug/profiler.yaml: "Lightning's simple profiler over one short epoch (report in the log)"
     run = tmp_path / "profiler"
-    code, _, err = _main(
-        ["debug=profiler", "quiet=true", "trainer.limit_train_batches=2", f"hydra.run.dir={run}"], capsys
+    code, _, err = run_app(
+        ["debug=profiler", "quiet=true", "trainer.limit_train_batches=2", f"hydra.run.dir={run}"]
     )
     assert code == 0, err
     assert "Profiler Report" in (run / "train.log").read_text()
     # conf/debug/limit.yaml: "3 epochs of a few batches each (checkpoints and logs are written)"
     run = tmp_path / "limit"
-    code, _, err = _main(
-        ["debug=limit", "quiet=true", "trainer.limit_train_batches=2", f"hydra.run.dir={run}"], capsys
+    code, _, err = run_app(
+        ["debug=limit", "quiet=true", "trainer.limit_train_batches=2", f"hydra.run.dir={run}"]
     )
     assert code == 0, err
     log = (run / "train.log").read_text()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.app import run_app
 
 import lightning_freeze.train as app
 
@@ -54,22 +55,6 @@ CASES = [
 ]  # fmt: skip
 
 
-def _main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """``lightning-freeze-train *argv`` in this process: (exit status, stdout, stderr)."""
-    capsys.readouterr()
-    old = sys.argv
-    sys.argv = ["lightning-freeze-train", *argv]
-    try:
-        app.main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    finally:
-        sys.argv = old
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def _one_error_line(code: int, out: str, err: str, start: str) -> str:
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 1, (code, out[-2000:], err[-2000:])
@@ -86,7 +71,7 @@ def _no_full_error(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(("overrides", "start"), [pytest.param(o, s, id=i) for i, o, s in CASES])
 def test_bad_input_is_one_error_line_exit_1_and_no_output_directory(
-    overrides: list[str], start: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    overrides: list[str], start: str, tmp_path: Path
 ) -> None:
     text = tmp_path / "notes.txt"
     text.write_text("not a checkpoint\n")
@@ -95,28 +80,26 @@ def test_bad_input_is_one_error_line_exit_1_and_no_output_directory(
     multirun = "-m" in args
     run_dir = tmp_path / "run"
     where = f"hydra.sweep.dir={run_dir}" if multirun else f"hydra.run.dir={run_dir}"
-    code, out, err = _main([*args, *QUICK, where], capsys)
-    line = _one_error_line(code, out, err, start.format(**values))
+    result = run_app([*args, *QUICK, where])
+    line = _one_error_line(*result, start.format(**values))
     if "backbon" in " ".join(args):  # found during fit: the bad value and the valid choices
         assert "'backbon'" in line and "backbone" in line
     assert not run_dir.exists()
-    assert "HYDRA_FULL_ERROR" not in os.environ  # the app's own setting does not outlive the run
+    assert "HYDRA_FULL_ERROR" not in result.environ  # the app's own setting does not outlive the run
 
 
-def test_trainer_ddp_debug_fdr_needs_a_gpu_and_says_so(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_trainer_ddp_debug_fdr_needs_a_gpu_and_says_so(tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: trainer=ddp debug=fdr runs (scripts/gpu_check.sh)")
     run_dir = tmp_path / "run"
-    code, out, err = _main(["trainer=ddp", "debug=fdr", "quiet=true", f"hydra.run.dir={run_dir}"], capsys)
+    code, out, err = run_app(["trainer=ddp", "debug=fdr", "quiet=true", f"hydra.run.dir={run_dir}"])
     line = _one_error_line(code, out, err, "Error: trainer.accelerator='gpu' but this machine has no GPU")
     assert line.endswith("run on the CPU: trainer=cpu, or trainer=ddp_cpu for DDP")
     assert not run_dir.exists()
 
 
 def test_hparams_search_optuna_without_the_extra_names_it(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from hydra.core.config_store import ConfigStore
     from hydra.core.plugins import Plugins
@@ -126,7 +109,7 @@ def test_hparams_search_optuna_without_the_extra_names_it(
     if "optuna.yaml" in sweepers:  # installed here: take it away, as if the extra were not installed
         monkeypatch.delitem(sweepers, "optuna.yaml")
     run_dir = tmp_path / "sweep"
-    code, out, err = _main(["-m", "hparams_search=optuna", *QUICK, f"hydra.sweep.dir={run_dir}"], capsys)
+    code, out, err = run_app(["-m", "hparams_search=optuna", *QUICK, f"hydra.sweep.dir={run_dir}"])
     line = _one_error_line(code, out, err, "Error: ")
     assert line == (
         "Error: In 'hydra/config': Could not find 'hydra/sweeper/optuna'; "
@@ -136,7 +119,7 @@ def test_hparams_search_optuna_without_the_extra_names_it(
 
 
 def test_an_output_directory_that_cannot_be_created_is_one_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -157,7 +140,7 @@ def test_an_output_directory_that_cannot_be_created_is_one_line(
 
         monkeypatch.setattr(Path, "mkdir", read_only)
     try:
-        code, out, err = _main([*QUICK, f"hydra.run.dir={run_dir}"], capsys)
+        code, out, err = run_app([*QUICK, f"hydra.run.dir={run_dir}"])
     finally:
         locked.chmod(0o755)
     line = _one_error_line(code, out, err, f"Error: cannot write the output directory '{run_dir}': ")
@@ -166,9 +149,7 @@ def test_an_output_directory_that_cannot_be_created_is_one_line(
     )
 
 
-def test_hydra_full_error_still_shows_the_traceback(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_hydra_full_error_still_shows_the_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from hydra.errors import ConfigCompositionException
 
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")

@@ -6,16 +6,12 @@ package adds are tested here. The Lightning strategies themselves run in scripts
 
 from __future__ import annotations
 
-import multiprocessing
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.ddp import load_ranks
 from packaging.version import Version
-
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-import fsdp2_core
 
 
 @pytest.mark.distributed
@@ -24,21 +20,10 @@ import fsdp2_core
     reason=f"torch {torch.__version__}'s FSDP2 does not run on CPU (no Stream.record_event)",
 )
 def test_fsdp2_ema_is_shard_local_exact_resumable_and_the_frozen_check_works_per_shard(
-    tmp_path: Path,
+    ddp_runs: Path,
 ) -> None:
-    context = multiprocessing.get_context("spawn")
-    procs = [
-        context.Process(target=fsdp2_core.main, args=(rank, 2, str(tmp_path / "store"), tmp_path))
-        for rank in (0, 1)
-    ]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=120)
-        if proc.is_alive():
-            proc.kill()
-    assert [proc.exitcode for proc in procs] == [0, 0]
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    # tests/scripts/fsdp2_core.py's checks, run on both ranks of the suite's one DDP launch (ddp_runs)
+    ranks = load_ranks(ddp_runs / "fsdp2")
     for rank, got in enumerate(ranks):
         assert got["param_types"] == ["DTensor"]
         assert got["requires_grad"] == {

@@ -19,7 +19,8 @@ import logging
 import os
 import sys
 import warnings
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +37,12 @@ class AppRun:
     returncode: int
     stdout: str
     stderr: str
+    #: ``os.environ`` as the run left it (before :func:`run_app` put the test's back)
+    environ: dict[str, str] = field(default_factory=dict)
+
+    def __iter__(self) -> Iterator[int | str]:
+        """``code, out, err = run_app(args)``."""
+        return iter((self.returncode, self.stdout, self.stderr))
 
 
 def _clear_hydra() -> None:
@@ -62,6 +69,7 @@ def run_app(args: list[str], cwd: Path | None = None) -> AppRun:
     os.environ.pop("HYDRA_FULL_ERROR", None)
     sys.argv = ["lightning-freeze-train", *args]
     code = 0
+    left: dict[str, str] = {}
     try:
         if cwd is not None:
             os.chdir(cwd)
@@ -74,6 +82,7 @@ def run_app(args: list[str], cwd: Path | None = None) -> AppRun:
                 if exit_.code is not None and not isinstance(exit_.code, int):
                     print(exit_.code, file=sys.stderr)
     finally:
+        left = dict(os.environ)
         _clear_hydra()
         for handler in root.handlers:
             if handler not in handlers:
@@ -86,7 +95,7 @@ def run_app(args: list[str], cwd: Path | None = None) -> AppRun:
         os.environ.update(environ)
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
-    return AppRun(code, out.getvalue(), err.getvalue())
+    return AppRun(code, out.getvalue(), err.getvalue(), left)
 
 
 def run_app_ok(args: list[str], cwd: Path | None = None) -> AppRun:

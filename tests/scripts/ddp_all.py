@@ -14,6 +14,8 @@ OUT``) and writes what that script writes, into ``OUT_DIR/<scenario>/``:
 * ``unfreeze_schedule``: unfreeze_schedule_ddp.py (a two-phase schedule, straight and resumed);
 * ``feature_cache``: feature_cache_ddp.py ``cached`` then ``plain`` (one shared disk store);
 * ``feature_cache_skip``: feature_cache_ddp.py ``skip`` (a store of its own, empty at the start);
+* ``fsdp2``: fsdp2_core.py's checks of FSDP2 (``fully_shard``, torch only) in the same process group
+  (torch >= 2.7: torch 2.6's FSDP2 does not run on CPU);
 * ``ranks``: ranks_ddp.py (one rank's tensor corrupted; both fits raise, on every rank), last.
 
 Between scenarios the process state a fit leaves behind is reset to what a fresh launch has: the seed
@@ -28,10 +30,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from packaging.version import Version
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import feature_cache_ddp
 import freeze_ema_ddp
+import fsdp2_core
 import module_ddp_stage2
 import packed_ddp
 import ranks_ddp
@@ -44,6 +48,11 @@ def _feature_cache(out: Path, stage1: Path) -> None:
     feature_cache_ddp.main(out, "plain")
 
 
+def _fsdp2(out: Path, stage1: Path) -> None:
+    if Version(torch.__version__).release >= (2, 7):  # torch 2.6's FSDP2 does not run on CPU
+        fsdp2_core.run(torch.distributed.get_rank(), out)
+
+
 SCENARIOS: dict[str, Callable[[Path, Path], None]] = {
     "freeze_ema": lambda out, stage1: freeze_ema_ddp.main(out),
     "module_stage2": lambda out, stage1: module_ddp_stage2.main(stage1, out),
@@ -52,6 +61,7 @@ SCENARIOS: dict[str, Callable[[Path, Path], None]] = {
     "unfreeze_schedule": lambda out, stage1: unfreeze_schedule_ddp.main(out),
     "feature_cache": _feature_cache,
     "feature_cache_skip": lambda out, stage1: feature_cache_ddp.main(out, "skip"),
+    "fsdp2": _fsdp2,
     "ranks": lambda out, stage1: ranks_ddp.main(out),
 }
 

@@ -1,7 +1,7 @@
 """One rank of a 2-process gloo job with an FSDP2 (``fully_shard``) model on CPU (tests/test_sharded.py).
 
-tests/test_sharded.py spawns both ranks and calls :func:`main` in each; by hand:
-``python fsdp2_core.py RANK 2 INIT_FILE OUT_DIR`` once per rank.
+tests/scripts/ddp_all.py calls :func:`run` on both ranks of its process group (tests/test_sharded.py
+reads what they wrote); by hand: ``python fsdp2_core.py RANK 2 INIT_FILE OUT_DIR`` once per rank.
 Frozen backbone and trainable head, each wrapped by its own ``fully_shard`` (frozen and trainable
 parameters never share an all-gather group), trained side by side with an unsharded copy that sees
 the same data. Writes OUT_DIR/rank{RANK}.pt with what each check found.
@@ -48,6 +48,12 @@ def main(rank: int, world_size: int, init_file: str, out: Path) -> None:
         world_size=world_size,
         timeout=timedelta(seconds=60),
     )
+    run(rank, out)
+    dist.destroy_process_group()
+
+
+def run(rank: int, out: Path) -> None:
+    """The checks, in a 2-process gloo group that exists already (tests/scripts/ddp_all.py runs them so)."""
     result: dict[str, Any] = {}
     reference, sharded = _model(), _model()
     for model in (reference, sharded):
@@ -130,7 +136,6 @@ def main(rank: int, world_size: int, init_file: str, out: Path) -> None:
     except FrozenStateError as err:
         result["corrupt_check"] = {"message": str(err), "changed": err.changed, "causes": err.causes}
     torch.save(result, out / f"rank{rank}.pt")
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
