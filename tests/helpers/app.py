@@ -1,14 +1,16 @@
-"""Run the training app: in this process (:func:`run_app`, :func:`run_app_ok`) or as a user's shell does.
+"""Run the training app in this process (:func:`run_app`, :func:`run_app_ok`), as its console script does.
 
 In-process is what most app tests need: ``lightning_freeze.train.main()``, the console script's
 function, with ``sys.argv`` set, without the seconds a fresh interpreter spends importing torch,
-Lightning and Hydra. What a run changes in the process is put back after it, so that a run sees the
-process as a fresh one does, as far as the app can tell: ``sys.argv``, the working directory,
+Lightning and Hydra. The process state a run is known to change is put back after it (not all of
+it: the app seeds the global RNG from its config, and routes Lightning's loggers once per process):
+``sys.argv``, the working directory,
 ``os.environ`` (Lightning's ``PL_GLOBAL_SEED``, ...), the root logger's handlers (Hydra's console and
 ``train.log`` handlers), warning filters, torch's thread count and deterministic-algorithms flag, and
 Hydra's global state. The tests of the entry point as a shell runs it (exit status, ``--help``
 without torch, ``HYDRA_FULL_ERROR`` tracebacks, DDP relaunching the command line, the installed
-wheel's console script, joblib workers) start a process of their own.
+wheel's console script, joblib workers) start a process of their own (``tests/test_train_app.py``,
+``tests/test_app_errors.py``).
 """
 
 from __future__ import annotations
@@ -24,10 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
-import lightning_freeze
-
-REPO = Path(lightning_freeze.__file__).resolve().parent.parent
 
 
 @dataclass
@@ -69,7 +67,6 @@ def run_app(args: list[str], cwd: Path | None = None) -> AppRun:
     os.environ.pop("HYDRA_FULL_ERROR", None)
     sys.argv = ["lightning-freeze-train", *args]
     code = 0
-    left: dict[str, str] = {}
     try:
         if cwd is not None:
             os.chdir(cwd)

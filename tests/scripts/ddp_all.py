@@ -49,6 +49,11 @@ def _feature_cache(out: Path, stage1: Path) -> None:
 
 
 def _fsdp2(out: Path, stage1: Path) -> None:
+    if not torch.distributed.is_initialized():
+        raise SystemExit(
+            "fsdp2 runs in the process group a Lightning scenario started: name one before it "
+            "(e.g. freeze_ema fsdp2), or run it alone: python fsdp2_core.py RANK 2 INIT_FILE OUT_DIR"
+        )
     if Version(torch.__version__).release >= (2, 7):  # torch 2.6's FSDP2 does not run on CPU
         fsdp2_core.run(torch.distributed.get_rank(), out)
 
