@@ -104,8 +104,9 @@ class MultiBranchModule(pl.LightningModule):
         train_branches: branches trained together on one backbone pass ("packed" branches: several
             heads, or several hyper-parameter variants of one head); ``None`` (default): only
             ``active_branch`` trains, on the same training path (a packed fit of one branch). Each
-            has its own loss, metrics and optimizer param group; ``training_step`` computes the backbone once and returns the sum of the branch losses
-            (each branch gets exactly the gradient of its own loss). Batches are ``(x, y)`` (every
+            has its own loss, metrics and optimizer param group; ``training_step`` computes the
+            backbone once and returns the sum of the branch losses (each branch gets exactly the
+            gradient of its own loss). Batches are ``(x, y)`` (every
             trained branch gets ``y``) or ``(x, {branch: y})``. Unkeyed validation evaluates every
             trained branch on one backbone pass. ``active_branch`` defaults to the first of them.
             With a frozen backbone the branches are independent: each ends bitwise where training
