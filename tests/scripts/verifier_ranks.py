@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from rank_exit import exit_rank
 from torch import nn
 
 from lightning_freeze.core.errors import FrozenStateError
@@ -48,6 +49,7 @@ def main(rank: int, world_size: int, init_file: str, out: Path) -> None:
         result["error"], result["changed"] = str(err), err.changed
     result["rank_check"] = {str(r): keys for r, keys in verifier.last_rank_check.items()}
     (out / f"rank{rank}.json").write_text(json.dumps(result))
+    exit_rank()
 
 
 if __name__ == "__main__":
