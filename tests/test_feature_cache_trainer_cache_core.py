@@ -166,9 +166,10 @@ def test_a_failing_disk_store_never_changes_the_fit(
 def test_hits_never_hash_in_the_forward(
     uncached: dict[str, torch.Tensor], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The keys come from the host batch, hashed before the transfer: the forward never hashes a row.
+    """The keys come from the host batch filed at the transfer: the forward never hashes a moved row.
 
-    On an accelerator that hashing would be a device-to-host copy of the batch per call.
+    The host rows are hashed (on the host) when the module is first called on the batch; hashing the
+    moved tensor instead would be a device-to-host copy of the batch per call on an accelerator.
     """
 
     def forbidden(tensor: torch.Tensor) -> list[bytes]:

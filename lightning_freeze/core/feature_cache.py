@@ -34,7 +34,8 @@ recomputing it, **exactly**:
 
 Only a module that cannot change its output or itself is cached: no parameter requires grad, and
 no running-statistics norm layer, dropout, ``DropPath``/``StochasticDepth`` or attention with
-dropout is in train mode (:class:`UncacheableModuleError` otherwise). Random augmentation before
+dropout would run in train mode (pinned or freeze-guarded layers run in eval and are accepted;
+:class:`UncacheableModuleError` otherwise). Random augmentation before
 the module makes every input new: such calls only miss (the Lightning callback detects it and
 stops caching training batches).
 
