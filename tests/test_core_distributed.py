@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from lightning_freeze.core.fingerprint import fingerprint
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 import fingerprint_ranks
+from helpers.ddp import spawn_gloo_ranks
 
 
 def test_no_op_without_a_process_group() -> None:
@@ -55,20 +55,7 @@ def test_describe_rank_mismatch() -> None:
 
 @pytest.mark.distributed
 def test_two_gloo_ranks_name_the_rank_and_key_that_differ(tmp_path: Path) -> None:
-    # spawn, not fork: forking a process that already ran autograd threads fails (torch refuses it)
-    context = multiprocessing.get_context("spawn")
-    init_file = tmp_path / "store"
-    procs = [
-        context.Process(target=fingerprint_ranks.main, args=(rank, 2, str(init_file), tmp_path))
-        for rank in (0, 1)
-    ]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=90)
-        if proc.is_alive():
-            proc.kill()
-    assert [proc.exitcode for proc in procs] == [0, 0]
+    assert spawn_gloo_ranks(fingerprint_ranks.main, tmp_path) == [0, 0]
     results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert results[0] == results[1]  # every rank gets the same answer
     got = results[0]

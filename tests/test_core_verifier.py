@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import multiprocessing
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from lightning_freeze.core.fingerprint import fingerprint
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 import verifier_ranks
+from helpers.ddp import spawn_gloo_ranks
 
 FROZEN = ["0", "1"]  # a Linear and a BatchNorm1d in front of a trainable head
 BN_CAUSE = (
@@ -293,19 +293,7 @@ def test_the_core_verifier_imports_no_lightning() -> None:
 
 @pytest.mark.distributed
 def test_two_gloo_ranks_raise_the_same_error_naming_the_rank_that_differs(tmp_path: Path) -> None:
-    context = multiprocessing.get_context("spawn")  # forking after autograd threads ran fails
-    init_file = tmp_path / "store"
-    procs = [
-        context.Process(target=verifier_ranks.main, args=(rank, 2, str(init_file), tmp_path))
-        for rank in (0, 1)
-    ]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=90)
-        if proc.is_alive():
-            proc.kill()
-    assert [proc.exitcode for proc in procs] == [0, 0]
+    assert spawn_gloo_ranks(verifier_ranks.main, tmp_path) == [0, 0]
     results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert results[0]["clean"] == results[1]["clean"] == "checked 2 frozen tensors: 0 changed"
     assert results[0]["rank_check"] == results[1]["rank_check"] == {"1": ["0.weight"]}

@@ -18,7 +18,7 @@ OUT``) and writes what that script writes, into ``OUT_DIR/<scenario>/``:
   (torch >= 2.7: torch 2.6's FSDP2 does not run on CPU);
 * ``ranks``: ranks_ddp.py (one rank's tensor corrupted; both fits raise, on every rank), last.
 
-Each rank ends through ``rank_exit.exit_rank`` once every scenario has written its results: torch
+Each rank ends through ``gloo_rank.exit_rank`` once every scenario has written its results: torch
 2.14's gloo aborted one run's rank at interpreter exit ("terminate called without an active
 exception"), which failed the whole launch.
 
@@ -45,7 +45,7 @@ import packed_ddp
 import ranks_ddp
 import unfreeze_ddp
 import unfreeze_schedule_ddp
-from rank_exit import exit_rank
+from gloo_rank import exit_rank
 
 
 def _feature_cache(out: Path, stage1: Path) -> None:
@@ -88,7 +88,7 @@ def main(out: Path, stage1: Path, names: list[str]) -> None:
         (out / name).mkdir(parents=True, exist_ok=True)
         SCENARIOS[name](out / name, stage1)
     if torch.distributed.is_initialized():
-        exit_rank()  # every result is written: end without the gloo teardown (see rank_exit.py)
+        exit_rank()  # every result is written: end without the gloo teardown (see gloo_rank.py)
 
 
 if __name__ == "__main__":

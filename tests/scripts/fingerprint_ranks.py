@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from rank_exit import exit_rank
+from gloo_rank import exit_rank, init_rank
 from torch import nn
 
 from lightning_freeze.core.distributed import compare_across_ranks, gather_fingerprints
@@ -28,14 +27,7 @@ def _model() -> nn.Module:
 
 
 def main(rank: int, world_size: int, init_file: str, out: Path) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=60),
-    )
+    init_rank(rank, world_size, init_file)
     full_gathers = 0
     all_gather_object = dist.all_gather_object
 

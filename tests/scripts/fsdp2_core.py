@@ -10,13 +10,13 @@ the same data. Writes OUT_DIR/rank{RANK}.pt with what each check found.
 from __future__ import annotations
 
 import sys
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from gloo_rank import init_rank
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.debug import CommDebugMode
@@ -40,14 +40,7 @@ def _step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor) -
 
 
 def main(rank: int, world_size: int, init_file: str, out: Path) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=60),
-    )
+    init_rank(rank, world_size, init_file)
     run(rank, out)
     dist.destroy_process_group()
 

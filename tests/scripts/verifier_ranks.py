@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from rank_exit import exit_rank
+from gloo_rank import exit_rank, init_rank
 from torch import nn
 
 from lightning_freeze.core.errors import FrozenStateError
@@ -23,14 +21,7 @@ from lightning_freeze.core.verifier import FrozenVerifier
 
 
 def main(rank: int, world_size: int, init_file: str, out: Path) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=60),
-    )
+    init_rank(rank, world_size, init_file)
     torch.manual_seed(0)  # the same weights on every rank
     net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
     net[0].requires_grad_(False)
