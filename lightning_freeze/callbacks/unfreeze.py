@@ -20,7 +20,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_freeze import _compat
-from lightning_freeze.core.param_groups import add_param_group, extend_scheduler, unsupported_schedulers
+from lightning_freeze.core.param_groups import (
+    SUPPORTED_SCHEDULERS,
+    add_param_group,
+    extend_scheduler,
+    unsupported_schedulers,
+)
+from lightning_freeze.core.selection import resolve_modules
 from lightning_freeze.core.unfreeze_schedule import (
     PlateauTracker,
     UnfreezePhase,
@@ -73,24 +79,24 @@ def rewrap_ddp(trainer: pl.Trainer) -> bool:
 
 def check_schedulers(trainer: pl.Trainer, who: str) -> None:
     """Refuse (``ValueError``) a scheduler of the first optimizer that a new param group cannot join."""
-    if not trainer.optimizers:
-        return
-    optimizer = trainer.optimizers[0]
-    mine = [
-        c.scheduler
-        for c in trainer.lr_scheduler_configs
-        if getattr(c.scheduler, "optimizer", None) is optimizer
-    ]
-    bad = unsupported_schedulers(mine)
+    bad = unsupported_schedulers(_schedulers_of(trainer)) if trainer.optimizers else []
     if bad:
-        from lightning_freeze.core.param_groups import SUPPORTED_SCHEDULERS
-
         raise ValueError(
             f"{who} cannot extend the learning-rate scheduler {bad[0]} to the new param group: it may "
             "keep per-group state this callback does not know. Supported schedulers: "
             f"{', '.join(c.__name__ for c in SUPPORTED_SCHEDULERS)} (and their subclasses). "
             "Use one of them, or train the unfrozen model as a new stage."
         )
+
+
+def _schedulers_of(trainer: pl.Trainer) -> list[Any]:
+    """The learning-rate schedulers of the first optimizer."""
+    optimizer = trainer.optimizers[0]
+    return [
+        c.scheduler
+        for c in trainer.lr_scheduler_configs
+        if getattr(c.scheduler, "optimizer", None) is optimizer
+    ]
 
 
 def add_to_optimizer(
@@ -110,9 +116,8 @@ def add_to_optimizer(
     add_param_group(optimizer, params, scale)
     if lr is not None:
         optimizer.param_groups[-1]["lr"] = lr
-    for config in trainer.lr_scheduler_configs:
-        if getattr(config.scheduler, "optimizer", None) is optimizer:
-            extend_scheduler(config.scheduler, optimizer, scale)
+    for scheduler in _schedulers_of(trainer):
+        extend_scheduler(scheduler, optimizer, scale)
     return float(optimizer.param_groups[-1]["lr"])
 
 
@@ -174,8 +179,6 @@ class PhaseRunner:
     # --- setup ------------------------------------------------------------------------------
     def names_to_freeze(self, pl_module: nn.Module, names: list[str]) -> list[str]:
         """Resolve the phases on ``pl_module`` and split ``names`` so each phase's modules are their own."""
-        from lightning_freeze.core.selection import resolve_modules
-
         self._module = pl_module
         roots = list(resolve_modules(pl_module, names))
         self.phases = self.schedule.resolve(pl_module)
@@ -291,12 +294,9 @@ class PhaseRunner:
             )
         value = float(metrics[monitor])
         improved = self.tracker.update(trainer.current_epoch, value)
-        if self.timeline:
-            self.timeline[-1].setdefault("val", []).append((trainer.current_epoch, value))
-        else:
-            self.timeline.append(
-                {"phase": 0, "epoch": 0, "modules": [], "val": [(trainer.current_epoch, value)]}
-            )
+        if not self.timeline:
+            self.timeline.append({"phase": 0, "epoch": 0, "modules": []})
+        self.timeline[-1].setdefault("val", []).append((trainer.current_epoch, value))
         if improved and self.schedule.restore_best:
             self._pending_best = True  # taken once the raw weights are back (an EMA may be swapped in now)
 
