@@ -446,10 +446,8 @@ class MultiBranchModule(pl.LightningModule):
             return spec
         if isinstance(spec, Metric):
             return MetricCollection([spec])
-        if isinstance(spec, Mapping) and spec and all(isinstance(m, Metric) for m in spec.values()):
-            return MetricCollection(dict(spec))
-        if isinstance(spec, Mapping) and not spec:
-            return None
+        if isinstance(spec, Mapping) and all(isinstance(m, Metric) for m in spec.values()):
+            return MetricCollection(dict(spec)) if spec else None
         if spec != "default":
             raise TypeError(
                 f"metrics[{name!r}] must be a torchmetrics Metric, MetricCollection, {{name: Metric}}, "

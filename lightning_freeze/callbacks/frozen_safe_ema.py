@@ -498,8 +498,7 @@ def load_ema_weights(
     if state_key is None:
         state_key = next(k for k in callbacks if isinstance(k, str) and k.startswith(EMA_STATE_PREFIX))
     shadow = callbacks[state_key]["ema"]["shadow"]
-    live = dict(model.named_parameters())
-    live.update(model.named_buffers())
+    live = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     with torch.no_grad():
         for key, value in shadow.items():
             if key in live:

@@ -451,13 +451,13 @@ class TrainableEMA:
         by_id = {id(entry.tensor): entry.shadow for entry in self._entries.values()}
         out: dict[str, Tensor] = {}
         for key, value in self._resolve(model).state_dict(keep_vars=True).items():
-            shadow = by_id.get(id(value))
-            if shadow is not None:
-                out[key] = shadow.detach().to(dtype=value.dtype, copy=True)
-            else:
-                out[key] = value.detach() if isinstance(value, Tensor) else value
-            if full and callable(getattr(out[key], "full_tensor", None)):
-                out[key] = out[key].full_tensor()  # type: ignore[operator]
+            if id(value) in by_id:
+                value = by_id[id(value)].detach().to(dtype=value.dtype, copy=True)
+            elif isinstance(value, Tensor):
+                value = value.detach()
+            if full and callable(getattr(value, "full_tensor", None)):
+                value = value.full_tensor()  # type: ignore[operator]
+            out[key] = value
         return out
 
     # --- checkpointing ------------------------------------------------------------------------
@@ -489,8 +489,7 @@ class TrainableEMA:
         """
         self._require_not_swapped("load_state_dict")
         _check_state(state)
-        live = dict(self._model.named_parameters())
-        live.update(self._model.named_buffers())
+        live = {**dict(self._model.named_parameters()), **dict(self._model.named_buffers())}
         entries: dict[str, _Entry] = {}
         with torch.no_grad(), torch.inference_mode(False):
             for key, saved in state["shadow"].items():
