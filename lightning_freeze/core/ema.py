@@ -93,20 +93,13 @@ def trainable_tensors(model: nn.Module, buffers: BufferMode = "copy") -> dict[st
     seen: set[int] = set()
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
-        owns_trainable = False
-        for name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad:
-                continue
-            owns_trainable = True
-            if id(param) not in seen:
-                seen.add(id(param))
-                out[prefix + name] = (param, True)
-        if owns_trainable and buffers != "ignore":
-            for name, buf in _compat.persistent_buffers(module):
-                if id(buf) in seen:
-                    continue
-                seen.add(id(buf))
-                out[prefix + name] = (buf, False)
+        found = [(n, p, True) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if found and buffers != "ignore":  # a trainable module: its buffers too
+            found += [(n, b, False) for n, b in _compat.persistent_buffers(module)]
+        for name, tensor, is_param in found:
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                out[prefix + name] = (tensor, is_param)
     return out
 
 

@@ -198,11 +198,9 @@ class _FrozenNormBase(nn.Module):
         unpin_eval(template)
         object.__setattr__(self, "_template", template.to("meta"))
         with torch.no_grad():
-            for name in ("weight", "bias"):
-                tensor = getattr(source, name, None)
+            for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+                tensor = getattr(source, name)  # weight and bias are None without affine
                 self.register_buffer(name, None if tensor is None else tensor.detach().clone())
-            for name in ("running_mean", "running_var", "num_batches_tracked"):
-                self.register_buffer(name, getattr(source, name).detach().clone())
         # input ranks the source class accepts, probed once with its own check (scriptable forward)
         self._min_dim, self._max_dim = _accepted_ranks(source)
         if self._min_dim == self._max_dim:
