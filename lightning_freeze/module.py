@@ -354,7 +354,6 @@ class MultiBranchModule(pl.LightningModule):
                 f"branch_optimizers names branch(es) {', '.join(repr(n) for n in untrained)} that are not "
                 f"trained; valid choices: the trained branches {', '.join(repr(n) for n in trained)}."
             )
-        out: dict[str, dict[str, Any]] = {}
         for name, settings in branch_optimizers.items():
             if not isinstance(settings, Mapping) or any(k in settings for k in ("_target_", "params")):
                 raise TypeError(
@@ -362,8 +361,7 @@ class MultiBranchModule(pl.LightningModule):
                     f"{{'lr': 0.01, 'weight_decay': 0.0}} (one optimizer holds every packed branch, so "
                     f"'_target_' and 'params' are not settings), got {settings!r}."
                 )
-            out[name] = dict(_plain(dict(settings)))
-        return out
+        return {name: _plain(settings) for name, settings in branch_optimizers.items()}
 
     def _check_random_streams(self, random_streams: Any) -> dict[str, str]:
         if random_streams is None:
@@ -454,8 +452,9 @@ class MultiBranchModule(pl.LightningModule):
                 f"a config for one, or None; got {spec!r}."
             )
         count = num_classes.get(name) if isinstance(num_classes, Mapping) else num_classes
-        if count is None:
-            count = _infer_num_classes(self.branches[name])
+        if count is None:  # out_features of the branch's last nn.Linear
+            linears = [m for m in self.branches[name].modules() if isinstance(m, nn.Linear)]
+            count = int(linears[-1].out_features) if linears else None
         if count is None or count < 2:
             found = "no nn.Linear" if count is None else f"a last nn.Linear with out_features={count}"
             raise ValueError(
@@ -946,11 +945,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return copy.deepcopy(value)
-
-
-def _infer_num_classes(branch: nn.Module) -> int | None:
-    linears = [m for m in branch.modules() if isinstance(m, nn.Linear)]
-    return int(linears[-1].out_features) if linears else None
 
 
 def _unpack(batch: Any) -> tuple[Any, Any]:
