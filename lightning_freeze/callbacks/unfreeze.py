@@ -182,8 +182,7 @@ class PhaseRunner:
         self._module = pl_module
         roots = list(resolve_modules(pl_module, names))
         self.phases = self.schedule.resolve(pl_module)
-        targets = [m for phase in self.phases for m in phase.modules]  # type: ignore[union-attr]
-        seen: dict[str, int] = {}
+        seen: dict[str, int] = {}  # module -> the phase that unfreezes it
         for i, phase in enumerate(self.phases, start=1):
             for m in phase.modules:  # type: ignore[union-attr]
                 if m in seen:
@@ -191,7 +190,7 @@ class PhaseRunner:
                         f"UnfreezeSchedule: {m!r} is unfrozen by phase {seen[m]} and phase {i} again."
                     )
                 seen[m] = i
-        names = split_frozen_names(pl_module, roots, targets)
+        names = split_frozen_names(pl_module, roots, list(seen))
         for i, phase in enumerate(self.phases, start=1):
             for m in phase.modules:  # type: ignore[union-attr]
                 outer = next((n for n in names if m.startswith(n + ".")), None)
@@ -227,9 +226,8 @@ class PhaseRunner:
             return []
         self.decided_epoch = epoch
         out: list[int] = []
-        k, start = self.begun, self.phase_epoch
-        while k < len(self.phases):
-            phase = self.phases[k]
+        start = self.phase_epoch
+        for k, phase in enumerate(self.phases[self.begun :], start=self.begun):
             if phase.epoch is not None:
                 go = epoch >= phase.epoch
             else:
@@ -239,7 +237,7 @@ class PhaseRunner:
             if not go:
                 break
             out.append(k)
-            k, start = k + 1, epoch
+            start = epoch
         if self.schedule.monitor is not None and trainer.world_size > 1:
             out = trainer.strategy.broadcast(out, src=0)
         return out
