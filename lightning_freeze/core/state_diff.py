@@ -131,15 +131,14 @@ def _sparse_stats(diff: TensorDiff, a: torch.Tensor, b: torch.Tensor) -> None:
     if a.layout != b.layout:
         diff.status = "layout"
         diff.detail = f"layout {_short(a.layout)} -> {_short(b.layout)}"
-    same_structure = False
     if is_sparse(a) and is_sparse(b):
         (ia, va), (ib, vb) = coalesced_sparse_parts(a), coalesced_sparse_parts(b)
-        same_structure = tensors_bitwise_equal(ia, ib) and va.shape == vb.shape
-        if same_structure:  # same stored positions: compare the stored values, whatever the size
+        if tensors_bitwise_equal(ia, ib) and va.shape == vb.shape:
+            # same stored positions: compare the stored values, whatever the size
             _dense_stats(diff, va, vb, elements_of=va[0].numel() if va.dim() > 1 else 1)
             return
     if a.numel() <= SPARSE_DENSE_LIMIT:
-        if not same_structure and diff.status == "changed":
+        if diff.status == "changed":
             diff.detail = "stored indices differ"
         _dense_stats(diff, a.detach().cpu().to_dense(), b.detach().cpu().to_dense())
     else:
