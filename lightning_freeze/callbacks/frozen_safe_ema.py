@@ -390,14 +390,8 @@ class FrozenSafeEMA(Callback):
             self._last_global_step = int(restored.get("last_global_step", 0))
 
     def _take_loaded_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
-        """``trainer.validate/test(ckpt_path=X)``: the EMA becomes X's, or none when X holds none.
-
-        The model now holds X's weights: an EMA from an earlier fit averages other weights and must
-        not be swapped in. Evaluated: X's EMA weights when X holds this callback's state, else X's
-        raw weights; one info line says which.
-
-        Returns:
-            ``False`` when X holds no EMA state (its raw weights are evaluated, nothing to swap in).
+        """``trainer.validate/test(ckpt_path=X)``: the EMA becomes X's (an earlier fit's EMA averaged
+        other weights); ``False`` when X holds none (its raw weights are evaluated, nothing to swap in).
         """
         if not self._loaded_checkpoint_pending or self._fitting:
             return True
@@ -405,8 +399,7 @@ class FrozenSafeEMA(Callback):
         path = trainer.ckpt_path
         if not path:
             return True  # no checkpoint loaded: the model holds the weights the current EMA belongs to
-        restored = self._restored
-        self.ema = None
+        restored, self.ema = self._restored, None
         if restored is not None and restored.get("ema") is not None:
             self._build_ema(pl_module)
             which = "its EMA weights" if self.validate_with_ema else "its raw weights (validate_with_ema off)"
