@@ -172,9 +172,7 @@ class _FrozenNormBase(nn.Module):
     """Shared machinery of the frozen norm layers: everything is a buffer, ``train()`` is a no-op."""
 
     # not scripted: plain Python state for the exact round trip back to the source class
-    __jit_ignored_attributes__ = ["_original_cls", "_template"]
-
-    _original_cls: type[nn.Module]
+    __jit_ignored_attributes__ = ["_template"]
 
     def __init__(self, source: nn.Module) -> None:
         super().__init__()
@@ -188,7 +186,6 @@ class _FrozenNormBase(nn.Module):
         self.momentum = source.momentum
         self.affine: bool = bool(source.affine)
         self.track_running_stats = True
-        self._original_cls = type(source)
         # A tensor-free copy of the source layer (class, constructor arguments, attributes): the
         # round trip back (:meth:`unfrozen`) loads this layer's values into a copy of it. Not a
         # registered submodule: no state_dict keys, not moved by .to(), ignored by TorchScript.
@@ -258,7 +255,7 @@ class _FrozenNormBase(nn.Module):
         return layer.train(True)
 
     def extra_repr(self) -> str:
-        source = self._original_cls.__name__
+        source = type(self._template).__name__
         return f"{self.num_features}, eps={self.eps}, affine={self.affine}, frozen from {source}"
 
 
