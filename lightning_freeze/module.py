@@ -598,9 +598,7 @@ class MultiBranchModule(pl.LightningModule):
     # --- optimizers -------------------------------------------------------------------------------
     @override
     def configure_optimizers(self) -> Any:
-        return self._with_scheduler(self._optimizer())
-
-    def _with_scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
+        optimizer = self._optimizer()
         if self._scheduler_factory is None:
             return optimizer
         scheduler = self._scheduler_factory(optimizer)
