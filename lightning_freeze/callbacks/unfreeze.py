@@ -47,9 +47,8 @@ __all__ = [
 
 def can_unfreeze_under(strategy: Any) -> bool:
     """Single device, or plain DDP (whose wrapper :func:`rewrap_ddp` can rebuild); not sharded/DeepSpeed."""
-    if not isinstance(strategy, ParallelStrategy):
-        return True
-    return isinstance(strategy, DDPStrategy) and "DeepSpeed" not in type(strategy).__name__
+    ddp = isinstance(strategy, DDPStrategy) and "DeepSpeed" not in type(strategy).__name__
+    return ddp or not isinstance(strategy, ParallelStrategy)
 
 
 def rewrap_ddp(trainer: pl.Trainer) -> bool:
@@ -273,9 +272,7 @@ class PhaseRunner:
         with torch.no_grad():
             for key, value in self.best["tensors"].items():
                 state[key].copy_(value)
-        current = optimizer.state_dict()
-        current["state"] = self.best["optimizer"]
-        optimizer.load_state_dict(current)
+        optimizer.load_state_dict({**optimizer.state_dict(), "state": self.best["optimizer"]})
         return True
 
     # --- validation -------------------------------------------------------------------------

@@ -240,9 +240,7 @@ class TrainableEMA:
                 "(requires_grad=True on none). TrainableEMA shadows trainable parameters only; valid: a "
                 "model with at least one parameter that requires grad."
             )
-        removed = [key for key in self._entries if key not in current]
-        for key in removed:
-            del self._entries[key]
+        removed = [key for key in self._entries if key not in current]  # dropped by the reordering below
         added = []
         with torch.no_grad(), torch.inference_mode(False):
             for key, (tensor, is_param) in current.items():

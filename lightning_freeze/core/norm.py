@@ -131,9 +131,8 @@ def pin_eval(modules: dict[str, nn.Module] | list[nn.Module] | nn.Module) -> int
     Returns:
         The number of modules newly pinned (already pinned ones are not counted).
     """
-    items = _module_list(modules)
     newly = 0
-    for module in items:
+    for module in _module_list(modules):
         module.train(False)
         if not is_pinned(module):
             module.register_forward_pre_hook(_force_eval_pre_hook)
