@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -27,6 +28,7 @@ from lightning_freeze.core.checkpoint import (
     load_checkpoint,
 )
 from lightning_freeze.core.errors import UnknownBranchError
+from lightning_freeze.core.keys import MULTI_BRANCH_KEY
 from lightning_freeze.core.random_stream import RandomStream, derive_seed
 from lightning_freeze.core.validation import check_choice, choices_of
 from lightning_freeze.instantiate import instantiate
@@ -37,7 +39,6 @@ __all__ = ["CheckpointMismatchError", "MultiBranchModule", "UnknownBranchError",
 #: which weights :meth:`MultiBranchModule.init_from_checkpoint` loads
 InitWeights = Literal["raw", "ema"]
 
-_CHECKPOINT_KEY = "multi_branch"
 # attributes of an nn.ModuleDict, of its class and of an instance (``training``, ``_modules``...): a
 # branch with one of these names could not be stored in it
 _RESERVED_NAMES = frozenset(dir(nn.ModuleDict)) | frozenset(vars(nn.ModuleDict()))
@@ -233,47 +234,20 @@ class MultiBranchModule(pl.LightningModule):
             for name in names
         }
         # separate state for validation and test; keys "<branch>/val_<metric>", "<branch>/test_<metric>"
-        self.val_metrics = nn.ModuleDict(
-            {n: c.clone(prefix=f"{n}/val_") for n, c in collections.items() if c is not None}
-        )
-        self.test_metrics = nn.ModuleDict(
-            {n: c.clone(prefix=f"{n}/test_") for n, c in collections.items() if c is not None}
-        )
-
-        self._optimizer_factory = (
-            instantiate(optimizer, "optimizer", _partial_=True) if _is_config(optimizer) else optimizer
-        )
-        self._scheduler_factory = (
-            instantiate(scheduler, "scheduler", _partial_=True) if _is_config(scheduler) else scheduler
-        )
-        for arg, factory in (("optimizer", self._optimizer_factory), ("scheduler", self._scheduler_factory)):
-            if factory is not None and not callable(factory):
-                raise TypeError(
-                    f"{arg} must be a callable (e.g. functools.partial or a Hydra _partial_ node), "
-                    f"got {factory!r}."
-                )
-        self.predict_all = bool(predict_all)
-
-        self.save_hyperparameters(
-            _hparams(
-                backbone=backbone,
-                branches=branches,
-                active_branch=self._active_branch,
-                losses=losses,
-                metrics=metrics,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                num_classes=num_classes,
-                predict_all=self.predict_all,
-                train_branches=self._train_branches,
-                branch_optimizers=self._branch_optimizers,
-                random_streams=self._stream_names,
+        self.val_metrics, self.test_metrics = (
+            nn.ModuleDict(
+                {n: c.clone(prefix=f"{n}/{stage}_") for n, c in collections.items() if c is not None}
             )
+            for stage in ("val", "test")
+        )
+        self._optimizer_factory = _build_factory("optimizer", optimizer)
+        self._scheduler_factory = _build_factory("scheduler", scheduler)
+        self.predict_all = bool(predict_all)
+        self.save_hyperparameters(
+            self._rebuild_args(backbone, branches, losses, metrics, optimizer, scheduler, num_classes)
         )
 
-    # --------------------------------------------------------------------------------------------
-    # branches
-    # --------------------------------------------------------------------------------------------
+    # --- branches ---------------------------------------------------------------------------------
     @property
     def branch_names(self) -> list[str]:
         """Names of all branches, in order."""
@@ -316,6 +290,36 @@ class MultiBranchModule(pl.LightningModule):
         """The ``scheduler`` callable (instantiated from its config), or ``None``."""
         return self._scheduler_factory
 
+    def _rebuild_args(
+        self,
+        backbone: Any,
+        branches: Any,
+        losses: Any,
+        metrics: Any,
+        optimizer: Any,
+        scheduler: Any,
+        num_classes: Any,
+    ) -> dict[str, Any]:
+        """The constructor arguments that can rebuild the module: configs and plain values, not objects."""
+        out: dict[str, Any] = {"active_branch": self._active_branch, "predict_all": self.predict_all}
+        for key, value in (("backbone", backbone), ("optimizer", optimizer), ("scheduler", scheduler)):
+            if _is_config(value):
+                out[key] = _plain(value)
+        for key, value in (("branches", branches), ("losses", losses)):
+            if isinstance(value, Mapping) and all(_is_config(v) for v in value.values()):
+                out[key] = _plain(value)
+        if isinstance(metrics, Mapping) and all(v is None or _is_config(v) for v in metrics.values()):
+            out["metrics"] = _plain(metrics)
+        if num_classes is not None:
+            out["num_classes"] = _plain(num_classes)
+        if self._train_branches is not None:
+            out["train_branches"] = list(self._train_branches)
+        if self._branch_optimizers:
+            out["branch_optimizers"] = _plain(self._branch_optimizers)
+        if self._stream_names:
+            out["random_streams"] = dict(self._stream_names)
+        return out
+
     def _check_train_branches(self, train_branches: Any, active_branch: str | None) -> list[str] | None:
         if train_branches is None:
             return None
@@ -350,7 +354,6 @@ class MultiBranchModule(pl.LightningModule):
                 f"branch_optimizers names branch(es) {', '.join(repr(n) for n in untrained)} that are not "
                 f"trained; valid choices: the trained branches {', '.join(repr(n) for n in trained)}."
             )
-        out: dict[str, dict[str, Any]] = {}
         for name, settings in branch_optimizers.items():
             if not isinstance(settings, Mapping) or any(k in settings for k in ("_target_", "params")):
                 raise TypeError(
@@ -358,8 +361,7 @@ class MultiBranchModule(pl.LightningModule):
                     f"{{'lr': 0.01, 'weight_decay': 0.0}} (one optimizer holds every packed branch, so "
                     f"'_target_' and 'params' are not settings), got {settings!r}."
                 )
-            out[name] = dict(_plain(dict(settings)))
-        return out
+        return {name: _plain(settings) for name, settings in branch_optimizers.items()}
 
     def _check_random_streams(self, random_streams: Any) -> dict[str, str]:
         if random_streams is None:
@@ -442,18 +444,17 @@ class MultiBranchModule(pl.LightningModule):
             return spec
         if isinstance(spec, Metric):
             return MetricCollection([spec])
-        if isinstance(spec, Mapping) and spec and all(isinstance(m, Metric) for m in spec.values()):
-            return MetricCollection(dict(spec))
-        if isinstance(spec, Mapping) and not spec:
-            return None
+        if isinstance(spec, Mapping) and all(isinstance(m, Metric) for m in spec.values()):
+            return MetricCollection(dict(spec)) if spec else None
         if spec != "default":
             raise TypeError(
                 f"metrics[{name!r}] must be a torchmetrics Metric, MetricCollection, {{name: Metric}}, "
                 f"a config for one, or None; got {spec!r}."
             )
         count = num_classes.get(name) if isinstance(num_classes, Mapping) else num_classes
-        if count is None:
-            count = _infer_num_classes(self.branches[name])
+        if count is None:  # out_features of the branch's last nn.Linear
+            linears = [m for m in self.branches[name].modules() if isinstance(m, nn.Linear)]
+            count = int(linears[-1].out_features) if linears else None
         if count is None or count < 2:
             found = "no nn.Linear" if count is None else f"a last nn.Linear with out_features={count}"
             raise ValueError(
@@ -463,9 +464,7 @@ class MultiBranchModule(pl.LightningModule):
             )
         return MetricCollection({"acc": MulticlassAccuracy(num_classes=count, average="micro")})
 
-    # --------------------------------------------------------------------------------------------
-    # forward
-    # --------------------------------------------------------------------------------------------
+    # --- forward ----------------------------------------------------------------------------------
     @override
     def forward(self, x: torch.Tensor, branch: str | None = None) -> torch.Tensor:
         """Output of ``branch`` (default: the active branch) for input ``x``.
@@ -494,9 +493,7 @@ class MultiBranchModule(pl.LightningModule):
         features = self.backbone(x)
         return {name: self.branches[name](features) for name in names}
 
-    # --------------------------------------------------------------------------------------------
-    # steps
-    # --------------------------------------------------------------------------------------------
+    # --- steps ------------------------------------------------------------------------------------
     @override
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """The summed loss of the trained branches (one: the active branch) on one backbone pass.
@@ -510,7 +507,9 @@ class MultiBranchModule(pl.LightningModule):
         # trains compiled (the backbone then runs in the branch's stream: frozen, it draws nothing);
         # packed branches share one backbone pass
         features = self.backbone(x) if len(trained) > 1 else None
-        device = _device_of(x if features is None else features, self.device)
+        # the branches run where the backbone's output is (the module's device otherwise)
+        source = x if features is None else features
+        device = source.device if isinstance(source, torch.Tensor) else self.device
         total: torch.Tensor | None = None
         for name in trained:
             with self.random_stream(name).active(device):
@@ -596,14 +595,10 @@ class MultiBranchModule(pl.LightningModule):
             fn.to(self.device)  # kept out of state_dict (not a submodule); moved lazily
         return fn(output, target)
 
-    # --------------------------------------------------------------------------------------------
-    # optimizers
-    # --------------------------------------------------------------------------------------------
+    # --- optimizers -------------------------------------------------------------------------------
     @override
     def configure_optimizers(self) -> Any:
-        return self._with_scheduler(self._optimizer())
-
-    def _with_scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
+        optimizer = self._optimizer()
         if self._scheduler_factory is None:
             return optimizer
         scheduler = self._scheduler_factory(optimizer)
@@ -642,11 +637,11 @@ class MultiBranchModule(pl.LightningModule):
                 f"Nothing to optimize: every parameter of {type(self).__name__} has requires_grad=False "
                 f"(active branch {self._active_branch!r}). Is the active branch frozen?"
             )
-        factory = self._optimizer_factory
+        factory = self._optimizer_factory or functools.partial(torch.optim.AdamW, lr=1e-3)
         if not packed:  # the factory gets the parameter list itself, as a plain optimizer would
-            return factory(shared) if factory is not None else torch.optim.AdamW(shared, lr=1e-3)
+            return factory(shared)
         try:
-            optimizer = factory(groups) if factory is not None else torch.optim.AdamW(groups, lr=1e-3)
+            optimizer = factory(groups)
         except (ValueError, TypeError) as err:
             raise ValueError(_GLOBAL_STATE_MESSAGE.format(optimizer=factory, reason=err)) from err
         if len(optimizer.param_groups) != len(groups):
@@ -725,32 +720,29 @@ class MultiBranchModule(pl.LightningModule):
                 "shared scale. Use precision='bf16-mixed' or '32-true', or train the branches one at a time."
             )
 
-    # --------------------------------------------------------------------------------------------
-    # checkpoints
-    # --------------------------------------------------------------------------------------------
+    # --- checkpoints ------------------------------------------------------------------------------
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[_CHECKPOINT_KEY] = {
+        section = checkpoint[MULTI_BRANCH_KEY] = {
             "active_branch": self._active_branch,
             "branch_names": self.branch_names,
         }
         if self._train_branches is not None:
-            checkpoint[_CHECKPOINT_KEY]["train_branches"] = list(self._train_branches)
+            section["train_branches"] = list(self._train_branches)
         if self._streams:
-            checkpoint[_CHECKPOINT_KEY]["random_streams"] = {
-                name: stream.state_dict() for name, stream in self._streams.items()
-            }
+            section["random_streams"] = {name: stream.state_dict() for name, stream in self._streams.items()}
         metrics = _branch_metrics(self._trainer, self.branch_names)
         if metrics:
             # the latest per-branch metrics (e.g. "b/val_acc"): `lightning-freeze select` reads them
-            checkpoint[_CHECKPOINT_KEY]["metrics"] = metrics
+            section["metrics"] = metrics
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        for name, state in ((checkpoint.get(_CHECKPOINT_KEY) or {}).get("random_streams") or {}).items():
+        section = checkpoint.get(MULTI_BRANCH_KEY) or {}
+        for name, state in (section.get("random_streams") or {}).items():
             if name in self.branches:
                 self.random_stream(name).load_state_dict(state)
-        saved = (checkpoint.get(_CHECKPOINT_KEY) or {}).get("active_branch")
+        saved = section.get("active_branch")
         if saved is None or saved == self._active_branch or saved not in self.branches:
             return
         trainer = self._trainer
@@ -853,9 +845,7 @@ class MultiBranchModule(pl.LightningModule):
         return fresh
 
 
-# ------------------------------------------------------------------------------------------------
-# helpers
-# ------------------------------------------------------------------------------------------------
+# --- helpers --------------------------------------------------------------------------------------
 _GLOBAL_STATE_MESSAGE = (
     "optimizer {optimizer} cannot train packed branches ({reason}): they need one optimizer param group "
     "per branch and per-parameter state, so that no branch's step depends on another's (e.g. AdamW, Adam, "
@@ -923,6 +913,15 @@ def check_branch_name(name: Any) -> str:
     )
 
 
+def _build_factory(what: str, spec: Any) -> Callable[..., Any] | None:
+    factory = instantiate(spec, what, _partial_=True) if _is_config(spec) else spec
+    if factory is not None and not callable(factory):
+        raise TypeError(
+            f"{what} must be a callable (e.g. functools.partial or a Hydra _partial_ node), got {factory!r}."
+        )
+    return factory
+
+
 def _build_module(what: str, spec: Any) -> nn.Module:
     obj = instantiate(spec, what) if _is_config(spec) else spec
     if not isinstance(obj, nn.Module):
@@ -946,36 +945,6 @@ def _plain(value: Any) -> Any:
     return copy.deepcopy(value)
 
 
-def _hparams(**args: Any) -> dict[str, Any]:
-    """The constructor arguments that can rebuild the module: configs and plain values, not objects."""
-    out: dict[str, Any] = {"active_branch": args["active_branch"], "predict_all": args["predict_all"]}
-    for key in ("backbone", "optimizer", "scheduler"):
-        if _is_config(args[key]):
-            out[key] = _plain(args[key])
-    for key in ("branches", "losses"):
-        value = args[key]
-        if isinstance(value, Mapping) and all(_is_config(v) for v in value.values()):
-            out[key] = _plain(value)
-    metrics = args["metrics"]
-    if isinstance(metrics, Mapping) and all(v is None or _is_config(v) for v in metrics.values()):
-        out["metrics"] = _plain(metrics)
-    num_classes = args["num_classes"]
-    if num_classes is not None:
-        out["num_classes"] = _plain(num_classes)
-    if args["train_branches"] is not None:
-        out["train_branches"] = list(args["train_branches"])
-    if args["branch_optimizers"]:
-        out["branch_optimizers"] = _plain(args["branch_optimizers"])
-    if args["random_streams"]:
-        out["random_streams"] = dict(args["random_streams"])
-    return out
-
-
-def _infer_num_classes(branch: nn.Module) -> int | None:
-    linears = [m for m in branch.modules() if isinstance(m, nn.Linear)]
-    return int(linears[-1].out_features) if linears else None
-
-
 def _unpack(batch: Any) -> tuple[Any, Any]:
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
@@ -984,11 +953,6 @@ def _unpack(batch: Any) -> tuple[Any, Any]:
         + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
         + "; override training_step/validation_step for other batch layouts."
     )
-
-
-def _device_of(features: Any, default: torch.device) -> torch.device:
-    """Where the branches run: the device of the backbone's output (the module's device otherwise)."""
-    return features.device if isinstance(features, torch.Tensor) else default
 
 
 def _size(x: Any) -> int | None:

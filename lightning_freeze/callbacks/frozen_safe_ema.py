@@ -23,11 +23,10 @@ from lightning_freeze.core.distributed import (
 from lightning_freeze.core.ema import BUFFER_MODES, BufferMode, TrainableEMA, check_decay
 from lightning_freeze.core.errors import FrozenStateError
 from lightning_freeze.core.fingerprint import fingerprint
+from lightning_freeze.core.keys import EMA_STATE_PREFIX
 from lightning_freeze.core.validation import check_choice, check_int
 
 __all__ = ["FrozenSafeEMA", "load_ema_weights"]
-
-_STATE_PREFIX = "FrozenSafeEMA"
 
 
 class FrozenSafeEMA(Callback):
@@ -134,9 +133,7 @@ class FrozenSafeEMA(Callback):
         self._stepped = False
         self._hooks: dict[int, Any] = {}  # id(optimizer) -> step post-hook handle
 
-    # ------------------------------------------------------------------------------------------
-    # public
-    # ------------------------------------------------------------------------------------------
+    # --- public -------------------------------------------------------------------------------
     @property
     @override
     def state_key(self) -> str:
@@ -147,13 +144,7 @@ class FrozenSafeEMA(Callback):
         compute the same average under the same key: ``Trainer(callbacks=...)`` refuses them
         ("``callback.state_key`` must be unique"); keep one.
         """
-        return self._generate_state_key(
-            decay=self.decay,
-            warmup=self.warmup,
-            update_every_n_steps=self.update_every_n_steps,
-            start_step=self.start_step,
-            buffers=self.buffers,
-        )
+        return self._generate_state_key(**self._settings())
 
     @property
     def num_updates(self) -> int:
@@ -215,9 +206,7 @@ class FrozenSafeEMA(Callback):
             )
         return mismatch
 
-    # ------------------------------------------------------------------------------------------
-    # fit
-    # ------------------------------------------------------------------------------------------
+    # --- fit ----------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # a state restored by an earlier trainer call must not leak into this one: Lightning restores
@@ -245,10 +234,7 @@ class FrozenSafeEMA(Callback):
         self.ema = None
         self.step_count = 0
         self._last_global_step = trainer.global_step
-        if self._restored is not None:
-            self._apply_restored(pl_module)
-        else:
-            self.ema = TrainableEMA(pl_module, decay=self.decay, warmup=self.warmup, buffers=self.buffers)
+        self._build_ema(pl_module)
         self._hook_optimizers(trainer)
         self._needs_sync = True
         rank_zero_info(
@@ -310,26 +296,26 @@ class FrozenSafeEMA(Callback):
         self._fitting = False
         self._remove_hooks()
 
-    # ------------------------------------------------------------------------------------------
-    # validation / test on the EMA weights
-    # ------------------------------------------------------------------------------------------
+    # --- validation / test on the EMA weights -------------------------------------------------
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._take_loaded_checkpoint(trainer, pl_module):
-            self._swap_in(pl_module)
+        if not self._take_loaded_checkpoint(trainer, pl_module) or not self.validate_with_ema:
+            return
+        if self.ema is None:
+            rank_zero_warn(
+                "FrozenSafeEMA: no EMA weights to evaluate with (no fit yet, or the loaded checkpoint holds "
+                "no EMA state); running on the raw weights."
+            )
+        elif not self.ema.swapped:
+            self.ema.swap_in(pl_module)
+
+    on_test_start = on_validation_start
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore()
 
-    @override
-    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._take_loaded_checkpoint(trainer, pl_module):
-            self._swap_in(pl_module)
-
-    @override
-    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restore()
+    on_test_end = on_validation_end
 
     @override
     def on_exception(
@@ -342,9 +328,7 @@ class FrozenSafeEMA(Callback):
         self._restore()
         self._remove_hooks()
 
-    # ------------------------------------------------------------------------------------------
-    # checkpoints
-    # ------------------------------------------------------------------------------------------
+    # --- checkpoints --------------------------------------------------------------------------
     @override
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -371,11 +355,7 @@ class FrozenSafeEMA(Callback):
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "step_count": self.step_count,
             "last_global_step": self._last_global_step,
-            "decay": self.decay,
-            "warmup": self.warmup,
-            "update_every_n_steps": self.update_every_n_steps,
-            "start_step": self.start_step,
-            "buffers": self.buffers,
+            **self._settings(),
         }
 
     @override
@@ -384,33 +364,34 @@ class FrozenSafeEMA(Callback):
         # restore after setup call this once the EMA exists
         self._restored = dict(state_dict)
         if self._fitting and self.ema is not None:
-            self._apply_restored(self.ema.model)
+            self._build_ema(self.ema.model)
 
-    # ------------------------------------------------------------------------------------------
-    # internals
-    # ------------------------------------------------------------------------------------------
-    def _apply_restored(self, pl_module: nn.Module) -> None:
+    # --- internals ----------------------------------------------------------------------------
+    def _settings(self) -> dict[str, Any]:
+        # every setting that shapes the average (the state key, saved with the state)
+        return {
+            "decay": self.decay,
+            "warmup": self.warmup,
+            "update_every_n_steps": self.update_every_n_steps,
+            "start_step": self.start_step,
+            "buffers": self.buffers,
+        }
+
+    def _build_ema(self, pl_module: nn.Module) -> None:
+        """The EMA of the restored state (counters included while fitting), else a fresh one if none."""
         restored, self._restored = self._restored, None
-        assert restored is not None
-        if restored.get("ema") is not None:
-            self.ema = TrainableEMA.from_state_dict(
-                pl_module, restored["ema"], decay=self.decay, warmup=self.warmup, buffers=self.buffers
-            )
+        settings = {"decay": self.decay, "warmup": self.warmup, "buffers": self.buffers}
+        if restored is not None and restored.get("ema") is not None:
+            self.ema = TrainableEMA.from_state_dict(pl_module, restored["ema"], **settings)
         elif self.ema is None:
-            self.ema = TrainableEMA(pl_module, decay=self.decay, warmup=self.warmup, buffers=self.buffers)
-        if self._fitting:
+            self.ema = TrainableEMA(pl_module, **settings)
+        if self._fitting and restored is not None:
             self.step_count = int(restored.get("step_count", 0))
             self._last_global_step = int(restored.get("last_global_step", 0))
 
     def _take_loaded_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
-        """``trainer.validate/test(ckpt_path=X)``: the EMA becomes X's, or none when X holds none.
-
-        The model now holds X's weights: an EMA from an earlier fit averages other weights and must
-        not be swapped in. Evaluated: X's EMA weights when X holds this callback's state, else X's
-        raw weights; one info line says which.
-
-        Returns:
-            ``False`` when X holds no EMA state (its raw weights are evaluated, nothing to swap in).
+        """``trainer.validate/test(ckpt_path=X)``: the EMA becomes X's (an earlier fit's EMA averaged
+        other weights); ``False`` when X holds none (its raw weights are evaluated, nothing to swap in).
         """
         if not self._loaded_checkpoint_pending or self._fitting:
             return True
@@ -418,10 +399,9 @@ class FrozenSafeEMA(Callback):
         path = trainer.ckpt_path
         if not path:
             return True  # no checkpoint loaded: the model holds the weights the current EMA belongs to
-        restored = self._restored
-        self.ema = None
+        restored, self.ema = self._restored, None
         if restored is not None and restored.get("ema") is not None:
-            self._apply_restored(pl_module)
+            self._build_ema(pl_module)
             which = "its EMA weights" if self.validate_with_ema else "its raw weights (validate_with_ema off)"
             rank_zero_info(f"FrozenSafeEMA: evaluating checkpoint {str(path)!r} on {which}.")
             return True
@@ -431,18 +411,6 @@ class FrozenSafeEMA(Callback):
             "evaluating its raw weights (the EMA of an earlier fit averaged other weights: dropped)."
         )
         return False
-
-    def _swap_in(self, pl_module: pl.LightningModule) -> None:
-        if not self.validate_with_ema:
-            return
-        if self.ema is None:
-            rank_zero_warn(
-                "FrozenSafeEMA: no EMA weights to evaluate with (no fit yet, or the loaded checkpoint holds "
-                "no EMA state); running on the raw weights."
-            )
-            return
-        if not self.ema.swapped:
-            self.ema.swap_in(pl_module)
 
     def _restore(self) -> None:
         if self.ema is not None:
@@ -521,10 +489,9 @@ def load_ema_weights(
     # in load_state_dict, which may be the raw one
     callbacks = ckpt["callbacks"]  # ema_state_dict checked that the state exists and is unique
     if state_key is None:
-        state_key = next(k for k in callbacks if isinstance(k, str) and k.startswith(_STATE_PREFIX))
+        state_key = next(k for k in callbacks if isinstance(k, str) and k.startswith(EMA_STATE_PREFIX))
     shadow = callbacks[state_key]["ema"]["shadow"]
-    live = dict(model.named_parameters())
-    live.update(model.named_buffers())
+    live = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     with torch.no_grad():
         for key, value in shadow.items():
             if key in live:

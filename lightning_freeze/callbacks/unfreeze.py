@@ -20,7 +20,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_freeze import _compat
-from lightning_freeze.core.param_groups import add_param_group, extend_scheduler, unsupported_schedulers
+from lightning_freeze.core.param_groups import (
+    SUPPORTED_SCHEDULERS,
+    add_param_group,
+    extend_scheduler,
+    unsupported_schedulers,
+)
+from lightning_freeze.core.selection import resolve_modules
 from lightning_freeze.core.unfreeze_schedule import (
     PlateauTracker,
     UnfreezePhase,
@@ -41,9 +47,8 @@ __all__ = [
 
 def can_unfreeze_under(strategy: Any) -> bool:
     """Single device, or plain DDP (whose wrapper :func:`rewrap_ddp` can rebuild); not sharded/DeepSpeed."""
-    if not isinstance(strategy, ParallelStrategy):
-        return True
-    return isinstance(strategy, DDPStrategy) and "DeepSpeed" not in type(strategy).__name__
+    ddp = isinstance(strategy, DDPStrategy) and "DeepSpeed" not in type(strategy).__name__
+    return ddp or not isinstance(strategy, ParallelStrategy)
 
 
 def rewrap_ddp(trainer: pl.Trainer) -> bool:
@@ -73,24 +78,24 @@ def rewrap_ddp(trainer: pl.Trainer) -> bool:
 
 def check_schedulers(trainer: pl.Trainer, who: str) -> None:
     """Refuse (``ValueError``) a scheduler of the first optimizer that a new param group cannot join."""
-    if not trainer.optimizers:
-        return
-    optimizer = trainer.optimizers[0]
-    mine = [
-        c.scheduler
-        for c in trainer.lr_scheduler_configs
-        if getattr(c.scheduler, "optimizer", None) is optimizer
-    ]
-    bad = unsupported_schedulers(mine)
+    bad = unsupported_schedulers(_schedulers_of(trainer)) if trainer.optimizers else []
     if bad:
-        from lightning_freeze.core.param_groups import SUPPORTED_SCHEDULERS
-
         raise ValueError(
             f"{who} cannot extend the learning-rate scheduler {bad[0]} to the new param group: it may "
             "keep per-group state this callback does not know. Supported schedulers: "
             f"{', '.join(c.__name__ for c in SUPPORTED_SCHEDULERS)} (and their subclasses). "
             "Use one of them, or train the unfrozen model as a new stage."
         )
+
+
+def _schedulers_of(trainer: pl.Trainer) -> list[Any]:
+    """The learning-rate schedulers of the first optimizer."""
+    optimizer = trainer.optimizers[0]
+    return [
+        c.scheduler
+        for c in trainer.lr_scheduler_configs
+        if getattr(c.scheduler, "optimizer", None) is optimizer
+    ]
 
 
 def add_to_optimizer(
@@ -110,9 +115,8 @@ def add_to_optimizer(
     add_param_group(optimizer, params, scale)
     if lr is not None:
         optimizer.param_groups[-1]["lr"] = lr
-    for config in trainer.lr_scheduler_configs:
-        if getattr(config.scheduler, "optimizer", None) is optimizer:
-            extend_scheduler(config.scheduler, optimizer, scale)
+    for scheduler in _schedulers_of(trainer):
+        extend_scheduler(scheduler, optimizer, scale)
     return float(optimizer.param_groups[-1]["lr"])
 
 
@@ -174,13 +178,10 @@ class PhaseRunner:
     # --- setup ------------------------------------------------------------------------------
     def names_to_freeze(self, pl_module: nn.Module, names: list[str]) -> list[str]:
         """Resolve the phases on ``pl_module`` and split ``names`` so each phase's modules are their own."""
-        from lightning_freeze.core.selection import resolve_modules
-
         self._module = pl_module
         roots = list(resolve_modules(pl_module, names))
         self.phases = self.schedule.resolve(pl_module)
-        targets = [m for phase in self.phases for m in phase.modules]  # type: ignore[union-attr]
-        seen: dict[str, int] = {}
+        seen: dict[str, int] = {}  # module -> the phase that unfreezes it
         for i, phase in enumerate(self.phases, start=1):
             for m in phase.modules:  # type: ignore[union-attr]
                 if m in seen:
@@ -188,7 +189,7 @@ class PhaseRunner:
                         f"UnfreezeSchedule: {m!r} is unfrozen by phase {seen[m]} and phase {i} again."
                     )
                 seen[m] = i
-        names = split_frozen_names(pl_module, roots, targets)
+        names = split_frozen_names(pl_module, roots, list(seen))
         for i, phase in enumerate(self.phases, start=1):
             for m in phase.modules:  # type: ignore[union-attr]
                 outer = next((n for n in names if m.startswith(n + ".")), None)
@@ -224,9 +225,8 @@ class PhaseRunner:
             return []
         self.decided_epoch = epoch
         out: list[int] = []
-        k, start = self.begun, self.phase_epoch
-        while k < len(self.phases):
-            phase = self.phases[k]
+        start = self.phase_epoch
+        for k, phase in enumerate(self.phases[self.begun :], start=self.begun):
             if phase.epoch is not None:
                 go = epoch >= phase.epoch
             else:
@@ -236,7 +236,7 @@ class PhaseRunner:
             if not go:
                 break
             out.append(k)
-            k, start = k + 1, epoch
+            start = epoch
         if self.schedule.monitor is not None and trainer.world_size > 1:
             out = trainer.strategy.broadcast(out, src=0)
         return out
@@ -272,9 +272,7 @@ class PhaseRunner:
         with torch.no_grad():
             for key, value in self.best["tensors"].items():
                 state[key].copy_(value)
-        current = optimizer.state_dict()
-        current["state"] = self.best["optimizer"]
-        optimizer.load_state_dict(current)
+        optimizer.load_state_dict({**optimizer.state_dict(), "state": self.best["optimizer"]})
         return True
 
     # --- validation -------------------------------------------------------------------------
@@ -291,12 +289,9 @@ class PhaseRunner:
             )
         value = float(metrics[monitor])
         improved = self.tracker.update(trainer.current_epoch, value)
-        if self.timeline:
-            self.timeline[-1].setdefault("val", []).append((trainer.current_epoch, value))
-        else:
-            self.timeline.append(
-                {"phase": 0, "epoch": 0, "modules": [], "val": [(trainer.current_epoch, value)]}
-            )
+        if not self.timeline:
+            self.timeline.append({"phase": 0, "epoch": 0, "modules": []})
+        self.timeline[-1].setdefault("val", []).append((trainer.current_epoch, value))
         if improved and self.schedule.restore_best:
             self._pending_best = True  # taken once the raw weights are back (an EMA may be swapped in now)
 

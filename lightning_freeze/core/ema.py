@@ -93,20 +93,13 @@ def trainable_tensors(model: nn.Module, buffers: BufferMode = "copy") -> dict[st
     seen: set[int] = set()
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
-        owns_trainable = False
-        for name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad:
-                continue
-            owns_trainable = True
-            if id(param) not in seen:
-                seen.add(id(param))
-                out[prefix + name] = (param, True)
-        if owns_trainable and buffers != "ignore":
-            for name, buf in _compat.persistent_buffers(module):
-                if id(buf) in seen:
-                    continue
-                seen.add(id(buf))
-                out[prefix + name] = (buf, False)
+        found = [(n, p, True) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if found and buffers != "ignore":  # a trainable module: its buffers too
+            found += [(n, b, False) for n, b in _compat.persistent_buffers(module)]
+        for name, tensor, is_param in found:
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                out[prefix + name] = (tensor, is_param)
     return out
 
 
@@ -116,11 +109,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _shadow_dtype(tensor: Tensor, lerp: bool) -> torch.dtype:
-    # the averaged shadow is at least fp32 (bf16/fp16 weights lose the average otherwise)
-    return torch.promote_types(tensor.dtype, torch.float32) if lerp else tensor.dtype
-
-
 @dataclass
 class _Entry:
     tensor: Tensor  # the live parameter or buffer of the model
@@ -128,12 +116,21 @@ class _Entry:
     lerp: bool  # averaged (True) or copied (False)
     joined_at: int  # value of num_updates when the tensor joined the shadow
 
+    @classmethod
+    def of(cls, tensor: Tensor, value: Tensor, lerp: bool, joined_at: int) -> _Entry:
+        # the averaged shadow is at least fp32 (bf16/fp16 weights lose the average otherwise)
+        dtype = torch.promote_types(tensor.dtype, torch.float32) if lerp else tensor.dtype
+        shadow = torch.empty_like(tensor, dtype=dtype)
+        copy_full_into(shadow, value)  # a full saved tensor into a sharded shadow: this rank's slice
+        return cls(tensor, shadow, lerp, joined_at)
+
 
 @dataclass
 class _Group:
     lerp: bool
-    joined_at: int
+    joined_at: int  # -1 for copied tensors
     device: torch.device
+    shadow_dtype: torch.dtype
     source_dtype: torch.dtype
     shadows: list[Tensor]
     sources: list[Tensor]
@@ -185,14 +182,14 @@ class TrainableEMA:
     def __init__(
         self, model: nn.Module, decay: float = 0.999, warmup: bool = True, buffers: BufferMode = "copy"
     ) -> None:
+        self.__bind(model, decay, warmup, buffers)
+        self.sync()
+
+    def __bind(self, model: nn.Module, decay: float, warmup: bool, buffers: BufferMode) -> None:
+        # the state of an EMA bound to `model` with no shadow yet (also for from_state_dict)
         self.decay = check_decay(decay)
         self.warmup = bool(warmup)
         self.buffers = check_choice("buffers", buffers, BUFFER_MODES)
-        self.__bind(model)
-        self.sync(self._model)
-
-    def __bind(self, model: nn.Module) -> None:
-        # the state of an EMA bound to `model` with no shadow yet (also for from_state_dict)
         self.num_updates = 0
         self.last_decay: float | None = None
         self._model = _unwrap(model)
@@ -200,9 +197,7 @@ class TrainableEMA:
         self._groups: list[_Group] = []
         self._swapped: dict[str, tuple[Tensor, Tensor]] | None = None  # key -> (live tensor, raw value)
 
-    # ------------------------------------------------------------------------------------------
-    # construction / trainable set
-    # ------------------------------------------------------------------------------------------
+    # --- construction / trainable set ---------------------------------------------------------
     @classmethod
     def from_state_dict(cls, model: nn.Module, state: Mapping[str, Any], **overrides: Any) -> TrainableEMA:
         """An EMA bound to ``model`` with the shadow and counters of ``state`` (see :meth:`state_dict`).
@@ -216,12 +211,8 @@ class TrainableEMA:
         unknown = set(overrides) - set(config)
         if unknown:
             raise TypeError(f"Unexpected argument(s) {sorted(unknown)}; valid: {sorted(config)}.")
-        config.update(overrides)
         ema = cls.__new__(cls)
-        ema.decay = check_decay(config["decay"])
-        ema.warmup = bool(config["warmup"])
-        ema.buffers = check_choice("buffers", config["buffers"], BUFFER_MODES)
-        ema.__bind(model)
+        ema.__bind(model, **{**config, **overrides})
         ema.load_state_dict(state)
         return ema
 
@@ -249,50 +240,37 @@ class TrainableEMA:
                 "(requires_grad=True on none). TrainableEMA shadows trainable parameters only; valid: a "
                 "model with at least one parameter that requires grad."
             )
-        removed = [key for key in self._entries if key not in current]
-        for key in removed:
-            del self._entries[key]
+        removed = [key for key in self._entries if key not in current]  # dropped by the reordering below
         added = []
         with torch.no_grad(), torch.inference_mode(False):
             for key, (tensor, is_param) in current.items():
                 entry = self._entries.get(key)
-                lerp = is_param or (self.buffers == "average" and tensor.is_floating_point())
+                lerp = self._averaged(tensor, is_param)
                 if entry is not None and entry.shadow.shape == tensor.shape and entry.lerp == lerp:
                     entry.tensor = tensor  # the same tensor, or its replacement under the same name
                     continue
-                shadow = torch.empty_like(tensor, dtype=_shadow_dtype(tensor, lerp))
-                shadow.copy_(tensor.detach())
-                self._entries[key] = _Entry(tensor, shadow, lerp, self.num_updates)
+                self._entries[key] = _Entry.of(tensor, tensor.detach(), lerp, self.num_updates)
                 added.append(key)
         # keep registration order (identical on every rank, stable groups)
         self._entries = {key: self._entries[key] for key in current}
         self._regroup()
         return added, removed
 
+    def _averaged(self, tensor: Tensor, is_param: bool) -> bool:
+        return is_param or (self.buffers == "average" and tensor.is_floating_point())
+
     def _regroup(self) -> None:
         groups: dict[tuple[Any, ...], _Group] = {}
-        for entry in self._entries.values():
-            if entry.shadow.device != entry.tensor.device:  # the model moved since
-                entry.shadow = entry.shadow.to(entry.tensor.device)
-            gkey = (
-                entry.lerp,
-                entry.joined_at if entry.lerp else -1,
-                entry.tensor.device,
-                entry.shadow.dtype,
-                entry.tensor.dtype,
-            )
-            group = groups.get(gkey)
-            if group is None:
-                group = groups[gkey] = _Group(
-                    entry.lerp, entry.joined_at, entry.tensor.device, entry.tensor.dtype, [], []
-                )
-            group.shadows.append(entry.shadow)
-            group.sources.append(entry.tensor)
+        for e in self._entries.values():
+            if e.shadow.device != e.tensor.device:  # the model moved since
+                e.shadow = e.shadow.to(e.tensor.device)
+            key = (e.lerp, e.joined_at if e.lerp else -1, e.tensor.device, e.shadow.dtype, e.tensor.dtype)
+            group = groups.setdefault(key, _Group(*key, [], []))
+            group.shadows.append(e.shadow)
+            group.sources.append(e.tensor)
         self._groups = list(groups.values())
 
-    # ------------------------------------------------------------------------------------------
-    # the update
-    # ------------------------------------------------------------------------------------------
+    # --- the update ---------------------------------------------------------------------------
     def decay_at(self, updates: int) -> float:
         """:func:`effective_decay` with this EMA's ``decay`` and ``warmup``."""
         return effective_decay(self.decay, updates, self.warmup)
@@ -312,12 +290,10 @@ class TrainableEMA:
         self._require_not_swapped("update")
         if model is not None and _unwrap(model) is not self._model:
             self.sync(model)
+        # one attribute check per group: follows a model moved to another device or dtype
+        if any(g.sources[0].device != g.device or g.sources[0].dtype != g.source_dtype for g in self._groups):
+            self._regroup()
         groups = self._groups
-        for group in groups:  # one attribute check per group: follows a model moved to another device
-            if group.sources[0].device != group.device or group.sources[0].dtype != group.source_dtype:
-                self._regroup()
-                groups = self._groups
-                break
         oldest = min((g.joined_at for g in groups if g.lerp), default=self.num_updates)
         with torch.no_grad():
             for group in groups:
@@ -326,17 +302,15 @@ class TrainableEMA:
                     continue
                 weight = 1.0 - self.decay_at(self.num_updates - group.joined_at)
                 sources = group.sources
-                if group.source_dtype != group.shadows[0].dtype:  # fp16/bf16 weights, fp32 shadow
-                    sources = [s.to(group.shadows[0].dtype) for s in sources]
+                if group.source_dtype != group.shadow_dtype:  # fp16/bf16 weights, fp32 shadow
+                    sources = [s.to(group.shadow_dtype) for s in sources]
                 # lerp, not decay*e + (1-decay)*m: exact when e == m, so still weights never drift
                 _compat.foreach_lerp_(group.shadows, sources, weight)
         self.last_decay = self.decay_at(self.num_updates - oldest)
         self.num_updates += 1
         return self.last_decay
 
-    # ------------------------------------------------------------------------------------------
-    # using the averaged weights
-    # ------------------------------------------------------------------------------------------
+    # --- using the averaged weights -----------------------------------------------------------
     @property
     def model(self) -> nn.Module:
         """The model whose trainable tensors are averaged (unwrapped from DDP/DataParallel)."""
@@ -375,15 +349,15 @@ class TrainableEMA:
         """Whether the EMA weights are currently swapped into the model."""
         return self._swapped is not None
 
-    def _pairs(self, model: nn.Module | None) -> list[tuple[str, Tensor, Tensor]]:
-        # the shadowed tensors that are trainable in `model` now: a tensor frozen since the last
-        # sync is never written
-        current = trainable_tensors(_unwrap(model) if model is not None else self._model, self.buffers)
-        return [
-            (key, current[key][0], entry.shadow)
-            for key, entry in self._entries.items()
-            if key in current and current[key][0].shape == entry.shadow.shape
-        ]
+    def _resolve(self, model: nn.Module | None) -> nn.Module:
+        return self._model if model is None else _unwrap(model)
+
+    def _pairs(self, model: nn.Module | None) -> tuple[list[str], list[Tensor], list[Tensor]]:
+        # (keys, live tensors, shadows) of the shadowed tensors that are trainable in `model` now:
+        # a tensor frozen since the last sync is never written
+        live = trainable_tensors(self._resolve(model), self.buffers)
+        keys = [k for k, e in self._entries.items() if k in live and live[k][0].shape == e.shadow.shape]
+        return keys, [live[k][0] for k in keys], [self._entries[k].shadow for k in keys]
 
     def swap_in(self, model: nn.Module | None = None) -> dict[str, Tensor]:
         """Copy the EMA weights into the model, keeping the raw values aside; undo with :meth:`restore`.
@@ -394,12 +368,12 @@ class TrainableEMA:
             the raw values put aside, keyed as in ``model.state_dict()``.
         """
         self._require_not_swapped("swap_in")
-        pairs = self._pairs(model)
+        keys, tensors, shadows = self._pairs(model)
         with torch.no_grad():
-            raw = {key: tensor.detach().clone() for key, tensor, _ in pairs}
-            _compat.foreach_copy_([t for _, t, _ in pairs], [s for _, _, s in pairs])
-        self._swapped = {key: (tensor, raw[key]) for key, tensor, _ in pairs}
-        return raw
+            raw = [tensor.detach().clone() for tensor in tensors]
+            _compat.foreach_copy_(tensors, shadows)
+        self._swapped = dict(zip(keys, zip(tensors, raw, strict=True), strict=True))
+        return dict(zip(keys, raw, strict=True))
 
     def raw_values(self, model: nn.Module | None = None) -> dict[str, Tensor]:
         """While swapped: the raw values put aside, under every ``model.state_dict()`` key that names them.
@@ -409,13 +383,9 @@ class TrainableEMA:
         """
         if self._swapped is None:
             return {}
-        model = _unwrap(model) if model is not None else self._model
         by_id = {id(tensor): raw for tensor, raw in self._swapped.values()}
-        return {
-            key: by_id[id(value)]
-            for key, value in model.state_dict(keep_vars=True).items()
-            if id(value) in by_id
-        }
+        state = self._resolve(model).state_dict(keep_vars=True)
+        return {key: by_id[id(value)] for key, value in state.items() if id(value) in by_id}
 
     def restore(self) -> None:
         """Put the raw values back after :meth:`swap_in` (bitwise); no-op when not swapped."""
@@ -450,10 +420,10 @@ class TrainableEMA:
             the keys written (the shadowed tensors that are trainable in ``model``).
         """
         self._require_not_swapped("copy_to")
-        pairs = self._pairs(model)
+        keys, tensors, shadows = self._pairs(model)
         with torch.no_grad():
-            _compat.foreach_copy_([t for _, t, _ in pairs], [s for _, _, s in pairs])
-        return [key for key, _, _ in pairs]
+            _compat.foreach_copy_(tensors, shadows)
+        return keys
 
     def ema_state_dict(self, model: nn.Module | None = None, full: bool = False) -> dict[str, Tensor]:
         """The full ``model.state_dict()`` with every shadowed tensor replaced by its EMA.
@@ -469,22 +439,19 @@ class TrainableEMA:
             full: gather sharded values into full tensors (``DTensor.full_tensor()``, a collective:
                 call it on every rank). No effect on a model without sharded tensors.
         """
-        model = _unwrap(model) if model is not None else self._model
         by_id = {id(entry.tensor): entry.shadow for entry in self._entries.values()}
         out: dict[str, Tensor] = {}
-        for key, value in model.state_dict(keep_vars=True).items():
-            shadow = by_id.get(id(value))
-            if shadow is not None:
-                out[key] = shadow.detach().to(dtype=value.dtype, copy=True)
-            else:
-                out[key] = value.detach() if isinstance(value, Tensor) else value
-            if full and callable(getattr(out[key], "full_tensor", None)):
-                out[key] = out[key].full_tensor()  # type: ignore[operator]
+        for key, value in self._resolve(model).state_dict(keep_vars=True).items():
+            if id(value) in by_id:
+                value = by_id[id(value)].detach().to(dtype=value.dtype, copy=True)
+            elif isinstance(value, Tensor):
+                value = value.detach()
+            if full and callable(getattr(value, "full_tensor", None)):
+                value = value.full_tensor()  # type: ignore[operator]
+            out[key] = value
         return out
 
-    # ------------------------------------------------------------------------------------------
-    # checkpointing
-    # ------------------------------------------------------------------------------------------
+    # --- checkpointing ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Shadow and counters (no frozen tensor), for ``torch.save`` or a Lightning checkpoint.
 
@@ -513,8 +480,7 @@ class TrainableEMA:
         """
         self._require_not_swapped("load_state_dict")
         _check_state(state)
-        live = dict(self._model.named_parameters())
-        live.update(self._model.named_buffers())
+        live = {**dict(self._model.named_parameters()), **dict(self._model.named_buffers())}
         entries: dict[str, _Entry] = {}
         with torch.no_grad(), torch.inference_mode(False):
             for key, saved in state["shadow"].items():
@@ -529,12 +495,8 @@ class TrainableEMA:
                         f"EMA state shadow {key!r} has shape {tuple(saved.shape)}, the model's tensor "
                         f"{tuple(tensor.shape)}."
                     )
-                lerp = isinstance(tensor, nn.Parameter) or (
-                    self.buffers == "average" and tensor.is_floating_point()
-                )
-                shadow = torch.empty_like(tensor, dtype=_shadow_dtype(tensor, lerp))
-                copy_full_into(shadow, saved)  # a full saved tensor into a sharded shadow: this rank's slice
-                entries[key] = _Entry(tensor, shadow, lerp, int(state["joined_at"].get(key, 0)))
+                lerp = self._averaged(tensor, isinstance(tensor, nn.Parameter))
+                entries[key] = _Entry.of(tensor, saved, lerp, int(state["joined_at"].get(key, 0)))
         self._entries = entries
         self.num_updates = int(state["num_updates"])
         self._regroup()

@@ -127,12 +127,6 @@ class FrozenModules:
         )
 
 
-def _set_submodule(root: nn.Module, dotted: str, new: nn.Module) -> None:
-    parent_name, _, child = dotted.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
 def pin_frozen_layers(root: nn.Module, names: Iterable[str], *, norm: NormMode, dropout: DropoutMode) -> int:
     """(Re-)pin already frozen modules to eval mode, following the rule of :func:`freeze`.
 
@@ -169,10 +163,6 @@ def pin_frozen_layers(root: nn.Module, names: Iterable[str], *, norm: NormMode, 
     return count
 
 
-def _is_repin_hook(hook: object) -> bool:
-    return isinstance(hook, functools.partial) and hook.func is eval_guard_pre_hook
-
-
 def guard_frozen_module(module: nn.Module, *, norm: NormMode, dropout: DropoutMode) -> None:
     """Install (once) a forward pre-hook on a frozen module that re-applies the eval rule.
 
@@ -190,7 +180,9 @@ def guard_frozen_module(module: nn.Module, *, norm: NormMode, dropout: DropoutMo
 
 
 def _remove_guard(module: nn.Module) -> None:
-    _compat.remove_forward_pre_hooks(module, _is_repin_hook)
+    _compat.remove_forward_pre_hooks(
+        module, lambda hook: isinstance(hook, functools.partial) and hook.func is eval_guard_pre_hook
+    )
 
 
 def frozen_tensor_keys(root: nn.Module, names: Iterable[str], *, norm: NormMode = "eval") -> list[str]:
@@ -279,14 +271,13 @@ def freeze(
     }
     converted = 0
     kept: dict[str, str] = {}
-    for name in list(selected):
-        module = selected[name]
+    for name, module in list(selected.items()):
         module.requires_grad_(False)
         if norm == "frozen":
             new, n = convert_to_frozen_norm(module, kept=kept, prefix=name)
             converted += n
             if new is not module:
-                _set_submodule(root, name, new)
+                root.set_submodule(name, new)
                 selected[name] = new
     pinned = pin_frozen_layers(root, selected, norm=norm, dropout=dropout)
     names = list(selected)
@@ -360,7 +351,7 @@ def unfreeze(
         was_training = module.training
         new, _ = convert_from_frozen_norm(module)
         if new is not module:
-            _set_submodule(root, name, new)
+            root.set_submodule(name, new)
             module = new
         if record is None:
             module.requires_grad_(True)

@@ -117,10 +117,7 @@ def merge_checkpoints(
 
 def _merged_metadata(checkpoints: Sequence[Mapping[str, Any]], branches: list[str]) -> dict[str, Any]:
     first = checkpoints[0]
-    out: dict[str, Any] = {}
-    for key in ("pytorch-lightning_version", "hparams_name"):
-        if key in first:
-            out[key] = first[key]
+    out: dict[str, Any] = {k: first[k] for k in ("pytorch-lightning_version", "hparams_name") if k in first}
     if "pytorch-lightning_version" not in out and (version := _installed_lightning_version()):
         out["pytorch-lightning_version"] = version  # LightningModule.load_from_checkpoint requires it
     hparams_list = [c.get("hyper_parameters") for c in checkpoints]

@@ -34,6 +34,7 @@ from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from lightning_freeze import _compat
+from lightning_freeze.core.bits import tensors_bitwise_equal
 
 __all__ = [
     "FrozenBatchNorm",
@@ -104,9 +105,7 @@ def find_running_stat_norms(module: nn.Module, prefix: str = "") -> dict[str, nn
     return {name: m for name, m in module.named_modules(prefix=prefix) if is_running_stat_norm(m)}
 
 
-# ---------------------------------------------------------------------------------------------
-# pinning
-# ---------------------------------------------------------------------------------------------
+# --- pinning ---------------------------------------------------------------------------------
 def _force_eval_pre_hook(module: nn.Module, args: Any) -> None:
     # Runs right before every forward: whatever called .train() since (user hooks, a .train()
     # inside training_step, LightningModule.unfreeze()), this layer computes in eval mode.
@@ -132,9 +131,8 @@ def pin_eval(modules: dict[str, nn.Module] | list[nn.Module] | nn.Module) -> int
     Returns:
         The number of modules newly pinned (already pinned ones are not counted).
     """
-    items = _module_list(modules)
     newly = 0
-    for module in items:
+    for module in _module_list(modules):
         module.train(False)
         if not is_pinned(module):
             module.register_forward_pre_hook(_force_eval_pre_hook)
@@ -168,16 +166,12 @@ def _module_list(modules: dict[str, nn.Module] | list[nn.Module] | nn.Module) ->
     return list(modules)
 
 
-# ---------------------------------------------------------------------------------------------
-# frozen equivalents
-# ---------------------------------------------------------------------------------------------
+# --- frozen equivalents -----------------------------------------------------------------------
 class _FrozenNormBase(nn.Module):
     """Shared machinery of the frozen norm layers: everything is a buffer, ``train()`` is a no-op."""
 
     # not scripted: plain Python state for the exact round trip back to the source class
-    __jit_ignored_attributes__ = ["_original_cls", "_template"]
-
-    _original_cls: type[nn.Module]
+    __jit_ignored_attributes__ = ["_template"]
 
     def __init__(self, source: nn.Module) -> None:
         super().__init__()
@@ -191,7 +185,6 @@ class _FrozenNormBase(nn.Module):
         self.momentum = source.momentum
         self.affine: bool = bool(source.affine)
         self.track_running_stats = True
-        self._original_cls = type(source)
         # A tensor-free copy of the source layer (class, constructor arguments, attributes): the
         # round trip back (:meth:`unfrozen`) loads this layer's values into a copy of it. Not a
         # registered submodule: no state_dict keys, not moved by .to(), ignored by TorchScript.
@@ -201,11 +194,9 @@ class _FrozenNormBase(nn.Module):
         unpin_eval(template)
         object.__setattr__(self, "_template", template.to("meta"))
         with torch.no_grad():
-            for name in ("weight", "bias"):
-                tensor = getattr(source, name, None)
+            for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+                tensor = getattr(source, name)  # weight and bias are None without affine
                 self.register_buffer(name, None if tensor is None else tensor.detach().clone())
-            for name in ("running_mean", "running_var", "num_batches_tracked"):
-                self.register_buffer(name, getattr(source, name).detach().clone())
         # input ranks the source class accepts, probed once with its own check (scriptable forward)
         self._min_dim, self._max_dim = _accepted_ranks(source)
         if self._min_dim == self._max_dim:
@@ -249,48 +240,21 @@ class _FrozenNormBase(nn.Module):
         The tensors are cloned (bitwise equal, same dtype and device as this layer's); the affine
         parameters are new ``nn.Parameter`` objects that require grad.
         """
-        template = self.__dict__.get("_template")
-        if template is None:  # pickled by a version without templates
-            return self._unfrozen_from_defaults()
-        layer = copy.deepcopy(template)
+        layer = copy.deepcopy(self._template)
         with torch.no_grad():
             params = dict(layer.named_parameters(recurse=False))
             buffers = dict(layer.named_buffers(recurse=False))
             for name, value in self._buffers.items():
-                if name in params:
-                    if value is not None:
-                        setattr(layer, name, nn.Parameter(value.detach().clone()))
-                elif name in buffers:
-                    setattr(layer, name, value.detach().clone() if value is not None else None)
+                if value is not None and (name in params or name in buffers):
+                    value = value.detach().clone()
+                    setattr(layer, name, nn.Parameter(value) if name in params else value)
         left = [n for n, t in layer.state_dict(keep_vars=True).items() if t is not None and t.is_meta]
         if left:
             raise RuntimeError(f"Cannot restore {type(layer).__name__}: no values for {left}.")
         return layer.train(True)
 
-    def _unfrozen_from_defaults(self) -> nn.Module:
-        cls = self._original_cls
-        kwargs: dict[str, Any] = {
-            "eps": self.eps,
-            "momentum": self.momentum,
-            "affine": self.affine,
-            "track_running_stats": True,
-        }
-        if issubclass(cls, _LazyNormBase):
-            cls = _LAZY_TO_EAGER.get(cls, nn.BatchNorm2d)
-        layer = cls(self.num_features, **kwargs)
-        layer = layer.to(device=self.running_mean.device)
-        with torch.no_grad():
-            for name in ("weight", "bias"):
-                value = getattr(self, name)
-                if value is not None:
-                    param = getattr(layer, name)
-                    param.data = value.detach().clone()
-            for name in ("running_mean", "running_var", "num_batches_tracked"):
-                setattr(layer, name, getattr(self, name).detach().clone())
-        return layer
-
     def extra_repr(self) -> str:
-        source = self._original_cls.__name__
+        source = type(self._template).__name__
         return f"{self.num_features}, eps={self.eps}, affine={self.affine}, frozen from {source}"
 
 
@@ -298,10 +262,7 @@ _MAX_PROBED_RANK = 8
 
 
 def _accepted_ranks(source: nn.Module) -> tuple[int, int]:
-    ok = []
-    for rank in range(_MAX_PROBED_RANK + 1):
-        if _compat.norm_accepts_rank(source, rank):
-            ok.append(rank)
+    ok = [rank for rank in range(_MAX_PROBED_RANK + 1) if _compat.norm_accepts_rank(source, rank)]
     if not ok:
         raise TypeError(f"{type(source).__name__}._check_input_dim accepts no input rank up to 8.")
     return ok[0], (2**31 - 1 if ok[-1] == _MAX_PROBED_RANK else ok[-1])
@@ -375,23 +336,9 @@ class FrozenInstanceNorm(_FrozenNormBase):
         return out.squeeze(0) if unbatched else out
 
 
-_LAZY_TO_EAGER: dict[type[nn.Module], type[nn.Module]] = {
-    nn.LazyBatchNorm1d: nn.BatchNorm1d,
-    nn.LazyBatchNorm2d: nn.BatchNorm2d,
-    nn.LazyBatchNorm3d: nn.BatchNorm3d,
-    nn.LazyInstanceNorm1d: nn.InstanceNorm1d,
-    nn.LazyInstanceNorm2d: nn.InstanceNorm2d,
-    nn.LazyInstanceNorm3d: nn.InstanceNorm3d,
-}
-
 # the forwards the frozen equivalents reproduce exactly (eval mode); a subclass that overrides
 # forward (timm BatchNormAct2d: + activation + drop) computes something else
 _REPRODUCED_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward, _InstanceNorm.forward)
-
-
-def _has_foreign_hooks(module: nn.Module) -> bool:
-    pre, post = _compat.module_forward_hooks(module)
-    return any(h is not _force_eval_pre_hook for h in pre) or bool(post)
 
 
 def frozen_norm_obstacle(module: nn.Module) -> str | None:
@@ -411,7 +358,8 @@ def frozen_norm_obstacle(module: nn.Module) -> str | None:
         return f"{cls.__name__} overrides forward (it computes more than the normalization)"
     if next(iter(module.children()), None) is not None:
         return f"{cls.__name__} has submodules"
-    if _has_foreign_hooks(module):
+    pre, post = _compat.module_forward_hooks(module)
+    if post or any(h is not _force_eval_pre_hook for h in pre):
         return f"{cls.__name__} has forward hooks"
     return None
 
@@ -427,12 +375,6 @@ def _probe_input(module: nn.Module) -> torch.Tensor:
     probe = torch.randn(shape, generator=generator) * 2 + 0.5
     ref = module.running_mean
     return probe.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else torch.float32)
-
-
-def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    return bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 def check_frozen_equivalent(source: nn.Module, frozen: nn.Module) -> str | None:
@@ -453,16 +395,10 @@ def check_frozen_equivalent(source: nn.Module, frozen: nn.Module) -> str | None:
             got = frozen(probe)
     finally:
         source.train(was_training)
-    if _bitwise_equal(expected, got):
+    if tensors_bitwise_equal(expected, got):
         return None
     diff = (expected.double() - got.double()).abs().max().item() if expected.shape == got.shape else "n/a"
     return f"its frozen equivalent's output differs on a probe input (max abs diff {diff})"
-
-
-def _frozen_equivalent(module: nn.Module) -> nn.Module:
-    if isinstance(module, _BatchNorm):
-        return FrozenBatchNorm(module)
-    return FrozenInstanceNorm(module)
 
 
 def _replace_in_tree(
@@ -519,7 +455,7 @@ def convert_to_frozen_norm(
             return None
         reason = frozen_norm_obstacle(layer)
         if reason is None:
-            frozen = _frozen_equivalent(layer)
+            frozen = (FrozenBatchNorm if isinstance(layer, _BatchNorm) else FrozenInstanceNorm)(layer)
             reason = check_frozen_equivalent(layer, frozen)
             if reason is None:
                 return frozen

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.optim import lr_scheduler as torch_lr_scheduler
 
+from lightning_freeze import _compat
+
 __all__ = [
     "SUPPORTED_SCHEDULERS",
     "add_param_group",
@@ -94,8 +96,6 @@ def add_param_group(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]
 
 def scheduler_tree(scheduler: Any) -> Iterator[Any]:
     """``scheduler`` and, for ``SequentialLR``/``ChainedScheduler``, every scheduler inside it."""
-    from lightning_freeze import _compat
-
     yield scheduler
     for child in _compat.child_schedulers(scheduler):
         yield from scheduler_tree(child)
@@ -107,8 +107,6 @@ def extend_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, scale: fl
     Entries that are learning rates (``base_lrs``, ``max_lrs``, ``min_lrs``, the last lrs) are the
     first group's times ``scale``; the others (``lr_lambdas``, momentums) are the first group's.
     """
-    from lightning_freeze import _compat
-
     n_groups = len(optimizer.param_groups)
     for sched in scheduler_tree(scheduler):
         lists = [(getattr(sched, attr, None), scaled) for attr, scaled in _SCHEDULER_GROUP_LISTS]

@@ -88,12 +88,8 @@ class StateDictDiff:
         return bool(self.differences)
 
 
-def _describe_dtype(tensor: torch.Tensor) -> str:
-    return str(tensor.dtype).removeprefix("torch.")
-
-
-def _describe_layout(tensor: torch.Tensor) -> str:
-    return str(tensor.layout).removeprefix("torch.")
+def _short(value: torch.dtype | torch.layout) -> str:
+    return str(value).removeprefix("torch.")
 
 
 def select_keys(keys: Iterable[str], patterns: Sequence[str] | None) -> list[str]:
@@ -114,8 +110,8 @@ def _compare(key: str, a: torch.Tensor, b: torch.Tensor) -> TensorDiff | None:
         status="changed" if a.dtype == b.dtype else "dtype",
         shape_a=tuple(a.shape),
         shape_b=tuple(b.shape),
-        dtype_a=_describe_dtype(a),
-        dtype_b=_describe_dtype(b),
+        dtype_a=_short(a.dtype),
+        dtype_b=_short(b.dtype),
     )
     if a.shape != b.shape:
         diff.status = "shape"
@@ -134,16 +130,15 @@ def _compare(key: str, a: torch.Tensor, b: torch.Tensor) -> TensorDiff | None:
 def _sparse_stats(diff: TensorDiff, a: torch.Tensor, b: torch.Tensor) -> None:
     if a.layout != b.layout:
         diff.status = "layout"
-        diff.detail = f"layout {_describe_layout(a)} -> {_describe_layout(b)}"
-    same_structure = False
+        diff.detail = f"layout {_short(a.layout)} -> {_short(b.layout)}"
     if is_sparse(a) and is_sparse(b):
         (ia, va), (ib, vb) = coalesced_sparse_parts(a), coalesced_sparse_parts(b)
-        same_structure = tensors_bitwise_equal(ia, ib) and va.shape == vb.shape
-        if same_structure:  # same stored positions: compare the stored values, whatever the size
+        if tensors_bitwise_equal(ia, ib) and va.shape == vb.shape:
+            # same stored positions: compare the stored values, whatever the size
             _dense_stats(diff, va, vb, elements_of=va[0].numel() if va.dim() > 1 else 1)
             return
     if a.numel() <= SPARSE_DENSE_LIMIT:
-        if not same_structure and diff.status == "changed":
+        if diff.status == "changed":
             diff.detail = "stored indices differ"
         _dense_stats(diff, a.detach().cpu().to_dense(), b.detach().cpu().to_dense())
     else:
@@ -178,7 +173,7 @@ def _dense_stats(diff: TensorDiff, a: torch.Tensor, b: torch.Tensor, elements_of
     same_dtype = a.dtype == b.dtype
     floating = same_dtype and a.is_floating_point()
     wide = torch.complex128 if (a.is_complex() or b.is_complex()) else torch.float64
-    elements, max_abs, nan_mismatch, max_ulps = 0, None, False, None
+    elements, max_abs, nan_mismatch, max_ulps = 0, 0.0, False, None
     step = max(COMPARE_CHUNK // elements_of, 1) * elements_of
     for start in range(0, flat_a.numel(), step):
         ca, cb = flat_a[start : start + step], flat_b[start : start + step]
@@ -192,12 +187,9 @@ def _dense_stats(diff: TensorDiff, a: torch.Tensor, b: torch.Tensor, elements_of
         if not same_dtype:
             differ = (da != db) & ~(nan_a & nan_b)
             elements += int(differ.reshape(-1, elements_of).any(dim=1).sum())
-        if bool((nan_a != nan_b).any()):
-            nan_mismatch = True
-        gap = (da - db).abs()
-        gap = torch.where(gap.isnan(), torch.zeros_like(gap), gap)
-        chunk_max = float(gap.max()) if gap.numel() else 0.0
-        max_abs = chunk_max if max_abs is None else max(max_abs, chunk_max)
+        nan_mismatch |= bool((nan_a != nan_b).any())
+        gap = (da - db).abs().nan_to_num(nan=0.0, posinf=math.inf)
+        max_abs = max(max_abs, float(gap.max()))
         if floating:
             comparable = ~(nan_a | nan_b)
             if bool(comparable.any()):
@@ -205,7 +197,7 @@ def _dense_stats(diff: TensorDiff, a: torch.Tensor, b: torch.Tensor, elements_of
                 max_ulps = chunk_ulps if max_ulps is None else max(max_ulps, chunk_ulps)
     diff.elements = elements
     if flat_a.numel():
-        diff.max_abs = math.nan if nan_mismatch else (max_abs if max_abs is not None else 0.0)
+        diff.max_abs = math.nan if nan_mismatch else max_abs
         diff.max_ulps = max_ulps
 
 
@@ -265,7 +257,7 @@ def _plain_equal(x: Any, y: Any) -> bool:
 
 def _one_sided(key: str, value: Any, status: str) -> TensorDiff:
     shape = tuple(value.shape) if isinstance(value, torch.Tensor) else None
-    dtype = _describe_dtype(value) if isinstance(value, torch.Tensor) else type(value).__name__
+    dtype = _short(value.dtype) if isinstance(value, torch.Tensor) else type(value).__name__
     if status == "only_a":
         return TensorDiff(key=key, status=status, shape_a=shape, dtype_a=dtype)
     return TensorDiff(key=key, status=status, shape_b=shape, dtype_b=dtype)

@@ -19,6 +19,7 @@ first.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -189,7 +190,13 @@ class UnfreezeSchedule:
                 "weights of a phase are the ones with the best monitored value."
             )
         self.implicit: _Gradual | None = None
-        self._check_triggers()
+        for i, phase in enumerate(self.phases, start=1):
+            if phase.epoch is None and self.monitor is None and self.max_epochs_per_phase is None:
+                raise ValueError(
+                    f"UnfreezeSchedule: phase {i} ({phase.modules}) has epoch=None and the schedule has no "
+                    "monitor and no max_epochs_per_phase: nothing would ever start it. Give the phase an "
+                    "epoch, or the schedule monitor='val_loss' (plateau) or max_epochs_per_phase=N."
+                )
 
     @classmethod
     def gradual(
@@ -239,20 +246,20 @@ class UnfreezeSchedule:
             layer_decay = check_number(
                 "layer_decay", layer_decay, low=0.0, high=1.0, low_inclusive=False, valid="a number in (0, 1]"
             )
-        transition: dict[str, Any] = {
-            "monitor": monitor,
-            "mode": mode,
-            "patience": patience,
-            "min_delta": min_delta,
-            "max_epochs_per_phase": max_epochs_per_phase,
-            "restore_best": restore_best,
-        }
         if every_n_epochs is None and monitor is None and not max_epochs_per_phase:
             raise ValueError(
                 "UnfreezeSchedule.gradual(every_n_epochs=None) needs monitor=... or max_epochs_per_phase=... "
                 "to know when each phase begins."
             )
-        schedule = cls((), **transition)
+        schedule = cls(
+            (),
+            monitor=monitor,
+            mode=mode,
+            patience=patience,
+            min_delta=min_delta,
+            max_epochs_per_phase=max_epochs_per_phase,
+            restore_best=restore_best,
+        )
         schedule.implicit = _Gradual(
             module=check_non_empty_str("module", module),
             every_n_epochs=every_n_epochs,
@@ -267,40 +274,21 @@ class UnfreezeSchedule:
     def resolve(self, root: nn.Module) -> list[UnfreezePhase]:
         """The phases on ``root``, each with concrete dotted module names (patterns and blocks resolved)."""
         if self.implicit is None:
+            # lr_scale is None wherever lr is set (see UnfreezePhase.__post_init__)
             return [
-                UnfreezePhase(
-                    modules=list(resolve_modules(root, p.modules)),
-                    epoch=p.epoch,
-                    lr=p.lr,
-                    lr_scale=None if p.lr is not None else p.lr_scale,
-                    warmup_steps=p.warmup_steps,
-                    norm=p.norm,
-                )
-                for p in self.phases
+                dataclasses.replace(p, modules=list(resolve_modules(root, p.modules))) for p in self.phases
             ]
         g = self.implicit
-        blocks = top_level_blocks(root, g.module)
-        phases = []
-        for i, names in enumerate(reversed(blocks)):
-            phases.append(
-                UnfreezePhase(
-                    modules=names,
-                    epoch=None if g.every_n_epochs is None else g.first_epoch + i * g.every_n_epochs,  # type: ignore[operator]
-                    lr_scale=g.lr_scale * (g.layer_decay**i if g.layer_decay is not None else 1.0),
-                    warmup_steps=g.warmup_steps,
-                    norm=g.norm,
-                )
+        return [
+            UnfreezePhase(
+                modules=names,
+                epoch=None if g.every_n_epochs is None else g.first_epoch + i * g.every_n_epochs,  # type: ignore[operator]
+                lr_scale=g.lr_scale * (g.layer_decay**i if g.layer_decay is not None else 1.0),
+                warmup_steps=g.warmup_steps,
+                norm=g.norm,
             )
-        return phases
-
-    def _check_triggers(self) -> None:
-        for i, phase in enumerate(self.phases, start=1):
-            if phase.epoch is None and self.monitor is None and self.max_epochs_per_phase is None:
-                raise ValueError(
-                    f"UnfreezeSchedule: phase {i} ({phase.modules}) has epoch=None and the schedule has no "
-                    "monitor and no max_epochs_per_phase: nothing would ever start it. Give the phase an "
-                    "epoch, or the schedule monitor='val_loss' (plateau) or max_epochs_per_phase=N."
-                )
+            for i, names in enumerate(reversed(top_level_blocks(root, g.module)))
+        ]
 
     def __repr__(self) -> str:
         if self.implicit is not None:
@@ -413,19 +401,13 @@ class PlateauTracker:
     def update(self, epoch: int, value: float) -> bool:
         """Record a validation; ``True`` when it improved on the phase's best."""
         self.history.append((epoch, value))
-        if math.isnan(value):
-            self.wait += 1
-            return False
-        better = (
+        better = not math.isnan(value) and (
             self.best is None
             or (self.mode == "min" and value < self.best - self.min_delta)
             or (self.mode == "max" and value > self.best + self.min_delta)
         )
-        if better:
-            self.best, self.wait = value, 0
-            return True
-        self.wait += 1
-        return False
+        self.best, self.wait = (value, 0) if better else (self.best, self.wait + 1)
+        return better
 
     def reset(self) -> None:
         """A new phase begins: no best yet (the history is kept)."""
