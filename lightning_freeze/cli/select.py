@@ -32,10 +32,11 @@ from typing import Any
 
 # PyTorch and the checkpoint core are imported inside the functions: ``lightning-freeze --help``
 # builds this subcommand's parser and must answer without importing torch
+from lightning_freeze.cli import checkpoint_tools
+from lightning_freeze.cli.checkpoint_tools import add_shared_arguments, check_output, write_output
 
 __all__ = ["SelectError", "SelectResult", "add_parser", "main", "run", "select_checkpoints"]
 
-PROG = "lightning-freeze"
 MODES = ("max", "min")
 _PER_BRANCH_HPARAMS = ("branches", "losses", "metrics", "num_classes", "branch_optimizers")
 
@@ -59,7 +60,7 @@ class SelectResult:
     scores: dict[str, list[float | None]]
 
 
-def _stored_metrics(checkpoint: Mapping[str, Any], path: str | None) -> dict[str, float]:
+def _stored_metrics(checkpoint: Mapping[str, Any], path: str | os.PathLike[str] | None) -> dict[str, float]:
     section = checkpoint.get("multi_branch")
     metrics = section.get("metrics") if isinstance(section, Mapping) else None
     if isinstance(metrics, Mapping) and metrics:
@@ -148,10 +149,8 @@ def select_checkpoints(
                 f"every branch ({', '.join(everywhere)}) is bitwise identical in all inputs: there is no "
                 "variant to choose"
             )
-    stored = [
-        _stored_metrics(c, None if paths is None else (None if p is None else os.fspath(p)))
-        for c, p in zip(checkpoints, paths or [None] * len(checkpoints), strict=True)
-    ]
+    paths = paths or [None] * len(checkpoints)
+    stored = [_stored_metrics(c, p) for c, p in zip(checkpoints, paths, strict=True)]
 
     winners: dict[str, int] = {}
     scores: dict[str, list[float | None]] = {}
@@ -172,8 +171,8 @@ def select_checkpoints(
         candidates = [i for i, v in enumerate(values) if v is not None]
         if not candidates:
             raise SelectError(f"no input has a value of {key!r} (all NaN)")
-        pick = max if mode == "max" else min
-        winners[branch] = pick(candidates, key=lambda i: (values[i], -i) if mode == "max" else (values[i], i))
+        # max/min return the first of equal values: ties go to the first input
+        winners[branch] = (max if mode == "max" else min)(candidates, key=lambda i: values[i])
         scores[branch] = values
 
     views = [
@@ -258,8 +257,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "'merge' does (backbones must be bitwise identical). Exit 0 when written, 2 on bad input."
         ),
     )
-    parser.add_argument("out", metavar="OUT", help="checkpoint to write")
-    parser.add_argument("inputs", metavar="IN", nargs="+", help="input checkpoints (at least two)")
     parser.add_argument(
         "--metric",
         required=True,
@@ -273,13 +270,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="append",
         help="branch to choose a variant of (repeatable); default: every branch that differs",
     )
-    parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
-    parser.add_argument("--ema", action="store_true", help="use the FrozenSafeEMA weights of each input")
-    parser.add_argument(
-        "--unsafe-load",
-        action="store_true",
-        help="load with torch.load(weights_only=False): only for checkpoints you trust",
-    )
+    add_shared_arguments(parser, writes=True)
     return parser
 
 
@@ -293,18 +284,12 @@ def run(args: argparse.Namespace) -> int:
         the exit status: 0 written.
 
     Raises:
-        SelectError: bad input (also ``CheckpointError``/``MergeError``; each a ``ValueError``).
+        ValueError: bad input: a :class:`SelectError`, ``CheckpointError`` or ``MergeError``, or an
+            OUT that may not be written.
     """
-    from lightning_freeze.core.checkpoint import load_checkpoint, save_checkpoint_atomic
+    from lightning_freeze.core.checkpoint import load_checkpoint
 
-    target = Path(args.out)
-    if target.exists() and not args.force:
-        raise SelectError(f"OUT {args.out!r} exists; pass --force to overwrite it")
-    if target.is_dir() or not target.parent.is_dir():
-        raise SelectError(f"OUT {args.out!r} is not a file in an existing directory")
-    for path in args.inputs:
-        if target.exists() and Path(path).exists() and os.path.samefile(target, path):
-            raise SelectError(f"OUT {args.out!r} is also an input; write to a new file")
+    check_output(args.out, args.inputs, args.force)
     checkpoints = [load_checkpoint(path, unsafe_load=args.unsafe_load) for path in args.inputs]
     result = select_checkpoints(
         checkpoints,
@@ -315,10 +300,7 @@ def run(args: argparse.Namespace) -> int:
         paths=list(args.inputs),
         ema=args.ema,
     )
-    try:
-        save_checkpoint_atomic(result.checkpoint, target)
-    except OSError as err:
-        raise SelectError(f"cannot write {args.out!r}: {err.strerror or err}") from None
+    write_output(result.checkpoint, args.out)
     for branch, index in result.winners.items():
         values = ", ".join("-" if v is None else f"{v:.4g}" for v in result.scores[branch])
         print(f"{branch}: best {args.mode} of [{values}] is {args.inputs[index]}")
@@ -335,17 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         the exit status: 0 written, 2 on bad input.
     """
-    parser = argparse.ArgumentParser(prog=PROG)
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    args = parser.parse_args(["select", *(sys.argv[1:] if argv is None else argv)])
-    from lightning_freeze.core.checkpoint import CheckpointError, MergeError
-
-    try:
-        return run(args)
-    except (CheckpointError, MergeError, SelectError) as err:
-        print(f"{PROG} select: error: {err}", file=sys.stderr)
-        return 2
+    return checkpoint_tools.main(["select", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":  # pragma: no cover
