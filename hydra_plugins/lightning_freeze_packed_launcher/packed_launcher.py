@@ -76,7 +76,6 @@ class PackedLauncher(Launcher):
                 sweep_config.hydra.job.id = idx
                 sweep_config.hydra.job.num = idx
             configs.append(sweep_config)
-        for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
             log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
 
         reason = self._why_not_packed(configs)
@@ -103,11 +102,10 @@ class PackedLauncher(Launcher):
                     self._run(lambda _cfg, b=build, i=index: packing.write_job(b, run, i), cfg)
                     for index, (build, cfg) in enumerate(zip(builds, configs, strict=True))
                 ]
-                configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-                return returns
             del builds
-        log.info(f"launcher=packed: running {len(configs)} job(s) one after another: {reason}")
-        returns = [self._run(self.task_function, cfg) for cfg in configs]
+        if reason is not None:
+            log.info(f"launcher=packed: running {len(configs)} job(s) one after another: {reason}")
+            returns = [self._run(self.task_function, cfg) for cfg in configs]
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return returns
 

@@ -258,12 +258,15 @@ def check_optimizer(cfg: DictConfig) -> None:
 
 
 def build_trainer(
-    cfg: DictConfig, callbacks: list[Callback], loggers: list[Any], *, quiet: bool
+    cfg: DictConfig, callbacks: list[Callback], loggers: list[Any], *, quiet: bool, **kwargs: Any
 ) -> L.Trainer:
-    """The Trainer of ``cfg.trainer`` with the callbacks and loggers (refuses DDP in a local multirun)."""
+    """The Trainer of ``cfg.trainer`` with the callbacks and loggers (refuses DDP in a local multirun).
+
+    ``kwargs`` are more ``Trainer`` arguments (the packed fit's ``default_root_dir``, ...).
+    """
     check_trainer(cfg.get("trainer"))
     check_accelerator(cfg.get("trainer"))
-    kwargs: dict[str, Any] = {"callbacks": callbacks, "logger": loggers or False}
+    kwargs.update(callbacks=callbacks, logger=loggers or False)
     if quiet:
         kwargs.update(enable_progress_bar=False, enable_model_summary=False)
     trainer = instantiate_node(cfg.trainer, "trainer", **kwargs)
