@@ -50,7 +50,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_freeze import _compat
 from lightning_freeze.app import report
-from lightning_freeze.app.build import build_stage, build_trainer
+from lightning_freeze.app.build import Stage, build_stage, build_trainer
 from lightning_freeze.callbacks.freeze_backbone import FreezeBackbone
 from lightning_freeze.stages import StageRecord, StageSummary, rng_state, set_rng_state
 
@@ -145,33 +145,16 @@ class _RestoreRandomState(Callback):
 
 
 @dataclass
-class JobBuild:
+class JobBuild(Stage):
     """What the app built for one job (:func:`~lightning_freeze.app.build.build_stage`), not yet fitted.
 
     Attributes:
-        model: the job's :class:`~lightning_freeze.MultiBranchModule` (trains ``model.active_branch``).
-        trainer: the job's trainer (its callbacks and loggers).
         rng: the random state (:func:`~lightning_freeze.stages.rng_state`) the job's fit starts from.
-        cfg: the job's composed config.
         output_dir: the job's output directory.
-        datamodule: the job's data.
-        resumed_from: the checkpoint the job would resume from (``ckpt_path``), ``None`` for a fresh run.
-        branch_records: the app's record of each branch (:class:`~lightning_freeze.stages.StageRecord`).
     """
 
-    model: Any
-    trainer: Any
     rng: dict[str, Any]
-    cfg: DictConfig | None = None
-    output_dir: str | None = None
-    datamodule: Any = None
-    resumed_from: str | None = None
-    branch_records: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def branch(self) -> str:
-        """The branch the job trains."""
-        return str(self.model.active_branch)
+    output_dir: str | None
 
 
 def build_job(cfg: DictConfig) -> JobBuild:
@@ -184,14 +167,7 @@ def build_job(cfg: DictConfig) -> JobBuild:
     stage = build_stage(cfg)
     output_dir = cfg.paths.output_dir if cfg.get("paths") else None
     return JobBuild(
-        model=stage.model,
-        trainer=stage.trainer,
-        rng=rng_state(),
-        cfg=cfg,
-        output_dir=str(Path(output_dir).resolve()) if output_dir else None,
-        datamodule=stage.datamodule,
-        resumed_from=stage.ckpt_path,
-        branch_records=dict(stage.record.record.get("branches") or {}),
+        **vars(stage), rng=rng_state(), output_dir=str(Path(output_dir).resolve()) if output_dir else None
     )
 
 
@@ -277,14 +253,14 @@ def adopt(first: JobBuild, build: JobBuild, index: int) -> str | None:
     reason = _unsupported_callbacks(build)
     if reason is not None:
         return f"job {index}: {reason}"
-    if build.resumed_from is not None:
-        return f"job {index} resumes from {build.resumed_from}; packed jobs start fresh"
+    if build.ckpt_path is not None:
+        return f"job {index} resumes from {build.ckpt_path}; packed jobs start fresh"
     if build is first:
         return None
-    if build.branch != first.branch:
-        return f"job {index} trains branch {build.branch!r}, the first job {first.branch!r}"
-    shared = _shared_state(first.model, first.branch)
-    other = _shared_state(build.model, build.branch)
+    if build.name != first.name:
+        return f"job {index} trains branch {build.name!r}, the first job {first.name!r}"
+    shared = _shared_state(first.model, first.name)
+    other = _shared_state(build.model, build.name)
     differ = [k for k in shared if k not in other or not torch.equal(shared[k], other[k])]
     if differ or set(other) != set(shared):
         return (
@@ -298,7 +274,7 @@ def adopt(first: JobBuild, build: JobBuild, index: int) -> str | None:
         )
     build.model.backbone = first.model.backbone
     for name in first.model.branch_names:
-        if name != first.branch:
+        if name != first.name:
             build.model.branches[name] = first.model.branches[name]
     return None
 
@@ -316,7 +292,7 @@ def _unsupported_callbacks(build: JobBuild) -> str | None:
         if not isinstance(cb, ModelCheckpoint) and monitor is not None:
             return (
                 f"its {type(cb).__name__} monitors {monitor!r}, which each packed variant logs under its own "
-                f"name ({build.branch}__v0/..., {build.branch}__v1/...); one packed fit cannot stop or keep "
+                f"name ({build.name}__v0/..., {build.name}__v1/...); one packed fit cannot stop or keep "
                 "checkpoints per variant"
             )
         if isinstance(cb, ModelCheckpoint) and (
@@ -361,7 +337,7 @@ def train_packed(builds: Sequence[JobBuild], root: str | Path) -> PackedRun:
     from lightning_freeze.module import MultiBranchModule
 
     first = builds[0]
-    name = first.branch
+    name = first.name
     base = first.model
     for index, build in enumerate(builds[1:], start=1):
         reason = adopt(first, build, index) if build.model.backbone is not base.backbone else None
@@ -386,7 +362,6 @@ def train_packed(builds: Sequence[JobBuild], root: str | Path) -> PackedRun:
         random_streams=dict.fromkeys(variants, name),
     )
 
-    assert first.cfg is not None
     callbacks = [cb for cb in first.trainer.callbacks if not isinstance(cb, (ModelCheckpoint, StageRecord))]
     loggers = []
     if first.trainer.loggers:
@@ -417,7 +392,7 @@ def train_packed(builds: Sequence[JobBuild], root: str | Path) -> PackedRun:
         # where the variant's random stream got to: the job's checkpoint carries it, as the job's own does
         build.model.random_stream(name).load_state_dict(packed.random_stream(variant).state_dict())
     for branch in earlier:  # each earlier (frozen) branch on its own recorded data, as the app's summary does
-        entry = first.branch_records.get(branch) or {}
+        entry = first.record.record["branches"].get(branch) or {}
         data = instantiate(entry["data"]) if entry.get("data") else None
         metrics = report.validate_branch(trainer, packed, branch, {}, data)
         run.frozen_rows[branch] = report.branch_row(branch, entry.get("task"), "frozen", None, metrics)
@@ -530,7 +505,7 @@ def write_job(build: JobBuild, run: PackedRun, index: int) -> float | None:
         the job's objective, as the app's task returns it: the value of ``optimized_metric``
         (``None`` without one).
     """
-    name = build.branch
+    name = build.name
     variant = run.variants[index]
     others = [v for v in run.variants if v != variant]
     metrics = run.metrics[index]
@@ -589,14 +564,13 @@ def write_job(build: JobBuild, run: PackedRun, index: int) -> float | None:
     rows = []
     for branch in build.model.branch_names:
         if branch == name:
-            task = (build.branch_records.get(name) or {}).get("task")
+            task = (build.record.record["branches"].get(name) or {}).get("task")
             rows.append(report.branch_row(name, task, "trained", None, metrics))
         else:
             status, note = facts.branch_status(branch)
             rows.append({**run.frozen_rows[branch], "status": status, "note": note})
-    assert build.cfg is not None
     summary = StageSummary(
-        stage=int(build.cfg.get("stage", 1)),
+        stage=build.stage,
         trained_branch=name,
         branches=rows,
         **facts.summary_fields(),

@@ -120,15 +120,8 @@ class StageSummary:
             lines.append("metrics: on the EMA weights (next stage: init_weights=ema starts from them)")
         if self.backbone is not None:
             lines.append(f"backbone: {self.backbone}")
-        if self.frozen_check is None and self.frozen_check_by == "not in this process":
-            check = (
-                "not checked in this process (FreezeBackbone ran in the worker processes; keep the "
-                "model_checkpoint callback so that the main process can check what it froze)"
-            )
-        elif self.frozen_check is None and self.frozen_check_by == "verify off":
-            check = "not checked (FreezeBackbone(verify='off'))"
-        elif self.frozen_check is None:
-            check = "not checked (no FreezeBackbone callback)"
+        if self.frozen_check is None:
+            check = _UNCHECKED.get(self.frozen_check_by, "not checked (no FreezeBackbone callback)")
         elif self.frozen_check_by not in (None, "FreezeBackbone"):
             check = f"{self.frozen_check} (checked by the {self.frozen_check_by})"
         else:
@@ -152,6 +145,14 @@ class StageSummary:
             lines.append(f"tested: the {self.tested} checkpoint {self.tested_checkpoint}")
         lines.append(f"checkpoint: {self.checkpoint or '-'}")
         return "\n".join(lines)
+
+
+#: StageSummary.frozen_check_by -> the summary line of a run whose frozen tensors were not checked
+_UNCHECKED = {
+    "not in this process": "not checked in this process (FreezeBackbone ran in the worker processes; keep "
+    "the model_checkpoint callback so that the main process can check what it froze)",
+    "verify off": "not checked (FreezeBackbone(verify='off'))",
+}
 
 
 def _cell(value: float | None, width: int) -> str:

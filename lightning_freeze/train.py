@@ -89,11 +89,7 @@ def train(cfg: DictConfig) -> StageSummary:
         raise
     tested = report.run_test(trainer, model, datamodule, callbacks) if cfg.get("test") else None
 
-    summary = report.summarise(
-        cfg, stage=built.stage, name=built.name, trainer=trainer, model=model, datamodule=datamodule,
-        callbacks=callbacks, freezer=built.freezer, fingerprints=(before, after), tested=tested,
-        resumed_from=built.ckpt_path,
-    )  # fmt: skip
+    summary = report.summarise(built, (before, after), tested)
     if trainer.is_global_zero:
         report.write_summary(summary)
     return summary

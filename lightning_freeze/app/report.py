@@ -13,11 +13,11 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_freeze.app import AppInputError
-from lightning_freeze.app.build import instantiate_node, metric
+from lightning_freeze.app.build import Stage, instantiate_node, metric
 from lightning_freeze.callbacks.feature_cache import FeatureCache
 from lightning_freeze.callbacks.freeze_backbone import FreezeBackbone
 from lightning_freeze.core.fingerprint import TensorFingerprint, diff_fingerprints, fingerprint
-from lightning_freeze.stages import StageRecord, StageSummary
+from lightning_freeze.stages import StageSummary
 
 __all__ = [
     "FitFacts",
@@ -175,29 +175,27 @@ def run_test(
 
 
 def summarise(
-    cfg: Any,
-    *,
-    stage: int,
-    name: str,
-    trainer: L.Trainer,
-    model: Any,
-    datamodule: Any,
-    callbacks: list[Callback],
-    freezer: FreezeBackbone | None,
+    built: Stage,
     fingerprints: tuple[Mapping[str, TensorFingerprint], Mapping[str, TensorFingerprint]],
     tested: tuple[Mapping[str, Any], str, str] | None,
-    resumed_from: str | None,
 ) -> StageSummary:
-    """The facts of the fit, and every branch scored on its own data (the record holds each branch's data)."""
+    """The facts of the fit, and every branch scored on its own data (the record holds each branch's data).
+
+    Args:
+        built: the stage, fitted.
+        fingerprints: the model's fingerprints before and after the fit (:func:`fitted`).
+        tested: what :func:`run_test` returned, ``None`` without ``test=true``.
+    """
+    name, trainer, model, callbacks = built.name, built.trainer, built.model, built.callbacks
+    freezer = built.freezer
     last, _ = checkpoints(callbacks)
     facts = fit_facts(model, freezer, *fingerprints, last)
     cache = next((c for c in callbacks if isinstance(c, FeatureCache)), None)
     cache_stats = {k: v for k, v in cache.stats.items() if k != "modules"} if cache is not None else None
-    record = next(c for c in callbacks if isinstance(c, StageRecord)).record
     rows = []
     for branch in model.branch_names:
-        entry = record["branches"].get(branch) or {}
-        metrics = validate_branch(trainer, model, branch, entry, datamodule if branch == name else None)
+        entry = built.record.record["branches"].get(branch) or {}
+        metrics = validate_branch(trainer, model, branch, entry, built.datamodule if branch == name else None)
         status, note = ("trained", None) if branch == name else facts.branch_status(branch)
         row = branch_row(branch, entry.get("task"), status, note, metrics)
         if branch == name and tested:
@@ -205,9 +203,9 @@ def summarise(
             row["test_loss"] = metric(tested[0], f"{name}/test_loss")
         rows.append(row)
     model.switch_branch(name)
-    output_dir = cfg.paths.output_dir if cfg.get("paths") else None
+    output_dir = built.cfg.paths.output_dir if built.cfg.get("paths") else None
     return StageSummary(
-        stage=stage,
+        stage=built.stage,
         trained_branch=name,
         branches=rows,
         **facts.summary_fields(),
@@ -215,7 +213,7 @@ def summarise(
         weights=weights_validated(callbacks),
         tested=tested[1] if tested else None,
         tested_checkpoint=tested[2] if tested else None,
-        resumed_from=str(Path(resumed_from).absolute()) if resumed_from else None,
+        resumed_from=str(Path(built.ckpt_path).absolute()) if built.ckpt_path else None,
         output_dir=str(Path(output_dir).resolve()) if output_dir else None,
         feature_cache=cache_stats,
         phases=freezer.phases.timeline if freezer is not None and freezer.phases is not None else None,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -154,14 +155,7 @@ def remove_if_unused(output_dir: Path) -> None:
         if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == output_dir:
             handler.close()
             root.removeHandler(handler)
-    for entry in entries:
-        if entry == hydra_dir:
-            for item in entry.iterdir():
-                item.unlink()
-            entry.rmdir()
-        else:
-            entry.unlink()
-    output_dir.rmdir()
+    shutil.rmtree(output_dir)  # only Hydra's files and .log files, as checked above
 
 
 def one_line(err: BaseException) -> str:

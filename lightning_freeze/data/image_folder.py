@@ -86,18 +86,15 @@ class ImageFolderDataModule(SplitDataModule):
             )
         self.num_classes = len(self.classes)
 
-    def _transform(self) -> transforms.Compose:
-        steps: list = [transforms.Resize(self.image_size), transforms.CenterCrop(self.image_size)]
-        if self.channels == 1:
-            steps.append(transforms.Grayscale(1))
-        steps.append(transforms.ToTensor())
-        return transforms.Compose(steps)
-
     @override
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        transform = self._transform()
+        grey = [transforms.Grayscale(1)] if self.channels == 1 else []
+        size = self.image_size
+        transform = transforms.Compose(
+            [transforms.Resize(size), transforms.CenterCrop(size), *grey, transforms.ToTensor()]
+        )
         if self.split_layout:
             self.train_set = ImageFolder(str(self.root / "train"), transform=transform)
             self.val_set = ImageFolder(str(self.root / "val"), transform=transform)
