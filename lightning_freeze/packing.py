@@ -1,24 +1,13 @@
 """Packed sweeps: the jobs of a multirun that differ only in branch-level settings, trained in one process.
 
-Used by the Hydra launcher ``launcher=packed``
-(``hydra_plugins.lightning_freeze_packed_launcher``). The launcher composes every job's config and
-asks :func:`why_not_packable`. When the jobs differ only in ``model.optimizer.*`` (not its
-``_target_``) and ``branch.*`` (not ``branch.name``):
-
-1. :func:`build_job` builds each job with the app's own
-   :func:`lightning_freeze.app.build.build_stage` (what :func:`lightning_freeze.train.train` fits):
-   the module (backbone loaded from ``init_from``, the job's freshly initialised branch), the data,
-   the trainer and its callbacks, and the random state the job's fit would start from. Nothing is
-   copied from the app, so each variant starts exactly where its job would.
-2. :func:`train_packed` checks that the jobs share bitwise the same backbone and earlier branches and
-   the same random state (so the same batches in the same order), then trains every job's branch as
-   a packed variant of one :class:`~lightning_freeze.MultiBranchModule` (``train_branches``, one
-   param group per variant with the job's optimizer settings) on one backbone pass per batch.
-3. :func:`write_job` writes each job's checkpoints (``last.ckpt`` and the top-k file, with the job's
-   own module, hyper-parameters, the app's stage record, the random state, the variant's EMA shadow
-   and optimizer state), ``summary.json`` and printed summary
-   (:func:`lightning_freeze.app.report.write_summary`), as the job alone would, and returns its
-   objective (``optimized_metric``, as the app's task does).
+Used by the Hydra launcher ``launcher=packed`` (``hydra_plugins.lightning_freeze_packed_launcher``),
+which composes every job's config and asks :func:`why_not_packable`. When the jobs differ only in
+``model.optimizer.*`` (not its ``_target_``) and ``branch.*`` (not ``branch.name``), each job is built
+with the app's own :func:`lightning_freeze.app.build.build_stage` (:func:`build_job`: nothing is
+copied from the app, so each variant starts exactly where its job would), its branch trains as one
+packed variant of a :class:`~lightning_freeze.MultiBranchModule` on one backbone pass per batch
+(:func:`train_packed`), and its checkpoints, ``summary.json`` and objective are written as the job
+alone writes them (:func:`write_job`).
 
 Each job's branch weights are bitwise those the job writes when run alone with the basic launcher
 (CPU, same seed, ``trainer.deterministic=true``): the backbone is frozen, so the variants share no
@@ -28,9 +17,9 @@ the same masks as in its job and does not shift its siblings' or the data's rand
 
 Jobs are not packed (they run one after another, after one line saying why) when they differ in
 more than branch-level settings, resume a checkpoint, save checkpoints by a monitored metric, steps
-or time, or carry a callback that monitors a metric (``EarlyStopping``: each variant logs under its
-own name, and one fit cannot stop per variant). Checkpoints are written with the job's own trainer
-(``Trainer.save_checkpoint``); the Lightning internals this needs are in ``lightning_freeze/_compat.py``.
+or time, or carry a callback that monitors a metric (:func:`adopt`: each variant logs under its own
+name, and one fit cannot stop per variant). The Lightning internals this needs are in
+``lightning_freeze/_compat.py``.
 """
 
 from __future__ import annotations
@@ -52,6 +41,7 @@ from lightning_freeze import _compat
 from lightning_freeze.app import report
 from lightning_freeze.app.build import Stage, build_stage, build_trainer
 from lightning_freeze.callbacks.freeze_backbone import FreezeBackbone
+from lightning_freeze.core.state_diff import diff_state_dicts
 from lightning_freeze.stages import StageRecord, StageSummary, rng_state, set_rng_state
 
 __all__ = [
@@ -218,10 +208,8 @@ class _LoopState(Callback):
                 "global_step": trainer.global_step,
                 # what Lightning's checkpoints store under "loops"
                 "loops": {
-                    "fit_loop": trainer.fit_loop.state_dict(),
-                    "validate_loop": trainer.validate_loop.state_dict(),
-                    "test_loop": trainer.test_loop.state_dict(),
-                    "predict_loop": trainer.predict_loop.state_dict(),
+                    f"{n}_loop": getattr(trainer, f"{n}_loop").state_dict()
+                    for n in ("fit", "validate", "test", "predict")
                 },
                 # what the job's StageRecord saves there (the global random state)
                 "rng": rng_state(),
@@ -259,13 +247,11 @@ def adopt(first: JobBuild, build: JobBuild, index: int) -> str | None:
         return None
     if build.name != first.name:
         return f"job {index} trains branch {build.name!r}, the first job {first.name!r}"
-    shared = _shared_state(first.model, first.name)
-    other = _shared_state(build.model, build.name)
-    differ = [k for k in shared if k not in other or not torch.equal(shared[k], other[k])]
-    if differ or set(other) != set(shared):
+    diff = diff_state_dicts(_shared_state(first.model, first.name), _shared_state(build.model, build.name))
+    if diff:
         return (
             f"job {index} does not start from bitwise the same backbone and earlier branches as the first "
-            f"job (e.g. {(differ or sorted(set(other) ^ set(shared)))[0]})"
+            f"job (e.g. {diff.differences[0].key})"
         )
     if not _same_rng_state(first.rng, build.rng):
         return (

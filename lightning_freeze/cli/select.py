@@ -20,7 +20,6 @@ Lightning import.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -204,11 +203,12 @@ def _differs(states: Sequence[Mapping[str, Any]], held: Sequence[list[str]], bra
     from lightning_freeze.core.checkpoint import BRANCH_PREFIX, diff_state_dicts
 
     prefix = f"{BRANCH_PREFIX}{branch}."
-    holders = [s for s, names in zip(states, held, strict=True) if branch in names]
-    first = {k: v for k, v in holders[0].items() if k.startswith(prefix)}
-    return any(
-        bool(diff_state_dicts(first, {k: v for k, v in s.items() if k.startswith(prefix)})) for s in holders
-    )
+    own = [
+        {k: v for k, v in s.items() if k.startswith(prefix)}
+        for s, n in zip(states, held, strict=True)
+        if branch in n
+    ]
+    return any(diff_state_dicts(own[0], other) for other in own[1:])
 
 
 def _without_branches(checkpoint: Mapping[str, Any], drop: Sequence[str]) -> dict[str, Any]:
@@ -225,7 +225,7 @@ def _without_branches(checkpoint: Mapping[str, Any], drop: Sequence[str]) -> dic
         out = {k: v for k, v in out.items() if not k.startswith(prefixes)}
     hparams = out.get("hyper_parameters")
     if isinstance(hparams, Mapping):
-        hparams = copy.copy(dict(hparams))
+        hparams = dict(hparams)
         for entry in _PER_BRANCH_HPARAMS:
             if isinstance(hparams.get(entry), Mapping):
                 hparams[entry] = {k: v for k, v in hparams[entry].items() if k not in drop}
