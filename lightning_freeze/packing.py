@@ -339,7 +339,10 @@ def train_packed(builds: Sequence[JobBuild], root: str | Path) -> PackedRun:
         base.backbone,
         {p: model.branches[b] for p, model, b in parts},
         losses={p: model.losses[b] for p, model, b in parts if b in model.losses},
-        metrics={p: _metric_of(model, b) for p, model, b in parts},
+        metrics={
+            p: copy.deepcopy(model.val_metrics[b]) if b in model.val_metrics else None
+            for p, model, b in parts
+        },
         optimizer=base.optimizer_factory,
         scheduler=base.scheduler_factory,
         train_branches=variants,
@@ -395,10 +398,6 @@ def _variant_names(name: str, taken: Sequence[str], count: int) -> list[str]:
     if clash:
         raise ValueError(f"branch name(s) {clash} already exist; rename the branch (branch.name=...)")
     return names
-
-
-def _metric_of(model: Any, branch: str) -> Any:
-    return copy.deepcopy(model.val_metrics[branch]) if branch in model.val_metrics else None
 
 
 def _scalars(trainer: L.Trainer) -> dict[str, float]:

@@ -104,8 +104,7 @@ class ImageFolderDataModule(SplitDataModule):
             )
             return
         full = ImageFolder(str(self.root), transform=transform)
-        order = torch.randperm(len(full), generator=torch.Generator().manual_seed(self.split_seed)).tolist()
-        n_train, n_val, n_test = split_sizes(len(order), self.val_fraction, self.test_fraction)
-        self.train_set = Subset(full, order[:n_train])
-        self.val_set = Subset(full, order[n_train : n_train + n_val])
-        self.test_set = Subset(full, order[n_train + n_val :]) if n_test else self.val_set
+        order = torch.randperm(len(full), generator=torch.Generator().manual_seed(self.split_seed))
+        sizes = split_sizes(len(full), self.val_fraction, self.test_fraction)
+        self.train_set, self.val_set, test = (Subset(full, part.tolist()) for part in order.split(sizes))
+        self.test_set = test if sizes[2] else self.val_set
