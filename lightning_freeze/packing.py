@@ -409,16 +409,17 @@ def _scalars(trainer: L.Trainer) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------
 def _for_variant(state: Any, variant: str, name: str, others: Sequence[str]) -> Any:
     """``state`` with the tensors of ``variant`` renamed to branch ``name`` and other variants dropped."""
-    if isinstance(state, Mapping):
-        out = {}
-        for key, value in state.items():
-            if isinstance(key, str) and key.startswith(tuple(f"branches.{o}." for o in others)):
-                continue
-            if isinstance(key, str) and key.startswith(f"branches.{variant}."):
-                key = f"branches.{name}." + key[len(f"branches.{variant}.") :]
-            out[key] = _for_variant(value, variant, name, others)
-        return out
-    return state
+    if not isinstance(state, Mapping):
+        return state
+    own, dropped = f"branches.{variant}.", tuple(f"branches.{o}." for o in others)
+    out = {}
+    for key, value in state.items():
+        if isinstance(key, str) and key.startswith(dropped):
+            continue
+        if isinstance(key, str) and key.startswith(own):
+            key = f"branches.{name}." + key.removeprefix(own)
+        out[key] = _for_variant(value, variant, name, others)
+    return out
 
 
 def _slice_optimizer(state: Mapping[str, Any], index: int) -> dict[str, Any]:
