@@ -5,13 +5,12 @@ Selected with ``launcher=packed`` (``lightning_freeze/conf/launcher/packed.yaml`
     lightning-freeze-train -m experiment=stage2 init_from=stage1.ckpt \\
         model.optimizer.lr=1e-3,1e-2,1e-1 launcher=packed
 
-When every job runs ``lightning_freeze.train`` and the jobs differ only in branch-level settings
-(``model.optimizer.*`` except its ``_target_``, ``branch.*`` except ``branch.name``), their branches
-train as packed variants of one module on one frozen-backbone pass per batch
-(:mod:`lightning_freeze.packing`); each job still gets its own output directory, ``summary.json``,
-checkpoint and return value (for the sweeper). Otherwise the jobs run one after another, as with the
-basic launcher, after one log line saying why. This module is imported by Hydra's plugin discovery
-in every Hydra app: it imports nothing heavy until it launches.
+When the jobs of ``lightning_freeze.train`` differ only in branch-level settings
+(:func:`lightning_freeze.packing.why_not_packable`), their branches train as packed variants of one
+module (:mod:`lightning_freeze.packing`); each job still gets its own output directory,
+``summary.json``, checkpoint and return value (for the sweeper). Otherwise the jobs run one after
+another, as with the basic launcher, after one log line saying why. Hydra's plugin discovery imports
+this module in every Hydra app: it imports nothing heavy until it launches.
 """
 
 from __future__ import annotations

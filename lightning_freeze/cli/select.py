@@ -155,18 +155,14 @@ def select_checkpoints(
     scores: dict[str, list[float | None]] = {}
     for branch in chosen:
         key = f"{branch}/{metric}"
-        values: list[float | None] = []
         for index, names_ in enumerate(held):
-            if branch not in names_:
-                values.append(None)
-                continue
-            if key not in stored[index]:
+            if branch in names_ and key not in stored[index]:
                 available = ", ".join(sorted(stored[index])) or "none"
                 raise SelectError(
                     f"{labels[index]} holds branch {branch!r} but no metric {key!r}; its metrics: {available}"
                 )
-            value = stored[index][key]
-            values.append(value if not math.isnan(value) else None)
+        values: list[float | None] = [stored[i][key] if branch in n else None for i, n in enumerate(held)]
+        values = [None if v is None or math.isnan(v) else v for v in values]
         candidates = [i for i, v in enumerate(values) if v is not None]
         if not candidates:
             raise SelectError(f"no input has a value of {key!r} (all NaN)")
