@@ -33,7 +33,7 @@ import contextvars
 import importlib
 import inspect
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from lightning_freeze.core.errors import ConfigInstantiationError, TargetNotAllowedError
@@ -102,9 +102,7 @@ def allow_targets(*prefixes: str | Iterable[str]) -> Iterator[tuple[str, ...]]:
         with allow_targets("mypkg"):
             model = MultiBranchModule.load_from_checkpoint("last.ckpt")
     """
-    flat: list[str] = []
-    for item in prefixes:
-        flat.extend([item] if isinstance(item, str) else list(item))
+    flat = [p for item in prefixes for p in ([item] if isinstance(item, str) else item)]
     for prefix in flat:
         if not isinstance(prefix, str) or not all(part.isidentifier() for part in prefix.split(".")):
             raise ValueError(
@@ -190,17 +188,11 @@ def check_targets(config: Any, what: str = "config") -> None:
             for key, value in node.items():
                 if key != "_target_":
                     walk(value, f"{path}.{key}")
-        elif isinstance(node, (list, tuple)) or _is_list_config(node):
+        elif isinstance(node, Sequence) and not isinstance(node, (str, bytes)):  # ListConfig too
             for index, value in enumerate(node):
                 walk(value, f"{path}[{index}]")
 
     walk(config, what)
-
-
-def _is_list_config(node: Any) -> bool:
-    from omegaconf import ListConfig
-
-    return isinstance(node, ListConfig)
 
 
 def instantiate(config: Any, what: str = "config", *, check: bool = True, **kwargs: Any) -> Any:

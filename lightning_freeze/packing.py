@@ -1,24 +1,13 @@
 """Packed sweeps: the jobs of a multirun that differ only in branch-level settings, trained in one process.
 
-Used by the Hydra launcher ``launcher=packed``
-(``hydra_plugins.lightning_freeze_packed_launcher``). The launcher composes every job's config and
-asks :func:`why_not_packable`. When the jobs differ only in ``model.optimizer.*`` (not its
-``_target_``) and ``branch.*`` (not ``branch.name``):
-
-1. :func:`build_job` builds each job with the app's own
-   :func:`lightning_freeze.app.build.build_stage` (what :func:`lightning_freeze.train.train` fits):
-   the module (backbone loaded from ``init_from``, the job's freshly initialised branch), the data,
-   the trainer and its callbacks, and the random state the job's fit would start from. Nothing is
-   copied from the app, so each variant starts exactly where its job would.
-2. :func:`train_packed` checks that the jobs share bitwise the same backbone and earlier branches and
-   the same random state (so the same batches in the same order), then trains every job's branch as
-   a packed variant of one :class:`~lightning_freeze.MultiBranchModule` (``train_branches``, one
-   param group per variant with the job's optimizer settings) on one backbone pass per batch.
-3. :func:`write_job` writes each job's checkpoints (``last.ckpt`` and the top-k file, with the job's
-   own module, hyper-parameters, the app's stage record, the random state, the variant's EMA shadow
-   and optimizer state), ``summary.json`` and printed summary
-   (:func:`lightning_freeze.app.report.write_summary`), as the job alone would, and returns its
-   objective (``optimized_metric``, as the app's task does).
+Used by the Hydra launcher ``launcher=packed`` (``hydra_plugins.lightning_freeze_packed_launcher``),
+which composes every job's config and asks :func:`why_not_packable`. When the jobs differ only in
+``model.optimizer.*`` (not its ``_target_``) and ``branch.*`` (not ``branch.name``), each job is built
+with the app's own :func:`lightning_freeze.app.build.build_stage` (:func:`build_job`: nothing is
+copied from the app, so each variant starts exactly where its job would), its branch trains as one
+packed variant of a :class:`~lightning_freeze.MultiBranchModule` on one backbone pass per batch
+(:func:`train_packed`), and its checkpoints, ``summary.json`` and objective are written as the job
+alone writes them (:func:`write_job`).
 
 Each job's branch weights are bitwise those the job writes when run alone with the basic launcher
 (CPU, same seed, ``trainer.deterministic=true``): the backbone is frozen, so the variants share no
@@ -28,9 +17,9 @@ the same masks as in its job and does not shift its siblings' or the data's rand
 
 Jobs are not packed (they run one after another, after one line saying why) when they differ in
 more than branch-level settings, resume a checkpoint, save checkpoints by a monitored metric, steps
-or time, or carry a callback that monitors a metric (``EarlyStopping``: each variant logs under its
-own name, and one fit cannot stop per variant). Checkpoints are written with the job's own trainer
-(``Trainer.save_checkpoint``); the Lightning internals this needs are in ``lightning_freeze/_compat.py``.
+or time, or carry a callback that monitors a metric (:func:`adopt`: each variant logs under its own
+name, and one fit cannot stop per variant). The Lightning internals this needs are in
+``lightning_freeze/_compat.py``.
 """
 
 from __future__ import annotations
@@ -43,13 +32,16 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
+from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_freeze import _compat
+from lightning_freeze.app import report
+from lightning_freeze.app.build import Stage, build_stage, build_trainer
 from lightning_freeze.callbacks.freeze_backbone import FreezeBackbone
+from lightning_freeze.core.state_diff import diff_state_dicts
 from lightning_freeze.stages import StageRecord, StageSummary, rng_state, set_rng_state
 
 __all__ = [
@@ -124,17 +116,11 @@ def why_not_packable(configs: Sequence[DictConfig]) -> str | None:
 # ------------------------------------------------------------------------------------------------
 # 1. build each job with the app, up to Trainer.fit
 # ------------------------------------------------------------------------------------------------
-def _same_rng_state(a: Any, b: Any) -> bool:
+def _same_rng_state(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     """Two :func:`~lightning_freeze.stages.rng_state` values (nested tensors and plain values) are equal."""
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-        return a.keys() == b.keys() and all(_same_rng_state(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same_rng_state(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
-    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        return bool(np.array_equal(a, b))
-    return a == b
+    return apply_to_collection(a, torch.Tensor, torch.Tensor.tolist) == apply_to_collection(
+        b, torch.Tensor, torch.Tensor.tolist
+    )
 
 
 class _RestoreRandomState(Callback):
@@ -149,31 +135,16 @@ class _RestoreRandomState(Callback):
 
 
 @dataclass
-class JobBuild:
+class JobBuild(Stage):
     """What the app built for one job (:func:`~lightning_freeze.app.build.build_stage`), not yet fitted.
 
     Attributes:
-        model: the job's :class:`~lightning_freeze.MultiBranchModule` (trains ``model.active_branch``).
-        trainer: the job's trainer (its callbacks and loggers).
         rng: the random state (:func:`~lightning_freeze.stages.rng_state`) the job's fit starts from.
-        cfg: the job's composed config.
         output_dir: the job's output directory.
-        datamodule: the job's data.
-        resumed_from: the checkpoint the job would resume from (``ckpt_path``), ``None`` for a fresh run.
     """
 
-    model: Any
-    trainer: Any
     rng: dict[str, Any]
-    cfg: DictConfig | None = None
-    output_dir: str | None = None
-    datamodule: Any = None
-    resumed_from: str | None = None
-
-    @property
-    def branch(self) -> str:
-        """The branch the job trains."""
-        return str(self.model.active_branch)
+    output_dir: str | None
 
 
 def build_job(cfg: DictConfig) -> JobBuild:
@@ -183,18 +154,10 @@ def build_job(cfg: DictConfig) -> JobBuild:
     output directory is set. The random state is taken right after the build: it is the state the
     job's ``Trainer.fit`` starts from (Lightning draws no random numbers before the first hook).
     """
-    from lightning_freeze.app.build import build_stage
-
     stage = build_stage(cfg)
     output_dir = cfg.paths.output_dir if cfg.get("paths") else None
     return JobBuild(
-        model=stage.model,
-        trainer=stage.trainer,
-        rng=rng_state(),
-        cfg=cfg,
-        output_dir=str(Path(output_dir).resolve()) if output_dir else None,
-        datamodule=stage.datamodule,
-        resumed_from=stage.ckpt_path,
+        **vars(stage), rng=rng_state(), output_dir=str(Path(output_dir).resolve()) if output_dir else None
     )
 
 
@@ -245,10 +208,8 @@ class _LoopState(Callback):
                 "global_step": trainer.global_step,
                 # what Lightning's checkpoints store under "loops"
                 "loops": {
-                    "fit_loop": trainer.fit_loop.state_dict(),
-                    "validate_loop": trainer.validate_loop.state_dict(),
-                    "test_loop": trainer.test_loop.state_dict(),
-                    "predict_loop": trainer.predict_loop.state_dict(),
+                    f"{n}_loop": getattr(trainer, f"{n}_loop").state_dict()
+                    for n in ("fit", "validate", "test", "predict")
                 },
                 # what the job's StageRecord saves there (the global random state)
                 "rng": rng_state(),
@@ -280,19 +241,17 @@ def adopt(first: JobBuild, build: JobBuild, index: int) -> str | None:
     reason = _unsupported_callbacks(build)
     if reason is not None:
         return f"job {index}: {reason}"
-    if build.resumed_from is not None:
-        return f"job {index} resumes from {build.resumed_from}; packed jobs start fresh"
+    if build.ckpt_path is not None:
+        return f"job {index} resumes from {build.ckpt_path}; packed jobs start fresh"
     if build is first:
         return None
-    if build.branch != first.branch:
-        return f"job {index} trains branch {build.branch!r}, the first job {first.branch!r}"
-    shared = _shared_state(first.model, first.branch)
-    other = _shared_state(build.model, build.branch)
-    differ = [k for k in shared if k not in other or not torch.equal(shared[k], other[k])]
-    if differ or set(other) != set(shared):
+    if build.name != first.name:
+        return f"job {index} trains branch {build.name!r}, the first job {first.name!r}"
+    diff = diff_state_dicts(_shared_state(first.model, first.name), _shared_state(build.model, build.name))
+    if diff:
         return (
             f"job {index} does not start from bitwise the same backbone and earlier branches as the first "
-            f"job (e.g. {(differ or sorted(set(other) ^ set(shared)))[0]})"
+            f"job (e.g. {diff.differences[0].key})"
         )
     if not _same_rng_state(first.rng, build.rng):
         return (
@@ -301,7 +260,7 @@ def adopt(first: JobBuild, build: JobBuild, index: int) -> str | None:
         )
     build.model.backbone = first.model.backbone
     for name in first.model.branch_names:
-        if name != first.branch:
+        if name != first.name:
             build.model.branches[name] = first.model.branches[name]
     return None
 
@@ -319,7 +278,7 @@ def _unsupported_callbacks(build: JobBuild) -> str | None:
         if not isinstance(cb, ModelCheckpoint) and monitor is not None:
             return (
                 f"its {type(cb).__name__} monitors {monitor!r}, which each packed variant logs under its own "
-                f"name ({build.branch}__v0/..., {build.branch}__v1/...); one packed fit cannot stop or keep "
+                f"name ({build.name}__v0/..., {build.name}__v1/...); one packed fit cannot stop or keep "
                 "checkpoints per variant"
             )
         if isinstance(cb, ModelCheckpoint) and (
@@ -359,10 +318,12 @@ def train_packed(builds: Sequence[JobBuild], root: str | Path) -> PackedRun:
     Raises:
         ValueError: the jobs cannot share one fit (see :func:`adopt`).
     """
+    from hydra.utils import instantiate
+
     from lightning_freeze.module import MultiBranchModule
 
     first = builds[0]
-    name = first.branch
+    name = first.name
     base = first.model
     for index, build in enumerate(builds[1:], start=1):
         reason = adopt(first, build, index) if build.model.backbone is not base.backbone else None
@@ -370,64 +331,60 @@ def train_packed(builds: Sequence[JobBuild], root: str | Path) -> PackedRun:
             raise ValueError(f"cannot pack these jobs: {reason}")
     variants = _variant_names(name, base.branch_names, len(builds))
     earlier = [b for b in base.branch_names if b != name]
-    branches = {b: base.branches[b] for b in earlier}
-    branches.update({v: build.model.branches[name] for v, build in zip(variants, builds, strict=True)})
-    losses = {b: base.losses[b] for b in earlier if b in base.losses}
-    losses.update(
-        {v: b.model.losses[name] for v, b in zip(variants, builds, strict=True) if name in b.model.losses}
-    )
-    metrics: dict[str, Any] = {b: _metric_of(base, b) for b in earlier}
-    metrics.update({v: _metric_of(b.model, name) for v, b in zip(variants, builds, strict=True)})
+    # (branch in the packed module, the module that holds it, its name there)
+    parts = [(b, base, b) for b in earlier] + [
+        (v, b.model, name) for v, b in zip(variants, builds, strict=True)
+    ]
     packed = MultiBranchModule(
         base.backbone,
-        branches,
-        losses=losses,
-        metrics=metrics,
+        {p: model.branches[b] for p, model, b in parts},
+        losses={p: model.losses[b] for p, model, b in parts if b in model.losses},
+        metrics={
+            p: copy.deepcopy(model.val_metrics[b]) if b in model.val_metrics else None
+            for p, model, b in parts
+        },
         optimizer=base.optimizer_factory,
         scheduler=base.scheduler_factory,
         train_branches=variants,
-        branch_optimizers={v: _optimizer_settings(b.model) for v, b in zip(variants, builds, strict=True)},
+        branch_optimizers={p: _optimizer_settings(model) for p, model, _ in parts[len(earlier) :]},
         # each variant draws (dropout) exactly what the job's branch draws when the job runs alone
         random_streams=dict.fromkeys(variants, name),
     )
 
-    job_trainer = first.trainer
-    callbacks = [cb for cb in job_trainer.callbacks if not isinstance(cb, (ModelCheckpoint, StageRecord))]
-    logger: Any = False
-    if job_trainer.loggers:
+    callbacks = [cb for cb in first.trainer.callbacks if not isinstance(cb, (ModelCheckpoint, StageRecord))]
+    loggers = []
+    if first.trainer.loggers:
         from lightning.pytorch.loggers import CSVLogger
 
-        logger = CSVLogger(str(root), name="csv")
+        loggers.append(CSVLogger(str(root), name="csv"))
     loops = _LoopState()
-    trainer = _trainer_like(first.cfg, [_RestoreRandomState(first.rng), *callbacks, loops], logger, root)
-    from lightning_freeze.core.fingerprint import fingerprint
-
-    before = fingerprint(packed)
-    trainer.fit(packed, datamodule=first.datamodule)
-    after = fingerprint(packed)
-    after_fit = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-
+    trainer = build_trainer(
+        first.cfg,
+        [_RestoreRandomState(first.rng), *callbacks, loops],
+        loggers,
+        quiet=bool(first.cfg.get("quiet")),
+        default_root_dir=str(root),
+        enable_checkpointing=False,  # each job's checkpoint is written by write_job
+    )
+    fingerprints = report.fitted(trainer, packed, first.datamodule, None)
+    after_fit = _scalars(trainer)
     run = PackedRun(
-        model=packed, trainer=trainer, variants=variants, loop_states=loops, fingerprints=(before, after)
+        model=packed, trainer=trainer, variants=variants, loop_states=loops, fingerprints=fingerprints
     )
     results = trainer.validate(packed, datamodule=first.datamodule, verbose=False)
-    measured = {
-        **after_fit,
-        **{k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
-        **(results[0] if results else {}),
-    }
-    for variant in variants:
-        run.metrics.append(
-            {
-                f"{name}/{k.split('/', 1)[1]}": float(v)
-                for k, v in measured.items()
-                if k.startswith(f"{variant}/")
-            }
-        )
+    measured = {**after_fit, **_scalars(trainer), **(results[0] if results else {})}
+    run.metrics = [
+        {f"{name}/{k.removeprefix(f'{v}/')}": float(x) for k, x in measured.items() if k.startswith(f"{v}/")}
+        for v in variants
+    ]
     for variant, build in zip(variants, builds, strict=True):
         # where the variant's random stream got to: the job's checkpoint carries it, as the job's own does
         build.model.random_stream(name).load_state_dict(packed.random_stream(variant).state_dict())
-    run.frozen_rows = _validate_earlier(packed, trainer, earlier, first)
+    for branch in earlier:  # each earlier (frozen) branch on its own recorded data, as the app's summary does
+        entry = first.record.record["branches"].get(branch) or {}
+        data = instantiate(entry["data"]) if entry.get("data") else None
+        metrics = report.validate_branch(trainer, packed, branch, {}, data)
+        run.frozen_rows[branch] = report.branch_row(branch, entry.get("task"), "frozen", None, metrics)
     packed.switch_branch(variants[0])
     run.callback_states = {cb.state_key: cb.state_dict() for cb in trainer.callbacks}
     run.optimizer_state = trainer.optimizers[0].state_dict() if trainer.optimizers else None
@@ -443,62 +400,8 @@ def _variant_names(name: str, taken: Sequence[str], count: int) -> list[str]:
     return names
 
 
-def _metric_of(model: Any, branch: str) -> Any:
-    return copy.deepcopy(model.val_metrics[branch]) if branch in model.val_metrics else None
-
-
-def _trainer_like(
-    cfg: DictConfig | None, callbacks: list[Callback], logger: Any, root: str | Path
-) -> L.Trainer:
-    """A trainer as the job's config describes it, for the packed fit."""
-    from hydra.utils import instantiate
-
-    assert cfg is not None
-    kwargs: dict[str, Any] = {
-        "callbacks": callbacks,
-        "logger": logger,
-        "default_root_dir": str(root),
-        "enable_checkpointing": False,  # each job's checkpoint is written by write_job
-    }
-    if cfg.get("quiet"):
-        kwargs.update(enable_progress_bar=False, enable_model_summary=False)
-    return instantiate(cfg.trainer, **kwargs)
-
-
-def _validate_earlier(
-    packed: Any, trainer: L.Trainer, earlier: list[str], build: JobBuild
-) -> dict[str, dict]:
-    """Each earlier (frozen) branch on its own recorded data, as the app's summary does."""
-    from hydra.utils import instantiate
-
-    record = _record(build).get("branches") or {}
-    rows: dict[str, dict[str, Any]] = {}
-    for branch in earlier:
-        entry = record.get(branch) or {}
-        metrics: Mapping[str, Any] = {}
-        if entry.get("data"):
-            packed.switch_branch(branch)
-            results = trainer.validate(packed, datamodule=instantiate(entry["data"]), verbose=False)
-            metrics = results[0] if results else {}
-        rows[branch] = {
-            "name": branch,
-            "task": entry.get("task"),
-            "status": "frozen",
-            "note": None,
-            "val_acc": _float(metrics.get(f"{branch}/val_acc")),
-            "val_loss": _float(metrics.get(f"{branch}/val_loss")),
-        }
-    return rows
-
-
-def _record(build: JobBuild) -> dict[str, Any]:
-    """The app's stage record (:data:`~lightning_freeze.stages.RECORD_KEY`) the job's checkpoints carry."""
-    record = next((cb for cb in build.trainer.callbacks if isinstance(cb, StageRecord)), None)
-    return dict(record.record) if record is not None else {}
-
-
-def _float(value: Any) -> float | None:
-    return None if value is None else float(value)
+def _scalars(trainer: L.Trainer) -> dict[str, float]:
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -506,16 +409,17 @@ def _float(value: Any) -> float | None:
 # ------------------------------------------------------------------------------------------------
 def _for_variant(state: Any, variant: str, name: str, others: Sequence[str]) -> Any:
     """``state`` with the tensors of ``variant`` renamed to branch ``name`` and other variants dropped."""
-    if isinstance(state, Mapping):
-        out = {}
-        for key, value in state.items():
-            if isinstance(key, str) and key.startswith(tuple(f"branches.{o}." for o in others)):
-                continue
-            if isinstance(key, str) and key.startswith(f"branches.{variant}."):
-                key = f"branches.{name}." + key[len(f"branches.{variant}.") :]
-            out[key] = _for_variant(value, variant, name, others)
-        return out
-    return state
+    if not isinstance(state, Mapping):
+        return state
+    own, dropped = f"branches.{variant}.", tuple(f"branches.{o}." for o in others)
+    out = {}
+    for key, value in state.items():
+        if isinstance(key, str) and key.startswith(dropped):
+            continue
+        if isinstance(key, str) and key.startswith(own):
+            key = f"branches.{name}." + key.removeprefix(own)
+        out[key] = _for_variant(value, variant, name, others)
+    return out
 
 
 def _slice_optimizer(state: Mapping[str, Any], index: int) -> dict[str, Any]:
@@ -587,13 +491,10 @@ def write_job(build: JobBuild, run: PackedRun, index: int) -> float | None:
         the job's objective, as the app's task returns it: the value of ``optimized_metric``
         (``None`` without one).
     """
-    from lightning_freeze.app import report
-
-    name = build.branch
+    name = build.name
     variant = run.variants[index]
     others = [v for v in run.variants if v != variant]
     metrics = run.metrics[index]
-    model = build.model
     trainer = _attached(build)
     checkpoint_cb = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
     last_path = None
@@ -602,10 +503,11 @@ def write_job(build: JobBuild, run: PackedRun, index: int) -> float | None:
         on_epoch_end = _compat.model_checkpoint_saves_on_train_epoch_end(checkpoint_cb, run.trainer)
         saved = copy.deepcopy(loops.at_train_epoch_end if on_epoch_end else loops.at_validation_end)
         rng = saved.pop("rng")
+        logged = {k: torch.tensor(v) for k, v in metrics.items()}
         trainer.callback_metrics.clear()
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+        trainer.callback_metrics.update(logged)
         candidates = {
-            **{k: torch.tensor(v) for k, v in metrics.items()},
+            **logged,
             "epoch": torch.tensor(saved["epoch"]),
             "step": torch.tensor(saved["global_step"]),
         }
@@ -619,6 +521,7 @@ def write_job(build: JobBuild, run: PackedRun, index: int) -> float | None:
         # (last_model_path still the previous epoch's last.ckpt), then last.ckpt
         if topk is not None:
             checkpoint_cb.best_model_path = topk
+        previous_last = last if last is not None and saved["epoch"] > 0 else ""
         groups = len(run.variants)
         updates = {
             **saved,
@@ -635,10 +538,7 @@ def write_job(build: JobBuild, run: PackedRun, index: int) -> float | None:
         packed_state = _PackedFitState(updates, states)
         trainer.callbacks.append(packed_state)
         try:
-            for path in (topk, last):
-                if path is None:
-                    continue
-                previous_last = last if last is not None and saved["epoch"] > 0 else ""
+            for path in (p for p in (topk, last) if p is not None):
                 checkpoint_cb.last_model_path = last if path == last else previous_last
                 trainer.save_checkpoint(path, weights_only=False)
         finally:
@@ -646,34 +546,20 @@ def write_job(build: JobBuild, run: PackedRun, index: int) -> float | None:
         last_path = last or topk
 
     freezer = next((c for c in run.trainer.callbacks if isinstance(c, FreezeBackbone)), None)
-    before, after = run.fingerprints or ({}, {})
-    facts = report.fit_facts(run.model, freezer, before, after, None)
-    record = _record(build).get("branches") or {}
+    facts = report.fit_facts(run.model, freezer, *(run.fingerprints or ({}, {})), None)
     rows = []
-    for branch in model.branch_names:
+    for branch in build.model.branch_names:
         if branch == name:
-            rows.append(
-                {
-                    "name": name,
-                    "task": (record.get(name) or {}).get("task"),
-                    "status": "trained",
-                    "note": None,
-                    "val_acc": metrics.get(f"{name}/val_acc"),
-                    "val_loss": metrics.get(f"{name}/val_loss"),
-                }
-            )
+            task = (build.record.record["branches"].get(name) or {}).get("task")
+            rows.append(report.branch_row(name, task, "trained", None, metrics))
         else:
             status, note = facts.branch_status(branch)
             rows.append({**run.frozen_rows[branch], "status": status, "note": note})
-    assert build.cfg is not None
     summary = StageSummary(
-        stage=int(build.cfg.get("stage", 1)),
+        stage=build.stage,
         trained_branch=name,
         branches=rows,
-        backbone=facts.backbone_status(),
-        frozen_check=facts.check.summary() if facts.check is not None else None,
-        frozen_check_by=facts.check_by if facts.check is not None else None,
-        frozen_changed=len(facts.check.changed) if facts.check is not None else None,
+        **facts.summary_fields(),
         checkpoint=str(Path(last_path).absolute()) if last_path else None,
         weights=report.weights_validated(list(trainer.callbacks)),
         output_dir=build.output_dir,

@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_freeze import instantiate
 from lightning_freeze.app import AppInputError
-from lightning_freeze.instantiate import allow_targets
 
 __all__ = [
     "RECORD_KEY",
@@ -31,6 +32,7 @@ __all__ = [
     "StageRecord",
     "StageSummary",
     "load_model",
+    "read_checkpoint",
     "read_previous_stage",
 ]
 
@@ -118,15 +120,8 @@ class StageSummary:
             lines.append("metrics: on the EMA weights (next stage: init_weights=ema starts from them)")
         if self.backbone is not None:
             lines.append(f"backbone: {self.backbone}")
-        if self.frozen_check is None and self.frozen_check_by == "not in this process":
-            check = (
-                "not checked in this process (FreezeBackbone ran in the worker processes; keep the "
-                "model_checkpoint callback so that the main process can check what it froze)"
-            )
-        elif self.frozen_check is None and self.frozen_check_by == "verify off":
-            check = "not checked (FreezeBackbone(verify='off'))"
-        elif self.frozen_check is None:
-            check = "not checked (no FreezeBackbone callback)"
+        if self.frozen_check is None:
+            check = _UNCHECKED.get(self.frozen_check_by, "not checked (no FreezeBackbone callback)")
         elif self.frozen_check_by not in (None, "FreezeBackbone"):
             check = f"{self.frozen_check} (checked by the {self.frozen_check_by})"
         else:
@@ -150,6 +145,14 @@ class StageSummary:
             lines.append(f"tested: the {self.tested} checkpoint {self.tested_checkpoint}")
         lines.append(f"checkpoint: {self.checkpoint or '-'}")
         return "\n".join(lines)
+
+
+#: StageSummary.frozen_check_by -> the summary line of a run whose frozen tensors were not checked
+_UNCHECKED = {
+    "not in this process": "not checked in this process (FreezeBackbone ran in the worker processes; keep "
+    "the model_checkpoint callback so that the main process can check what it froze)",
+    "verify off": "not checked (FreezeBackbone(verify='off'))",
+}
 
 
 def _cell(value: float | None, width: int) -> str:
@@ -192,16 +195,8 @@ def read_previous_stage(path: str | Path) -> PreviousStage:
         AppInputError: the file is missing or unreadable, or does not describe its backbone and
             branches as configs.
     """
-    from lightning_freeze.core.checkpoint import CheckpointError, load_checkpoint
-
-    try:
-        checkpoint = load_checkpoint(Path(path).expanduser())
-    except CheckpointError as err:
-        reason = str(err).removeprefix(f"{str(Path(path).expanduser())!r}: ")
-        raise AppInputError(
-            f"init_from={str(path)!r}: {reason} (give the checkpoint of the previous stage, "
-            "e.g. outputs/stage1/runs/<time>/checkpoints/last.ckpt)"
-        ) from err
+    hint = "give the checkpoint of the previous stage, e.g. outputs/stage1/runs/<time>/checkpoints/last.ckpt"
+    checkpoint = read_checkpoint(path, "init_from", hint)
     hparams = checkpoint.get("hyper_parameters") or {}
     backbone, branches = hparams.get("backbone"), hparams.get("branches")
     if not (isinstance(backbone, Mapping) and isinstance(branches, Mapping) and branches):
@@ -225,6 +220,23 @@ def read_previous_stage(path: str | Path) -> PreviousStage:
         data=dict(data),
         stage=record.get("stage"),
     )
+
+
+def read_checkpoint(path: str | Path, key: str, hint: str, *, mmap: bool = False) -> dict[str, Any]:
+    """The checkpoint the config key ``key`` names, read safely (no pickled code).
+
+    Raises:
+        AppInputError: the file is missing, unreadable or not a checkpoint: ``"<key>='<path>': <why>
+            (<hint>)"``.
+    """
+    from lightning_freeze.core.checkpoint import CheckpointError, load_checkpoint
+
+    file = Path(path).expanduser()
+    try:
+        return load_checkpoint(file, mmap=mmap)
+    except CheckpointError as err:
+        reason = str(err).removeprefix(f"{str(file)!r}: ")
+        raise AppInputError(f"{key}={str(path)!r}: {reason} ({hint})") from err
 
 
 def load_model(path: str | Path, *, allow_targets: Sequence[str] = ()) -> Any:
@@ -254,11 +266,8 @@ def load_model(path: str | Path, *, allow_targets: Sequence[str] = ()) -> Any:
     """
     from lightning_freeze.module import MultiBranchModule
 
-    with _allow(allow_targets):
+    with instantiate.allow_targets(allow_targets):
         return MultiBranchModule.load_from_checkpoint(Path(path).expanduser(), map_location="cpu").eval()
-
-
-_allow = allow_targets  # load_model's argument shadows the context manager's name
 
 
 class StageRecord(Callback):
@@ -318,10 +327,6 @@ def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - numpy is a torch dependency in practice
-        return state
     kind, keys, position, has_gauss, cached = np.random.get_state()
     state["numpy"] = (
         str(kind),
@@ -340,7 +345,5 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     if state.get("numpy") is not None:
-        import numpy as np
-
         kind, keys, position, has_gauss, cached = state["numpy"]
         np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))

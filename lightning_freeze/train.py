@@ -21,16 +21,16 @@ This module imports torch and Lightning only when a run starts, so ``--help`` an
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import hydra
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from lightning_freeze import _lazy
 from lightning_freeze.app import AppInputError
 from lightning_freeze.app import runtime as _runtime
 
@@ -56,12 +56,7 @@ __all__ = [
 
 # the stage-record contract lives in lightning_freeze.stages (imports Lightning: loaded on first use)
 _FROM_STAGES = ("RECORD_KEY", "PreviousStage", "StageSummary", "load_model", "read_previous_stage")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _FROM_STAGES:
-        return getattr(importlib.import_module("lightning_freeze.stages"), name)
-    raise AttributeError(f"module 'lightning_freeze.train' has no attribute {name!r}")
+__getattr__ = _lazy.lazy_attributes(globals(), dict.fromkeys(_FROM_STAGES, "lightning_freeze.stages"))[0]
 
 
 def train(cfg: DictConfig) -> StageSummary:
@@ -94,11 +89,7 @@ def train(cfg: DictConfig) -> StageSummary:
         raise
     tested = report.run_test(trainer, model, datamodule, callbacks) if cfg.get("test") else None
 
-    summary = report.summarise(
-        cfg, stage=built.stage, name=built.name, trainer=trainer, model=model, datamodule=datamodule,
-        callbacks=callbacks, freezer=built.freezer, fingerprints=(before, after), tested=tested,
-        resumed_from=built.ckpt_path,
-    )  # fmt: skip
+    summary = report.summarise(built, (before, after), tested)
     if trainer.is_global_zero:
         report.write_summary(summary)
     return summary

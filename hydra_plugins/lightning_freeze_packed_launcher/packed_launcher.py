@@ -5,13 +5,12 @@ Selected with ``launcher=packed`` (``lightning_freeze/conf/launcher/packed.yaml`
     lightning-freeze-train -m experiment=stage2 init_from=stage1.ckpt \\
         model.optimizer.lr=1e-3,1e-2,1e-1 launcher=packed
 
-When every job runs ``lightning_freeze.train`` and the jobs differ only in branch-level settings
-(``model.optimizer.*`` except its ``_target_``, ``branch.*`` except ``branch.name``), their branches
-train as packed variants of one module on one frozen-backbone pass per batch
-(:mod:`lightning_freeze.packing`); each job still gets its own output directory, ``summary.json``,
-checkpoint and return value (for the sweeper). Otherwise the jobs run one after another, as with the
-basic launcher, after one log line saying why. This module is imported by Hydra's plugin discovery
-in every Hydra app: it imports nothing heavy until it launches.
+When the jobs of ``lightning_freeze.train`` differ only in branch-level settings
+(:func:`lightning_freeze.packing.why_not_packable`), their branches train as packed variants of one
+module (:mod:`lightning_freeze.packing`); each job still gets its own output directory,
+``summary.json``, checkpoint and return value (for the sweeper). Otherwise the jobs run one after
+another, as with the basic launcher, after one log line saying why. Hydra's plugin discovery imports
+this module in every Hydra app: it imports nothing heavy until it launches.
 """
 
 from __future__ import annotations
@@ -76,7 +75,6 @@ class PackedLauncher(Launcher):
                 sweep_config.hydra.job.id = idx
                 sweep_config.hydra.job.num = idx
             configs.append(sweep_config)
-        for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
             log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
 
         reason = self._why_not_packed(configs)
@@ -103,11 +101,10 @@ class PackedLauncher(Launcher):
                     self._run(lambda _cfg, b=build, i=index: packing.write_job(b, run, i), cfg)
                     for index, (build, cfg) in enumerate(zip(builds, configs, strict=True))
                 ]
-                configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-                return returns
             del builds
-        log.info(f"launcher=packed: running {len(configs)} job(s) one after another: {reason}")
-        returns = [self._run(self.task_function, cfg) for cfg in configs]
+        if reason is not None:
+            log.info(f"launcher=packed: running {len(configs)} job(s) one after another: {reason}")
+            returns = [self._run(self.task_function, cfg) for cfg in configs]
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return returns
 

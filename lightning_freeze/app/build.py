@@ -17,12 +17,12 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ProgressB
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_freeze.app import AppInputError
-from lightning_freeze.app.settings import has_weights, to_container, without_weights
+from lightning_freeze.app.settings import has_weights, model_settings, to_container, without_weights
 from lightning_freeze.callbacks.freeze_backbone import FreezeBackbone
 from lightning_freeze.core.keys import free_branch_name
 from lightning_freeze.instantiate import ConfigInstantiationError, instantiate
 from lightning_freeze.module import check_branch_name
-from lightning_freeze.stages import RECORD_VERSION, PreviousStage, StageRecord
+from lightning_freeze.stages import RECORD_VERSION, PreviousStage, StageRecord, read_checkpoint
 
 __all__ = [
     "Stage",
@@ -123,10 +123,8 @@ def build_model(
     """
     if previous is None:
         backbone_cfg = to_container(cfg.model.backbone)
-        probe = instantiate_node(backbone_cfg, "model.backbone", check=True)
-    else:
-        assert backbone_cfg is not None
-        probe = instantiate_node(backbone_cfg, "model.backbone", check=True)
+    assert backbone_cfg is not None
+    probe = instantiate_node(backbone_cfg, "model.backbone", check=True)
     pretrained = probe if previous is None and has_weights(backbone_cfg) else None
 
     head_cfg = to_container(cfg.branch.head)
@@ -135,15 +133,8 @@ def build_model(
     instantiate_node(head_cfg, "branch.head", check=True)  # refuse a bad head config here, in one line
     branches = {**(previous.branches if previous is not None else {}), name: head_cfg}
 
-    model_cfg = OmegaConf.create(
-        {
-            k: v
-            for k, v in to_container(cfg.model).items()
-            if k not in ("backbone", "branches", "active_branch")
-        }
-    )
     model = instantiate_node(
-        model_cfg,
+        OmegaConf.create(model_settings(cfg, resolve=True)),
         "model",
         backbone=without_weights(backbone_cfg),
         branches=branches,
@@ -169,12 +160,11 @@ def build_model(
         "data": to_container(cfg.data),
         "stage": stage,
     }
-    unresolved = OmegaConf.to_container(cfg.model, resolve=False)
     record = {
         "version": RECORD_VERSION,
         "stage": stage,
         # unresolved: ${trainer.max_epochs} follows the next stage's trainer
-        "model": {k: v for k, v in unresolved.items() if k not in ("backbone", "branches", "active_branch")},
+        "model": model_settings(cfg, resolve=False),
         "data": to_container(cfg.data),
         "branches": record_branches,
     }
@@ -258,12 +248,15 @@ def check_optimizer(cfg: DictConfig) -> None:
 
 
 def build_trainer(
-    cfg: DictConfig, callbacks: list[Callback], loggers: list[Any], *, quiet: bool
+    cfg: DictConfig, callbacks: list[Callback], loggers: list[Any], *, quiet: bool, **kwargs: Any
 ) -> L.Trainer:
-    """The Trainer of ``cfg.trainer`` with the callbacks and loggers (refuses DDP in a local multirun)."""
+    """The Trainer of ``cfg.trainer`` with the callbacks and loggers (refuses DDP in a local multirun).
+
+    ``kwargs`` are more ``Trainer`` arguments (the packed fit's ``default_root_dir``, ...).
+    """
     check_trainer(cfg.get("trainer"))
     check_accelerator(cfg.get("trainer"))
-    kwargs: dict[str, Any] = {"callbacks": callbacks, "logger": loggers or False}
+    kwargs.update(callbacks=callbacks, logger=loggers or False)
     if quiet:
         kwargs.update(enable_progress_bar=False, enable_model_summary=False)
     trainer = instantiate_node(cfg.trainer, "trainer", **kwargs)
@@ -276,19 +269,12 @@ def resume_checkpoint(cfg: DictConfig, trainer: L.Trainer) -> str | None:
     from lightning_freeze.app.runtime import requeued_checkpoint
 
     if cfg.get("ckpt_path"):
-        from lightning_freeze.core.checkpoint import CheckpointError, load_checkpoint
-
         path = str(cfg.ckpt_path)
         if not Path(path).expanduser().is_file():
             raise AppInputError(f"ckpt_path={path!r}: no such file (the checkpoint of the run to resume)")
-        try:  # read safely (no pickled code) before Lightning does: a bad file is one line
-            loaded = load_checkpoint(Path(path).expanduser(), mmap=True)
-        except CheckpointError as err:
-            reason = str(err).removeprefix(f"{str(Path(path).expanduser())!r}: ")
-            raise AppInputError(
-                f"ckpt_path={path!r}: {reason} (give the checkpoint of the run to resume: "
-                "<run>/checkpoints/last.ckpt)"
-            ) from err
+        # read safely (no pickled code) before Lightning does: a bad file is one line
+        hint = "give the checkpoint of the run to resume: <run>/checkpoints/last.ckpt"
+        loaded = read_checkpoint(path, "ckpt_path", hint, mmap=True)
         if "state_dict" not in loaded:
             raise AppInputError(
                 f"ckpt_path={path!r} is not a Lightning checkpoint (no 'state_dict'); give the checkpoint "

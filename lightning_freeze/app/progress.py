@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
@@ -39,12 +38,11 @@ class EpochProgress(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero or trainer.sanity_checking:
             return
-        metrics: dict[str, Any] = trainer.callback_metrics
-        shown = []
-        for name in ("train_loss", "val_loss", "val_acc"):
-            value = metrics.get(f"{self.branch}/{name}")
-            if value is not None:
-                shown.append(f"{name} {float(value):.4f}")
+        values = {
+            n: trainer.callback_metrics.get(f"{self.branch}/{n}")
+            for n in ("train_loss", "val_loss", "val_acc")
+        }
+        shown = [f"{n} {float(v):.4f}" for n, v in values.items() if v is not None]
         epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else "?"
         log.info(
             "stage %d, branch %s: epoch %d/%s %s (%.1f s)",

@@ -13,19 +13,21 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_freeze.app import AppInputError
-from lightning_freeze.app.build import instantiate_node, metric
+from lightning_freeze.app.build import Stage, instantiate_node, metric
 from lightning_freeze.callbacks.feature_cache import FeatureCache
 from lightning_freeze.callbacks.freeze_backbone import FreezeBackbone
 from lightning_freeze.core.fingerprint import TensorFingerprint, diff_fingerprints, fingerprint
-from lightning_freeze.stages import StageRecord, StageSummary
+from lightning_freeze.stages import StageSummary
 
 __all__ = [
     "FitFacts",
+    "branch_row",
     "check_optimized_metric",
     "fit_facts",
     "interrupted",
     "run_test",
     "summarise",
+    "validate_branch",
     "write_summary",
 ]
 
@@ -39,7 +41,7 @@ class FitFacts:
     changed: set[str]  # state_dict keys whose bits changed during the fit
     unfrozen_at_epoch: int | None  # FreezeBackbone's unfreeze_at_epoch, when it unfroze
     check: Any  # FingerprintDiff of FreezeBackbone's frozen tensors, or None
-    check_by: str | None
+    check_by: str | None  # StageSummary.frozen_check_by
 
     def _changed(self, prefix: str) -> bool:
         return any(k.startswith(prefix) for k in self.changed)
@@ -60,6 +62,15 @@ class FitFacts:
         if self._changed("backbone."):
             reasons.append(f"backbone {self.backbone_status()}")
         return ("changed", "; ".join(reasons)) if reasons else ("frozen", None)
+
+    def summary_fields(self) -> dict[str, Any]:
+        """The :class:`~lightning_freeze.stages.StageSummary` fields of these facts."""
+        return {
+            "backbone": self.backbone_status(),
+            "frozen_check": self.check.summary() if self.check is not None else None,
+            "frozen_check_by": self.check_by,
+            "frozen_changed": len(self.check.changed) if self.check is not None else None,
+        }
 
 
 def fitted(trainer: L.Trainer, model: Any, datamodule: Any, ckpt_path: str | None) -> tuple[dict, dict]:
@@ -96,6 +107,8 @@ def fit_facts(
         keys = [k for k in (state or {}).get("fingerprints") or {} if k in before and k in after]
         if keys:
             check = diff_fingerprints({k: before[k] for k in keys}, {k: after[k] for k in keys})
+    if check is None:
+        check_by = "verify off" if freezer.verify == "off" else "not in this process"
     unfrozen_at = freezer.unfreeze_at_epoch if (state or {}).get("unfrozen") else None
     return FitFacts(changed, unfrozen_at, check, check_by)
 
@@ -162,80 +175,80 @@ def run_test(
 
 
 def summarise(
-    cfg: Any,
-    *,
-    stage: int,
-    name: str,
-    trainer: L.Trainer,
-    model: Any,
-    datamodule: Any,
-    callbacks: list[Callback],
-    freezer: FreezeBackbone | None,
+    built: Stage,
     fingerprints: tuple[Mapping[str, TensorFingerprint], Mapping[str, TensorFingerprint]],
     tested: tuple[Mapping[str, Any], str, str] | None,
-    resumed_from: str | None,
 ) -> StageSummary:
-    """The facts of the fit, and every branch scored on its own data (the record holds each branch's data)."""
+    """The facts of the fit, and every branch scored on its own data (the record holds each branch's data).
+
+    Args:
+        built: the stage, fitted.
+        fingerprints: the model's fingerprints before and after the fit (:func:`fitted`).
+        tested: what :func:`run_test` returned, ``None`` without ``test=true``.
+    """
+    name, trainer, model, callbacks = built.name, built.trainer, built.model, built.callbacks
+    freezer = built.freezer
     last, _ = checkpoints(callbacks)
     facts = fit_facts(model, freezer, *fingerprints, last)
     cache = next((c for c in callbacks if isinstance(c, FeatureCache)), None)
     cache_stats = {k: v for k, v in cache.stats.items() if k != "modules"} if cache is not None else None
-    record = next(c for c in callbacks if isinstance(c, StageRecord)).record
-    test_metrics = tested[0] if tested else None
     rows = []
     for branch in model.branch_names:
-        entry = record["branches"].get(branch) or {}
-        metrics: Mapping[str, Any] = {}
-        if branch == name or entry.get("data"):
-            # other branches' data configs come from the init_from checkpoint: checked like the model's
-            data = (
-                datamodule
-                if branch == name
-                else instantiate_node(entry["data"], f"data of {branch}", check=True)
-            )
-            model.switch_branch(branch)
-            results = trainer.validate(model, datamodule=data, verbose=False)
-            metrics = results[0] if results else {}
+        entry = built.record.record["branches"].get(branch) or {}
+        metrics = validate_branch(trainer, model, branch, entry, built.datamodule if branch == name else None)
         status, note = ("trained", None) if branch == name else facts.branch_status(branch)
-        row = {
-            "name": branch,
-            "task": entry.get("task"),
-            "status": status,
-            "note": note,
-            "val_acc": metric(metrics, f"{branch}/val_acc"),
-            "val_loss": metric(metrics, f"{branch}/val_loss"),
-        }
-        if branch == name and test_metrics is not None:
-            row["test_acc"] = metric(test_metrics, f"{name}/test_acc")
-            row["test_loss"] = metric(test_metrics, f"{name}/test_loss")
+        row = branch_row(branch, entry.get("task"), status, note, metrics)
+        if branch == name and tested:
+            row["test_acc"] = metric(tested[0], f"{name}/test_acc")
+            row["test_loss"] = metric(tested[0], f"{name}/test_loss")
         rows.append(row)
     model.switch_branch(name)
-    output_dir = cfg.paths.output_dir if cfg.get("paths") else None
+    output_dir = built.cfg.paths.output_dir if built.cfg.get("paths") else None
     return StageSummary(
-        stage=stage,
+        stage=built.stage,
         trained_branch=name,
         branches=rows,
-        backbone=facts.backbone_status(),
-        frozen_check=facts.check.summary() if facts.check is not None else None,
-        frozen_check_by=(
-            facts.check_by
-            if facts.check is not None
-            else None
-            if freezer is None
-            else "verify off"
-            if freezer.verify == "off"
-            else "not in this process"
-        ),
-        frozen_changed=len(facts.check.changed) if facts.check is not None else None,
+        **facts.summary_fields(),
         checkpoint=str(Path(last).absolute()) if last else None,
         weights=weights_validated(callbacks),
         tested=tested[1] if tested else None,
         tested_checkpoint=tested[2] if tested else None,
-        resumed_from=str(Path(resumed_from).absolute()) if resumed_from else None,
+        resumed_from=str(Path(built.ckpt_path).absolute()) if built.ckpt_path else None,
         output_dir=str(Path(output_dir).resolve()) if output_dir else None,
         feature_cache=cache_stats,
         phases=freezer.phases.timeline if freezer is not None and freezer.phases is not None else None,
     )
+
+
+def validate_branch(
+    trainer: L.Trainer, model: Any, branch: str, entry: Mapping[str, Any], datamodule: Any = None
+) -> Mapping[str, Any]:
+    """``branch`` validated on ``datamodule``, or on the data of its record ``entry`` (``{}`` without any).
+
+    Leaves ``branch`` active in ``model``.
+    """
+    if datamodule is None and entry.get("data"):
+        # other branches' data configs come from the init_from checkpoint: checked like the model's
+        datamodule = instantiate_node(entry["data"], f"data of {branch}", check=True)
+    if datamodule is None:
+        return {}
+    model.switch_branch(branch)
+    results = trainer.validate(model, datamodule=datamodule, verbose=False)
+    return results[0] if results else {}
+
+
+def branch_row(
+    branch: str, task: str | None, status: str, note: str | None, metrics: Mapping[str, Any]
+) -> dict[str, Any]:
+    """One row of :attr:`~lightning_freeze.stages.StageSummary.branches` (its ``val_*`` from ``metrics``)."""
+    return {
+        "name": branch,
+        "task": task,
+        "status": status,
+        "note": note,
+        "val_acc": metric(metrics, f"{branch}/val_acc"),
+        "val_loss": metric(metrics, f"{branch}/val_loss"),
+    }
 
 
 def interrupted(trainer: L.Trainer, callbacks: list[Callback]) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,7 @@ def route_library_logs() -> None:
     """
     root = logging.getLogger()
     for handler in root.handlers:
-        if _NO_TIPS not in handler.filters:
-            handler.addFilter(_NO_TIPS)
+        handler.addFilter(_no_product_tips)  # once: a filter already there is not added again
     if not root.handlers:
         return
     for name in _LIBRARY_LOGGERS:
@@ -73,14 +73,9 @@ def start_app(cfg: Any) -> None:
     warnings.filterwarnings("ignore", message=r"Using `DistributedSampler` with the dataloaders")
 
 
-class _NoProductTips(logging.Filter):
+def _no_product_tips(record: logging.LogRecord) -> bool:
     """Drops Lightning's advertising lines (``💡 Tip: ... try installing [litlogger] ...``)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).lstrip().startswith("💡 Tip:")
-
-
-_NO_TIPS = _NoProductTips()
+    return not str(record.msg).lstrip().startswith("💡 Tip:")
 
 
 def quiet_console() -> None:
@@ -88,19 +83,14 @@ def quiet_console() -> None:
     how it runs the sweep; the log files keep every line."""
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            if _QUIET not in handler.filters:
-                handler.addFilter(_QUIET)
+            handler.addFilter(_quiet)
 
 
-class _QuietConsole(logging.Filter):
+def _quiet(record: logging.LogRecord) -> bool:
     """Passes warnings and errors, and the packed launcher's notices (packed, or why not)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or record.name.startswith(_ALWAYS_SHOWN)
-
-
-_ALWAYS_SHOWN = "hydra_plugins.lightning_freeze_packed_launcher"
-_QUIET = _QuietConsole()
+    return record.levelno >= logging.WARNING or record.name.startswith(
+        "hydra_plugins.lightning_freeze_packed_launcher"
+    )
 
 
 def log_to_files(logger: logging.Logger, text: str) -> None:
@@ -165,20 +155,14 @@ def remove_if_unused(output_dir: Path) -> None:
         if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == output_dir:
             handler.close()
             root.removeHandler(handler)
-    for entry in entries:
-        if entry == hydra_dir:
-            for item in entry.iterdir():
-                item.unlink()
-            entry.rmdir()
-        else:
-            entry.unlink()
-    output_dir.rmdir()
+    shutil.rmtree(output_dir)  # only Hydra's files and .log files, as checked above
 
 
 def one_line(err: BaseException) -> str:
     """An error as the one line the app prints: the message's lines joined, Hydra's hints dropped."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return _join(lines) or type(err).__name__
+    hints = ("full_key:", "object_type=", "reference_type=", "Set the environment variable")
+    lines = [line for line in map(str.strip, str(err).splitlines()) if line and not line.startswith(hints)]
+    return "; ".join([*(line.rstrip(".;") for line in lines[:-1]), *lines[-1:]]) or type(err).__name__
 
 
 #: optional plugins, as their absence shows in Hydra's errors, and the extra that installs each
@@ -241,14 +225,3 @@ def hydra_reports_errors_again() -> None:
     the processes it starts, DDP ranks included, see the user's environment)."""
     if os.environ.pop(_OURS, None) is not None:
         os.environ.pop("HYDRA_FULL_ERROR", None)
-
-
-def _join(lines: list[str]) -> str:
-    keep = [
-        line
-        for line in lines
-        if not line.startswith(
-            ("full_key:", "object_type=", "reference_type=", "Set the environment variable")
-        )
-    ]
-    return "; ".join(line.rstrip(".;") if i < len(keep) - 1 else line for i, line in enumerate(keep))

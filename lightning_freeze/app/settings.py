@@ -39,6 +39,7 @@ __all__ = [
     "check_stage",
     "command_line_keys",
     "inherit_previous_stage",
+    "model_settings",
     "read_stage_settings",
     "stage_settings",
     "to_container",
@@ -156,17 +157,17 @@ def _unset_keys(node: DictConfig, baseline: DictConfig | None, explicit: set[str
     """Keys of ``node`` that this run leaves at the preset's default (and are not interpolations)."""
     if baseline is None or prefix in explicit:
         return []
-    keys = []
-    for key in node:
-        if f"{prefix}.{key}" in explicit or any(e.startswith(f"{prefix}.{key}.") for e in explicit):
-            continue
-        if OmegaConf.is_interpolation(node, key) or key not in baseline:
-            continue
-        ours = OmegaConf.to_container(node, resolve=False).get(key)
-        preset = OmegaConf.to_container(baseline, resolve=False).get(key)
-        if ours == preset:
-            keys.append(str(key))
-    return keys
+    ours = OmegaConf.to_container(node, resolve=False)
+    preset = OmegaConf.to_container(baseline, resolve=False)
+    assert isinstance(ours, dict) and isinstance(preset, dict)
+    return [
+        str(key)
+        for key in node
+        if not any(e == f"{prefix}.{key}" or e.startswith(f"{prefix}.{key}.") for e in explicit)
+        and not OmegaConf.is_interpolation(node, key)
+        and key in baseline
+        and ours.get(key) == preset.get(key)
+    ]
 
 
 def _is_setting(key: str) -> bool:
@@ -175,6 +176,18 @@ def _is_setting(key: str) -> bool:
     if parts[0] == "model":
         return len(parts) == 1 or parts[1] not in _NOT_SETTINGS
     return parts[0] == "data" and parts[1:2] != ["_target_"]
+
+
+def _inheritable(key: str, explicit: set[str]) -> bool:
+    """A setting (:func:`_is_setting`) that this run's command line sets neither itself nor above."""
+    return _is_setting(key) and key not in explicit and not any(key.startswith(f"{e}.") for e in explicit)
+
+
+def model_settings(cfg: DictConfig, *, resolve: bool) -> dict[str, Any]:
+    """``cfg.model`` as plain containers, without the keys a stage never inherits (the backbone's)."""
+    model = OmegaConf.to_container(cfg.model, resolve=resolve)
+    assert isinstance(model, dict)
+    return {k: v for k, v in model.items() if k not in _NOT_SETTINGS}
 
 
 def stage_settings(cfg: DictConfig, stage: int, inherited: Iterable[str] = ()) -> dict[str, Any]:
@@ -193,13 +206,11 @@ def stage_settings(cfg: DictConfig, stage: int, inherited: Iterable[str] = ()) -
         later stage's trainer) and ``data`` (resolved) hold their values.
     """
     keys = {k for k in command_line_keys(cfg) if k.split(".")[0] in ("model", "data")} | set(inherited)
-    unresolved = OmegaConf.to_container(cfg.model, resolve=False)
-    assert isinstance(unresolved, dict)
     return {
         "version": SETTINGS_VERSION,
         "stage": stage,
         "set": sorted(k for k in keys if _is_setting(k)),
-        "model": {k: v for k, v in unresolved.items() if k not in _NOT_SETTINGS},
+        "model": model_settings(cfg, resolve=False),
         "data": to_container(cfg.data),
     }
 
@@ -261,7 +272,7 @@ def _take_setting(
 ) -> None:
     """Set ``key`` of ``cfg`` to its value in ``saved``, except where this run sets it (recursively)."""
     parts = key.split(".")
-    if not _is_setting(key) or key in explicit or any(key.startswith(f"{e}.") for e in explicit):
+    if not _inheritable(key, explicit):
         return  # the backbone, the data module, or set by this run (the key or a node above it)
     value: Any = saved
     for part in parts:
@@ -295,11 +306,7 @@ def _inherit_from_file(
             if key.split(".")[0] == "data" and not same_data:
                 continue
             _take_setting(cfg, saved, key, explicit, changed)
-            if (
-                _is_setting(key)
-                and key not in explicit
-                and not any(key.startswith(f"{e}.") for e in explicit)
-            ):
+            if _inheritable(key, explicit):
                 keys.append(key)
     return keys, changed
 
@@ -308,25 +315,18 @@ def _inherit_guessed(cfg: DictConfig, previous: Any, explicit: set[str]) -> tupl
     """Without a settings file: the keys this run leaves at its presets' defaults, from the record."""
     baseline = _baseline(cfg)
     keys, changed = [], []
+    same_data = previous.data.get("_target_") == cfg.data.get("_target_")
+    groups = (("model", previous.model, "backbone"), ("data", previous.data if same_data else {}, "_target_"))
     with open_dict(cfg):
-        for key in _unset_keys(
-            cfg.model, baseline.model if baseline is not None else None, explicit, "model"
-        ):
-            if key in previous.model and key != "backbone":
-                if OmegaConf.to_container(cfg.model, resolve=False).get(key) != previous.model[key]:
-                    changed.append(f"model.{key}")
-                cfg.model[key] = previous.model[key]
-                keys.append(f"model.{key}")
-        same_data = previous.data.get("_target_") == cfg.data.get("_target_")
-        if same_data:
-            for key in _unset_keys(
-                cfg.data, baseline.data if baseline is not None else None, explicit, "data"
-            ):
-                if key in previous.data and key != "_target_":
-                    if cfg.data[key] != previous.data[key]:
-                        changed.append(f"data.{key}={previous.data[key]!r}")
-                    cfg.data[key] = previous.data[key]
-                    keys.append(f"data.{key}")
+        for group, recorded, never in groups:
+            node = cfg[group]
+            ours = OmegaConf.to_container(node, resolve=group == "data")  # as the record holds them
+            for key in _unset_keys(node, baseline[group] if baseline is not None else None, explicit, group):
+                if key in recorded and key != never:
+                    if ours.get(key) != recorded[key]:  # a data value is shown, a model node is not
+                        changed.append(f"{group}.{key}" + ("" if group == "model" else f"={recorded[key]!r}"))
+                    node[key] = recorded[key]
+                    keys.append(f"{group}.{key}")
     return keys, changed
 
 

@@ -25,7 +25,8 @@ import argparse
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,7 +41,7 @@ PROG = "lightning-freeze"
 EXIT_SAME, EXIT_DIFFERENT, EXIT_BAD_INPUT = 0, 1, 2
 
 
-class _UsageError(Exception):
+class _UsageError(ValueError):
     """Bad input found after argument parsing: reported in one line, exit 2."""
 
 
@@ -71,8 +72,7 @@ def _parser() -> argparse.ArgumentParser:
             "prefix ('backbone'); repeatable"
         ),
     )
-    diff.add_argument("--ema", action="store_true", help=_EMA_HELP)
-    diff.add_argument("--unsafe-load", action="store_true", help=_UNSAFE_HELP)
+    add_shared_arguments(diff, writes=False)
 
     merge = sub.add_parser(
         "merge",
@@ -83,11 +83,7 @@ def _parser() -> argparse.ArgumentParser:
             "identical or a branch name collides. OUT is written atomically."
         ),
     )
-    merge.add_argument("out", metavar="OUT", help="checkpoint to write")
-    merge.add_argument("inputs", metavar="IN", nargs="+", help="input checkpoints (at least two)")
-    merge.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
-    merge.add_argument("--ema", action="store_true", help=_EMA_HELP)
-    merge.add_argument("--unsafe-load", action="store_true", help=_UNSAFE_HELP)
+    add_shared_arguments(merge, writes=True)
 
     from lightning_freeze.cli import select  # argparse only at import: no torch
 
@@ -95,14 +91,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-_EMA_HELP = (
-    "use the weights averaged by FrozenSafeEMA (stored in each checkpoint's callback state) where it "
-    "shadowed them, the raw weights elsewhere"
-)
-_UNSAFE_HELP = (
-    "load with torch.load(weights_only=False), which runs code pickled in the file: only for "
-    "checkpoints you trust"
-)
+def add_shared_arguments(parser: argparse.ArgumentParser, *, writes: bool) -> None:
+    """``--ema`` and ``--unsafe-load``; with ``writes`` also ``OUT``, ``IN ...`` and ``--force``."""
+    if writes:
+        parser.add_argument("out", metavar="OUT", help="checkpoint to write")
+        parser.add_argument("inputs", metavar="IN", nargs="+", help="input checkpoints (at least two)")
+        parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    parser.add_argument(
+        "--ema",
+        action="store_true",
+        help="use the weights averaged by FrozenSafeEMA (stored in each checkpoint's callback state) "
+        "where it shadowed them, the raw weights elsewhere",
+    )
+    parser.add_argument(
+        "--unsafe-load",
+        action="store_true",
+        help="load with torch.load(weights_only=False), which runs code pickled in the file: only for "
+        "checkpoints you trust",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -123,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return select.run(args)
         return _merge(args.out, args.inputs, args.force, args.ema, args.unsafe_load)
-    except (_UsageError, ValueError) as err:  # CheckpointError, MergeError and SelectError are ValueErrors
+    except ValueError as err:  # _UsageError, CheckpointError, MergeError, SelectError
         print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
@@ -177,14 +183,9 @@ def _row(diff: TensorDiff) -> tuple[str, ...]:
 
 
 def _pair(a: object, b: object) -> str:
-    def text(value: object) -> str:
-        if value is None:
-            return "-"
-        return str(value)
-
     if a is None or b is None or a == b:
-        return text(a if a is not None else b)
-    return f"{text(a)} -> {text(b)}"
+        return "-" if a is None and b is None else str(a if a is not None else b)
+    return f"{a} -> {b}"
 
 
 def _table(differences: list[TensorDiff]) -> str:
@@ -198,9 +199,7 @@ def _summary(result: StateDictDiff, only: list[str] | None) -> str:
     scope = f" under {', '.join(repr(p) for p in only)}" if only else ""
     if not result:
         return f"no differences: all {result.compared} tensors{scope} are bitwise identical"
-    counts: dict[str, int] = {}
-    for d in result.differences:
-        counts[d.status] = counts.get(d.status, 0) + 1
+    counts = Counter(d.status for d in result.differences)
     detail = ", ".join(f"{n} {_STATUS_WORDS.get(s, s)}" for s, n in counts.items())
     return (
         f"{len(result.differences)} of {result.compared} tensors{scope} differ ({detail}); "
@@ -211,11 +210,12 @@ def _summary(result: StateDictDiff, only: list[str] | None) -> str:
 # ------------------------------------------------------------------------------------------------
 # merge
 # ------------------------------------------------------------------------------------------------
-def _merge(out: str, inputs: list[str], force: bool, ema: bool, unsafe_load: bool) -> int:
-    if len(inputs) < 2:
-        raise _UsageError(
-            f"merge needs at least two input checkpoints after OUT, got {len(inputs)}: {inputs}"
-        )
+def check_output(out: str, inputs: Sequence[str], force: bool) -> None:
+    """Refuse an OUT that ``merge``/``select`` may not write, before any input is read.
+
+    Raises:
+        ValueError: OUT is an input, a directory, exists without ``force``, or its folder is missing.
+    """
     target = Path(out)
     for path in inputs:
         if target.exists() and Path(path).exists() and os.path.samefile(target, path):
@@ -226,16 +226,35 @@ def _merge(out: str, inputs: list[str], force: bool, ema: bool, unsafe_load: boo
         raise _UsageError(f"OUT {out!r} exists; pass --force to overwrite it")
     if not target.parent.is_dir():
         raise _UsageError(f"OUT {out!r}: directory {str(target.parent)!r} does not exist")
-    from lightning_freeze.core.checkpoint_io import load_checkpoint, save_checkpoint_atomic
+
+
+def write_output(checkpoint: Mapping[str, object], out: str) -> None:
+    """Write ``checkpoint`` to OUT atomically (nothing is left behind when the write fails).
+
+    Raises:
+        ValueError: the file cannot be written (the message names it and why).
+    """
+    from lightning_freeze.core.checkpoint_io import save_checkpoint_atomic
+
+    try:
+        save_checkpoint_atomic(checkpoint, Path(out))
+    except OSError as err:
+        raise _UsageError(f"cannot write {out!r}: {err.strerror or err}") from None
+
+
+def _merge(out: str, inputs: list[str], force: bool, ema: bool, unsafe_load: bool) -> int:
+    if len(inputs) < 2:
+        raise _UsageError(
+            f"merge needs at least two input checkpoints after OUT, got {len(inputs)}: {inputs}"
+        )
+    check_output(out, inputs, force)
+    from lightning_freeze.core.checkpoint_io import load_checkpoint
     from lightning_freeze.core.merge import merge_checkpoints
 
     # OUT is never an input and is written by rename, so the mapped inputs stay intact
     checkpoints = [load_checkpoint(path, unsafe_load=unsafe_load, mmap=True) for path in inputs]
     result = merge_checkpoints(checkpoints, names=[repr(p) for p in inputs], ema=ema)
-    try:
-        save_checkpoint_atomic(result.checkpoint, target)
-    except OSError as err:
-        raise _UsageError(f"cannot write {out!r}: {err.strerror or err}") from None
+    write_output(result.checkpoint, out)
     branches = ", ".join(f"{name} (from {inputs[i]})" for name, i in result.branches.items())
     print(
         f"merged {len(result.branches)} branch(es) on one shared backbone ({len(result.shared_keys)} shared "

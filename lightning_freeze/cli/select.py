@@ -20,7 +20,6 @@ Lightning import.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -32,10 +31,11 @@ from typing import Any
 
 # PyTorch and the checkpoint core are imported inside the functions: ``lightning-freeze --help``
 # builds this subcommand's parser and must answer without importing torch
+from lightning_freeze.cli import checkpoint_tools
+from lightning_freeze.cli.checkpoint_tools import add_shared_arguments, check_output, write_output
 
 __all__ = ["SelectError", "SelectResult", "add_parser", "main", "run", "select_checkpoints"]
 
-PROG = "lightning-freeze"
 MODES = ("max", "min")
 _PER_BRANCH_HPARAMS = ("branches", "losses", "metrics", "num_classes", "branch_optimizers")
 
@@ -59,7 +59,7 @@ class SelectResult:
     scores: dict[str, list[float | None]]
 
 
-def _stored_metrics(checkpoint: Mapping[str, Any], path: str | None) -> dict[str, float]:
+def _stored_metrics(checkpoint: Mapping[str, Any], path: str | os.PathLike[str] | None) -> dict[str, float]:
     section = checkpoint.get("multi_branch")
     metrics = section.get("metrics") if isinstance(section, Mapping) else None
     if isinstance(metrics, Mapping) and metrics:
@@ -148,32 +148,26 @@ def select_checkpoints(
                 f"every branch ({', '.join(everywhere)}) is bitwise identical in all inputs: there is no "
                 "variant to choose"
             )
-    stored = [
-        _stored_metrics(c, None if paths is None else (None if p is None else os.fspath(p)))
-        for c, p in zip(checkpoints, paths or [None] * len(checkpoints), strict=True)
-    ]
+    paths = paths or [None] * len(checkpoints)
+    stored = [_stored_metrics(c, p) for c, p in zip(checkpoints, paths, strict=True)]
 
     winners: dict[str, int] = {}
     scores: dict[str, list[float | None]] = {}
     for branch in chosen:
         key = f"{branch}/{metric}"
-        values: list[float | None] = []
         for index, names_ in enumerate(held):
-            if branch not in names_:
-                values.append(None)
-                continue
-            if key not in stored[index]:
+            if branch in names_ and key not in stored[index]:
                 available = ", ".join(sorted(stored[index])) or "none"
                 raise SelectError(
                     f"{labels[index]} holds branch {branch!r} but no metric {key!r}; its metrics: {available}"
                 )
-            value = stored[index][key]
-            values.append(value if not math.isnan(value) else None)
+        values: list[float | None] = [stored[i][key] if branch in n else None for i, n in enumerate(held)]
+        values = [None if v is None or math.isnan(v) else v for v in values]
         candidates = [i for i, v in enumerate(values) if v is not None]
         if not candidates:
             raise SelectError(f"no input has a value of {key!r} (all NaN)")
-        pick = max if mode == "max" else min
-        winners[branch] = pick(candidates, key=lambda i: (values[i], -i) if mode == "max" else (values[i], i))
+        # max/min return the first of equal values: ties go to the first input
+        winners[branch] = (max if mode == "max" else min)(candidates, key=lambda i: values[i])
         scores[branch] = values
 
     views = [
@@ -205,11 +199,12 @@ def _differs(states: Sequence[Mapping[str, Any]], held: Sequence[list[str]], bra
     from lightning_freeze.core.checkpoint import BRANCH_PREFIX, diff_state_dicts
 
     prefix = f"{BRANCH_PREFIX}{branch}."
-    holders = [s for s, names in zip(states, held, strict=True) if branch in names]
-    first = {k: v for k, v in holders[0].items() if k.startswith(prefix)}
-    return any(
-        bool(diff_state_dicts(first, {k: v for k, v in s.items() if k.startswith(prefix)})) for s in holders
-    )
+    own = [
+        {k: v for k, v in s.items() if k.startswith(prefix)}
+        for s, n in zip(states, held, strict=True)
+        if branch in n
+    ]
+    return any(diff_state_dicts(own[0], other) for other in own[1:])
 
 
 def _without_branches(checkpoint: Mapping[str, Any], drop: Sequence[str]) -> dict[str, Any]:
@@ -226,7 +221,7 @@ def _without_branches(checkpoint: Mapping[str, Any], drop: Sequence[str]) -> dic
         out = {k: v for k, v in out.items() if not k.startswith(prefixes)}
     hparams = out.get("hyper_parameters")
     if isinstance(hparams, Mapping):
-        hparams = copy.copy(dict(hparams))
+        hparams = dict(hparams)
         for entry in _PER_BRANCH_HPARAMS:
             if isinstance(hparams.get(entry), Mapping):
                 hparams[entry] = {k: v for k, v in hparams[entry].items() if k not in drop}
@@ -258,8 +253,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "'merge' does (backbones must be bitwise identical). Exit 0 when written, 2 on bad input."
         ),
     )
-    parser.add_argument("out", metavar="OUT", help="checkpoint to write")
-    parser.add_argument("inputs", metavar="IN", nargs="+", help="input checkpoints (at least two)")
     parser.add_argument(
         "--metric",
         required=True,
@@ -273,13 +266,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="append",
         help="branch to choose a variant of (repeatable); default: every branch that differs",
     )
-    parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
-    parser.add_argument("--ema", action="store_true", help="use the FrozenSafeEMA weights of each input")
-    parser.add_argument(
-        "--unsafe-load",
-        action="store_true",
-        help="load with torch.load(weights_only=False): only for checkpoints you trust",
-    )
+    add_shared_arguments(parser, writes=True)
     return parser
 
 
@@ -293,18 +280,12 @@ def run(args: argparse.Namespace) -> int:
         the exit status: 0 written.
 
     Raises:
-        SelectError: bad input (also ``CheckpointError``/``MergeError``; each a ``ValueError``).
+        ValueError: bad input: a :class:`SelectError`, ``CheckpointError`` or ``MergeError``, or an
+            OUT that may not be written.
     """
-    from lightning_freeze.core.checkpoint import load_checkpoint, save_checkpoint_atomic
+    from lightning_freeze.core.checkpoint import load_checkpoint
 
-    target = Path(args.out)
-    if target.exists() and not args.force:
-        raise SelectError(f"OUT {args.out!r} exists; pass --force to overwrite it")
-    if target.is_dir() or not target.parent.is_dir():
-        raise SelectError(f"OUT {args.out!r} is not a file in an existing directory")
-    for path in args.inputs:
-        if target.exists() and Path(path).exists() and os.path.samefile(target, path):
-            raise SelectError(f"OUT {args.out!r} is also an input; write to a new file")
+    check_output(args.out, args.inputs, args.force)
     checkpoints = [load_checkpoint(path, unsafe_load=args.unsafe_load) for path in args.inputs]
     result = select_checkpoints(
         checkpoints,
@@ -315,10 +296,7 @@ def run(args: argparse.Namespace) -> int:
         paths=list(args.inputs),
         ema=args.ema,
     )
-    try:
-        save_checkpoint_atomic(result.checkpoint, target)
-    except OSError as err:
-        raise SelectError(f"cannot write {args.out!r}: {err.strerror or err}") from None
+    write_output(result.checkpoint, args.out)
     for branch, index in result.winners.items():
         values = ", ".join("-" if v is None else f"{v:.4g}" for v in result.scores[branch])
         print(f"{branch}: best {args.mode} of [{values}] is {args.inputs[index]}")
@@ -335,17 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         the exit status: 0 written, 2 on bad input.
     """
-    parser = argparse.ArgumentParser(prog=PROG)
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    args = parser.parse_args(["select", *(sys.argv[1:] if argv is None else argv)])
-    from lightning_freeze.core.checkpoint import CheckpointError, MergeError
-
-    try:
-        return run(args)
-    except (CheckpointError, MergeError, SelectError) as err:
-        print(f"{PROG} select: error: {err}", file=sys.stderr)
-        return 2
+    return checkpoint_tools.main(["select", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":  # pragma: no cover

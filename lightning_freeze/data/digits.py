@@ -135,7 +135,5 @@ class DigitsDataModule(SplitDataModule):
         if self.channels == 3:
             x = x.expand(-1, 3, -1, -1).contiguous()
         y = DIGIT_TASKS[self.task][1](digits[index]).long()
-        n_train, n_val, _ = split_sizes(len(index), self.val_fraction, self.test_fraction)
-        self.train_set = TensorDataset(x[:n_train], y[:n_train])
-        self.val_set = TensorDataset(x[n_train : n_train + n_val], y[n_train : n_train + n_val])
-        self.test_set = TensorDataset(x[n_train + n_val :], y[n_train + n_val :])
+        sizes = split_sizes(len(index), self.val_fraction, self.test_fraction)
+        self.train_set, self.val_set, self.test_set = map(TensorDataset, x.split(sizes), y.split(sizes))

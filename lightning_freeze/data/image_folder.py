@@ -86,18 +86,15 @@ class ImageFolderDataModule(SplitDataModule):
             )
         self.num_classes = len(self.classes)
 
-    def _transform(self) -> transforms.Compose:
-        steps: list = [transforms.Resize(self.image_size), transforms.CenterCrop(self.image_size)]
-        if self.channels == 1:
-            steps.append(transforms.Grayscale(1))
-        steps.append(transforms.ToTensor())
-        return transforms.Compose(steps)
-
     @override
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        transform = self._transform()
+        grey = [transforms.Grayscale(1)] if self.channels == 1 else []
+        size = self.image_size
+        transform = transforms.Compose(
+            [transforms.Resize(size), transforms.CenterCrop(size), *grey, transforms.ToTensor()]
+        )
         if self.split_layout:
             self.train_set = ImageFolder(str(self.root / "train"), transform=transform)
             self.val_set = ImageFolder(str(self.root / "val"), transform=transform)
@@ -107,8 +104,7 @@ class ImageFolderDataModule(SplitDataModule):
             )
             return
         full = ImageFolder(str(self.root), transform=transform)
-        order = torch.randperm(len(full), generator=torch.Generator().manual_seed(self.split_seed)).tolist()
-        n_train, n_val, n_test = split_sizes(len(order), self.val_fraction, self.test_fraction)
-        self.train_set = Subset(full, order[:n_train])
-        self.val_set = Subset(full, order[n_train : n_train + n_val])
-        self.test_set = Subset(full, order[n_train + n_val :]) if n_test else self.val_set
+        order = torch.randperm(len(full), generator=torch.Generator().manual_seed(self.split_seed))
+        sizes = split_sizes(len(full), self.val_fraction, self.test_fraction)
+        self.train_set, self.val_set, test = (Subset(full, part.tolist()) for part in order.split(sizes))
+        self.test_set = test if sizes[2] else self.val_set

@@ -135,7 +135,7 @@ def torchvision_backbone(
         weight_enum = torchvision.models.get_model_weights(name)
         choices = list(dict.fromkeys(["DEFAULT", *weight_enum.__members__]))
         if str(weights) in choices:
-            named_weights = weight_enum[str(weights)] if str(weights) != "DEFAULT" else weight_enum.DEFAULT
+            named_weights = weight_enum[str(weights)]  # DEFAULT is an alias member of the enum
         elif Path(weights).expanduser().is_file():
             local_file = Path(weights).expanduser()
         else:
@@ -158,30 +158,26 @@ def torchvision_backbone(
 
 
 def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
-    for parent in model.modules():
-        for child_name, child in parent.named_children():
-            if isinstance(child, nn.Conv2d):
-                new = nn.Conv2d(
-                    in_channels,
-                    child.out_channels,
-                    child.kernel_size,
-                    child.stride,
-                    child.padding,
-                    child.dilation,
-                    child.groups,
-                    child.bias is not None,
-                )
-                with torch.no_grad():
-                    kernel = child.weight
-                    if in_channels == 1:
-                        new.weight.copy_(kernel.sum(dim=1, keepdim=True))
-                    else:
-                        repeats = -(-in_channels // kernel.shape[1])
-                        new.weight.copy_(kernel.repeat(1, repeats, 1, 1)[:, :in_channels] * (3 / in_channels))
-                    if child.bias is not None:
-                        new.bias.copy_(child.bias)
-                setattr(parent, child_name, new)
-                return
+    name, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    new = nn.Conv2d(
+        in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        conv.bias is not None,
+    )
+    with torch.no_grad():
+        if in_channels == 1:
+            new.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
+        else:
+            repeats = -(-in_channels // conv.weight.shape[1])
+            new.weight.copy_(conv.weight.repeat(1, repeats, 1, 1)[:, :in_channels] * (3 / in_channels))
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    model.set_submodule(name, new)
 
 
 def _extract_state_dict(obj: Any, path: Path) -> Mapping[str, torch.Tensor]:
