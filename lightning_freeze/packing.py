@@ -38,10 +38,12 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_freeze import _compat
-from lightning_freeze.app import report
+from lightning_freeze.app import AppInputError, report
 from lightning_freeze.app.build import Stage, build_stage, build_trainer
+from lightning_freeze.app.settings import allowed_targets
 from lightning_freeze.callbacks.freeze_backbone import FreezeBackbone
 from lightning_freeze.core.state_diff import diff_state_dicts
+from lightning_freeze.instantiate import ConfigInstantiationError, allow_targets, check_targets
 from lightning_freeze.stages import StageRecord, StageSummary, rng_state, set_rng_state
 
 __all__ = [
@@ -154,7 +156,17 @@ def build_job(cfg: DictConfig) -> JobBuild:
     output directory is set. The random state is taken right after the build: it is the state the
     job's ``Trainer.fit`` starts from (Lightning draws no random numbers before the first hook).
     """
-    stage = build_stage(cfg)
+    # the app's allow-list extension (the run's ``allow_targets`` key), as lightning_freeze.train applies it
+    with allow_targets(allowed_targets(cfg)):
+        stage = build_stage(cfg)
+        # the earlier branches' data configs come from init_from: checked now, so that a refused
+        # target fails the build (the jobs then run one after another and each reports it)
+        for branch, entry in stage.record.record["branches"].items():
+            if branch != stage.name and entry.get("data"):
+                try:
+                    check_targets(entry["data"], f"data of {branch}")
+                except ConfigInstantiationError as err:
+                    raise AppInputError(str(err)) from err
     output_dir = cfg.paths.output_dir if cfg.get("paths") else None
     return JobBuild(
         **vars(stage), rng=rng_state(), output_dir=str(Path(output_dir).resolve()) if output_dir else None
@@ -318,8 +330,6 @@ def train_packed(builds: Sequence[JobBuild], root: str | Path) -> PackedRun:
     Raises:
         ValueError: the jobs cannot share one fit (see :func:`adopt`).
     """
-    from hydra.utils import instantiate
-
     from lightning_freeze.module import MultiBranchModule
 
     first = builds[0]
@@ -380,11 +390,13 @@ def train_packed(builds: Sequence[JobBuild], root: str | Path) -> PackedRun:
     for variant, build in zip(variants, builds, strict=True):
         # where the variant's random stream got to: the job's checkpoint carries it, as the job's own does
         build.model.random_stream(name).load_state_dict(packed.random_stream(variant).state_dict())
-    for branch in earlier:  # each earlier (frozen) branch on its own recorded data, as the app's summary does
-        entry = first.record.record["branches"].get(branch) or {}
-        data = instantiate(entry["data"]) if entry.get("data") else None
-        metrics = report.validate_branch(trainer, packed, branch, {}, data)
-        run.frozen_rows[branch] = report.branch_row(branch, entry.get("task"), "frozen", None, metrics)
+    # each earlier (frozen) branch on its own recorded data (checked), as the app's summary does; the
+    # jobs share allow_targets (not a branch-level key)
+    with allow_targets(allowed_targets(first.cfg)):
+        for branch in earlier:
+            entry = first.record.record["branches"].get(branch) or {}
+            metrics = report.validate_branch(trainer, packed, branch, entry)
+            run.frozen_rows[branch] = report.branch_row(branch, entry.get("task"), "frozen", None, metrics)
     packed.switch_branch(variants[0])
     run.callback_states = {cb.state_key: cb.state_dict() for cb in trainer.callbacks}
     run.optimizer_state = trainer.optimizers[0].state_dict() if trainer.optimizers else None

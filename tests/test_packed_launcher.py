@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.app import run_app_ok
+from helpers.app import run_app, run_app_ok
 
 FAST = ["quiet=true", "trainer.max_epochs=2", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2"]
 LRS = "0.001,0.01,0.1"
@@ -261,3 +261,48 @@ def test_the_docs_select_command_finds_the_checkpoints_the_docs_sweep_writes(swe
     assert [Path(p).parts[-3] for p in inputs] == ["0_parity", "1_parity", "2_parity"]
     assert select([str(tmp_path / "best.ckpt"), *inputs, *select_line[4:]]) == 0
     assert (tmp_path / "best.ckpt").is_file()
+
+
+def _with_data_target(stage1: Path, out: Path, data: dict, *, replace: bool) -> Path:
+    """A copy of the stage-1 checkpoint (and its settings file) with ``data`` as its branch's recorded data.
+
+    ``replace``: the whole data config is ``data``; else ``data`` updates the recorded one.
+    """
+    from lightning_freeze.stages import RECORD_KEY
+
+    out.mkdir(parents=True)
+    ckpt = torch.load(stage1, weights_only=False)
+    (entry,) = ckpt[RECORD_KEY]["branches"].values()
+    entry["data"] = dict(data) if replace else {**entry["data"], **data}
+    torch.save(ckpt, out / "last.ckpt")
+    (out / "stage_settings.yaml").write_text((stage1.parent / "stage_settings.yaml").read_text())
+    return out / "last.ckpt"
+
+
+def test_a_packed_sweep_never_instantiates_a_refused_target_from_init_from(sweeps, tmp_path) -> None:
+    created = tmp_path / "created_by_the_checkpoint.txt"
+    evil = {"_target_": "builtins.open", "file": str(created), "mode": "w"}
+    stage1 = sweeps["root"] / "s1" / "checkpoints" / "last.ckpt"
+    evil_ckpt = _with_data_target(stage1, tmp_path / "evil", evil, replace=True)
+    sweep = ["-m", "experiment=stage2", f"init_from={evil_ckpt}", "model.optimizer.lr=0.001,0.01", *FAST]
+    result = run_app([*sweep, "launcher=packed", f"hydra.sweep.dir={tmp_path / 'packed'}"], tmp_path)
+    out = result.stdout + result.stderr
+    assert not created.exists()
+    assert result.returncode == 1
+    # the build refuses it (the sweep falls back), and the first job reports it in one line, as the app does
+    assert "launcher=packed: running 2 job(s) one after another: job 0 could not be built (Refused to " in out
+    assert "Error: Refused to instantiate data of " in out and "_target_='builtins.open'" in out
+
+
+def test_a_packed_sweep_applies_the_runs_allow_targets(sweeps, tmp_path) -> None:
+    ours = {"_target_": "helpers.packed_data.digits"}  # outside the default allow-list
+    stage1 = sweeps["root"] / "s1" / "checkpoints" / "last.ckpt"
+    ckpt = _with_data_target(stage1, tmp_path / "ours", ours, replace=False)
+    sweep = ["-m", "experiment=stage2", f"init_from={ckpt}", "model.optimizer.lr=0.001,0.01", *FAST]
+    allow = "allow_targets=[helpers.packed_data]"
+    result = run_app_ok([*sweep, allow, "launcher=packed", f"hydra.sweep.dir={tmp_path / 'p'}"], tmp_path)
+    out = result.stdout + result.stderr
+    assert "launcher=packed: training 2 jobs as packed variants in one process" in out
+    summary = json.loads((tmp_path / "p" / "0_parity" / "summary.json").read_text())
+    (frozen,) = [row for row in summary["branches"] if row["status"] == "frozen"]
+    assert frozen["val_acc"] is not None  # validated on the data built by helpers.packed_data.digits
