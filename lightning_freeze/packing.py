@@ -160,7 +160,7 @@ def build_job(cfg: DictConfig) -> JobBuild:
     with allow_targets(allowed_targets(cfg)):
         stage = build_stage(cfg)
         # the earlier branches' data configs come from init_from: checked now, so that a refused
-        # target fails the build (the jobs then run one after another and each reports it)
+        # target fails the build (the jobs then run one after another; the first one reports it)
         for branch, entry in stage.record.record["branches"].items():
             if branch != stage.name and entry.get("data"):
                 try:
